@@ -1,0 +1,219 @@
+"""The arithmetic of Meta-SGD, as pure functions.
+
+Everything here is shared by the in-place optimizer (:mod:`.optimizer`), the
+differentiable twin used with ``higher`` (:mod:`.differentiable`) and the
+``torch.func`` path (:mod:`.func`), so the three cannot drift apart.
+
+Notation: ``s`` is a step-size parameter, ``f`` its parametrization, and the
+step size applied to a parameter is ``clamp(lr * f(s), lr_min, lr_max)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+__all__ = [
+    "GRANULARITIES",
+    "PARAMETRIZATIONS",
+    "initial_step_size",
+    "transform",
+    "inverse_transform",
+    "effective_lr",
+    "sgd_direction",
+    "metasgd",
+]
+
+GRANULARITIES = ("element", "tensor", "group")
+PARAMETRIZATIONS = ("identity", "log", "softplus")
+
+_LOG2 = math.log(2.0)
+# f(s) = softplus(s) / log 2, so that f(0) = 1.
+_INITIAL = {"identity": 1.0, "log": 0.0, "softplus": 0.0}
+
+
+def initial_step_size(parametrization: str) -> float:
+    """The value of ``s`` for which ``f(s) == 1``."""
+    return _INITIAL[parametrization]
+
+
+def transform(s: Tensor, parametrization: str) -> Tensor:
+    """``f(s)``: the multiplier of ``lr`` that a step-size parameter stands for."""
+    if parametrization == "identity":
+        return s
+    if parametrization == "log":
+        return s.exp()
+    return torch.nn.functional.softplus(s) / _LOG2
+
+
+def inverse_transform(x: Tensor, parametrization: str) -> Tensor:
+    """``f^{-1}(x)``; ``x`` must be positive unless the parametrization is identity."""
+    if parametrization == "identity":
+        return x
+    if parametrization == "log":
+        return x.log()
+    return (x * _LOG2).expm1().log()
+
+
+def effective_lr(
+    s: Tensor,
+    lr: float,
+    parametrization: str,
+    lr_min: float | None = None,
+    lr_max: float | None = None,
+) -> Tensor:
+    """``clamp(lr * f(s), lr_min, lr_max)``, differentiable in ``s``."""
+    eff = transform(s, parametrization) * lr
+    if lr_min is not None or lr_max is not None:
+        eff = eff.clamp(lr_min, lr_max)
+    return eff
+
+
+def sgd_direction(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    *,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The direction ``d`` that torch.optim.SGD scales by ``lr``, out of place.
+
+    Returns ``(d, new_momentum_buffer)``. Nothing is modified, so the result
+    is differentiable in every input; this is the step of the differentiable
+    and functional paths.
+    """
+    d = -grad if maximize else grad
+    if weight_decay != 0:
+        d = d + weight_decay * param
+    if momentum == 0:
+        return d, None
+    if momentum_buffer is None:
+        buf = d
+    else:
+        buf = momentum * momentum_buffer + (1 - dampening) * d
+    return (d + momentum * buf if nesterov else buf), buf
+
+
+def metasgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    step_sizes: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    parametrization: str,
+    lr_min: float | None,
+    lr_max: float | None,
+    foreach: bool,
+) -> None:
+    """One in-place Meta-SGD step on ``params``; see :class:`torch_metasgd.MetaSGD`.
+
+    ``momentum_buffers`` is updated in place (``None`` entries are filled on
+    the first step); it is empty when ``momentum == 0``. Must run under
+    ``torch.no_grad()``.
+    """
+    if not params:
+        return
+    step = _multi_tensor_metasgd if foreach else _single_tensor_metasgd
+    step(
+        params,
+        grads,
+        momentum_buffers,
+        step_sizes,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        parametrization=parametrization,
+        lr_min=lr_min,
+        lr_max=lr_max,
+    )
+
+
+def _single_tensor_metasgd(
+    params, grads, momentum_buffers, step_sizes, *, lr, weight_decay, momentum, dampening,
+    nesterov, maximize, parametrization, lr_min, lr_max,
+) -> None:
+    unclamped_identity = parametrization == "identity" and lr_min is None and lr_max is None
+    for i, (param, grad, s) in enumerate(zip(params, grads, step_sizes)):
+        d = -grad if maximize else grad
+        if weight_decay != 0:
+            d = d.add(param, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = momentum_buffers[i] = d.detach().clone()
+            else:
+                buf.mul_(momentum).add_(d, alpha=1 - dampening)
+            d = d.add(buf, alpha=momentum) if nesterov else buf
+        if unclamped_identity:
+            param.addcmul_(d, s, value=-lr)
+        else:
+            param.addcmul_(d, effective_lr(s, lr, parametrization, lr_min, lr_max), value=-1)
+
+
+def _multi_tensor_metasgd(
+    params, grads, momentum_buffers, step_sizes, *, lr, weight_decay, momentum, dampening,
+    nesterov, maximize, parametrization, lr_min, lr_max,
+) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, step_sizes, momentum_buffers], with_indices=True
+    )
+    for (dev_params, dev_grads, dev_steps, dev_bufs), indices in grouped.values():
+        d = torch._foreach_neg(dev_grads) if maximize else dev_grads
+        if weight_decay != 0:
+            if maximize:
+                torch._foreach_add_(d, dev_params, alpha=weight_decay)
+            else:
+                d = torch._foreach_add(d, dev_params, alpha=weight_decay)
+        if momentum != 0:
+            if all(b is not None for b in dev_bufs):
+                torch._foreach_mul_(dev_bufs, momentum)
+                torch._foreach_add_(dev_bufs, d, alpha=1 - dampening)
+            else:
+                for j, buf in enumerate(dev_bufs):
+                    if buf is None:
+                        dev_bufs[j] = momentum_buffers[indices[j]] = d[j].detach().clone()
+                    else:
+                        buf.mul_(momentum).add_(d[j], alpha=1 - dampening)
+            if nesterov:
+                if d is dev_grads:
+                    d = torch._foreach_add(d, dev_bufs, alpha=momentum)
+                else:
+                    torch._foreach_add_(d, dev_bufs, alpha=momentum)
+            else:
+                d = dev_bufs
+        if parametrization == "identity" and lr_min is None and lr_max is None:
+            torch._foreach_addcmul_(dev_params, d, dev_steps, value=-lr)
+        else:
+            eff = _multi_tensor_effective_lr(dev_steps, lr, parametrization, lr_min, lr_max)
+            torch._foreach_addcmul_(dev_params, d, eff, value=-1)
+
+
+def _multi_tensor_effective_lr(steps, lr, parametrization, lr_min, lr_max) -> list[Tensor]:
+    if parametrization == "identity":
+        eff = torch._foreach_mul(steps, lr)
+    elif parametrization == "log":
+        eff = torch._foreach_exp(steps)
+        torch._foreach_mul_(eff, lr)
+    else:
+        eff = [transform(s, parametrization) * lr for s in steps]
+    if lr_min is not None:
+        torch._foreach_clamp_min_(eff, lr_min)
+    if lr_max is not None:
+        torch._foreach_clamp_max_(eff, lr_max)
+    return eff
