@@ -1,6 +1,8 @@
 """Meta-SGD for PyTorch: learnable per-parameter step sizes (arXiv:1707.09835)."""
 
+from .differentiable import DifferentiableMetaSGD, inner_loop
+from .func import adapt, meta_loss
 from .optimizer import MetaSGD
 
-__all__ = ["MetaSGD"]
+__all__ = ["MetaSGD", "DifferentiableMetaSGD", "inner_loop", "meta_loss", "adapt"]
 __version__ = "0.1.0"

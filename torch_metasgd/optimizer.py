@@ -117,6 +117,14 @@ class MetaSGD(Optimizer):
         self._step_sizes: list[list[Tensor]] = []
         super().__init__(params, defaults)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # higher finds a differentiable twin by exact type, so every subclass
+        # is registered; imported here because differentiable imports this module.
+        from .differentiable import _register
+
+        _register(cls)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:

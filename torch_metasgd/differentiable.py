@@ -1,0 +1,336 @@
+"""Differentiable Meta-SGD inner loops: the ``higher`` twin of ``MetaSGD`` and ``inner_loop``.
+
+Meta-SGD learns its step sizes through the inner update
+
+.. math::
+    \\theta' = \\theta - \\alpha \\odot d\\big(\\nabla_\\theta L_{support}(\\theta)\\big),
+    \\qquad \\alpha = \\operatorname{clamp}(\\gamma\\,\\phi(s), \\alpha_{\\min}, \\alpha_{\\max})
+
+so the query loss :math:`L_{query}(\\theta')` must be differentiable in both
+the initial weights :math:`\\theta` and the step-size parameters :math:`s`.
+:class:`DifferentiableMetaSGD` performs that update out of place on
+``higher``'s fast weights; it is registered with ``higher`` for ``MetaSGD`` and
+every subclass, so ``higher.innerloop_ctx(model, opt, copy_initial_weights=False)``
+works unchanged, and :func:`inner_loop` wraps it with MAML's defaults.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import higher
+import torch
+from higher.optim import DifferentiableOptimizer
+from higher.patch import _MonkeyPatchBase
+from torch import Tensor
+
+from . import _functional as F
+from .optimizer import MetaSGD, _describe
+
+__all__ = ["DifferentiableMetaSGD", "inner_loop"]
+
+
+class DifferentiableMetaSGD(DifferentiableOptimizer):
+    r"""The differentiable twin of :class:`~torch_metasgd.MetaSGD` for ``higher``.
+
+    ``diffopt.step(loss)`` replaces ``opt.zero_grad(); loss.backward(); opt.step()``
+    and returns new fast weights
+
+    .. math::
+        \theta_t = \theta_{t-1} - \alpha \odot d_t
+
+    computed out of place with the same direction :math:`d_t` (maximize,
+    weight decay, momentum, dampening, nesterov) and the same step size
+    :math:`\alpha = \operatorname{clamp}(\gamma\,\phi(s), \alpha_{\min}, \alpha_{\max})`
+    as :meth:`MetaSGD.step`. The step sizes :math:`s` are the optimizer's live
+    :meth:`~torch_metasgd.MetaSGD.meta_parameters`, so a backward pass through
+    the fast weights reaches them; momentum buffers start from the optimizer's
+    and are never written back.
+
+    Construct it through :func:`torch_metasgd.inner_loop`,
+    ``higher.innerloop_ctx`` or ``higher.get_diff_optim``, which pass the
+    arguments below.
+
+    Args:
+        other: the :class:`~torch_metasgd.MetaSGD` (or subclass) to mirror.
+        reference_params: the parameters of the model ``other`` optimizes, in
+            the order of the fast weights (``model.parameters()``).
+        fmodel: the patched model whose fast weights ``step`` updates.
+        device: where to move momentum buffers and step sizes (a
+            differentiable copy); ``None`` keeps them where they are.
+        override: per-group hyperparameter overrides, as in ``higher``; an
+            overridden ``lr`` may be a tensor that requires grad.
+        grad_callback: applied to the list of gradients (one entry per
+            reference parameter, ``None`` for those the optimizer does not
+            hold) before every update, e.g. for clipping.
+        track_higher_grads: ``False`` runs the loop without any graph
+            (evaluation: memory does not grow with the number of steps).
+        first_order: compute inner gradients without a graph and treat the
+            direction :math:`d_t` as a constant: no second-order terms, the
+            first-order (FOMAML) gradient for :math:`\theta` and the exact
+            first-order gradient
+            :math:`-\sum_t \partial\alpha/\partial s \odot d_t \odot \nabla L_{query}`
+            for :math:`s`.
+
+    Example:
+        >>> import higher
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = torch_metasgd.MetaSGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        ...     _ = diffopt.step((fmodel(x) - y).pow(2).mean())
+        ...     (fmodel(x) - y).pow(2).mean().backward()
+        >>> all(s.grad is not None for s in opt.meta_parameters())
+        True
+    """
+
+    def __init__(
+        self,
+        other: MetaSGD,
+        reference_params: Iterable[Tensor],
+        fmodel: _MonkeyPatchBase | None = None,
+        device: torch.device | None = None,
+        override: dict[str, list[Any]] | None = None,
+        grad_callback: Callable[[list[Tensor | None]], list[Tensor | None]] | None = None,
+        track_higher_grads: bool = True,
+        first_order: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # DifferentiableOptimizer.__init__ is not called: it deep-copies every
+        # parameter (inside param_groups) and clones the optimizer state, and
+        # a cloned step size would silently never receive its meta-gradient.
+        if not isinstance(other, MetaSGD):
+            raise TypeError(
+                f"DifferentiableMetaSGD mirrors a torch_metasgd.MetaSGD, got {type(other).__name__}"
+            )
+        index_of = {id(p): i for i, p in enumerate(reference_params)}
+        self.param_groups: list[dict[str, Any]] = []
+        self.state: list[defaultdict[int, dict[str, Any]]] = []
+        self._group_to_param_list: list[list[int]] = []
+        self._step_sizes: list[list[Tensor]] = []
+        moved: dict[int, Tensor] = {}
+        for group, step_sizes in zip(other.param_groups, other._step_sizes, strict=True):
+            state: defaultdict[int, dict[str, Any]] = defaultdict(dict)
+            indices = []
+            for p_idx, p in enumerate(group["params"]):
+                index = index_of.get(id(p))
+                if index is None:
+                    raise ValueError(
+                        f"Parameter {p_idx} of a MetaSGD param group ({_describe(p)}) "
+                        "is not among the reference parameters (the model's)"
+                    )
+                indices.append(index)
+                buf = other.state[p].get("momentum_buffer")
+                if buf is not None:
+                    state[p_idx]["momentum_buffer"] = buf if device is None else buf.to(device)
+            self.param_groups.append({**group, "params": [None] * len(group["params"])})
+            self.state.append(state)
+            self._group_to_param_list.append(indices)
+            if device is not None:
+                step_sizes = [moved.setdefault(id(s), s.to(device)) for s in step_sizes]
+            self._step_sizes.append(list(step_sizes))
+        if override is not None:
+            self._apply_override(override)
+        self._grad_callback = grad_callback
+        self._fmodel = fmodel
+        self._track_higher_grads = track_higher_grads
+        self._first_order = first_order
+        # The optimizer updates only its own parameters: gradients of the
+        # model's other parameters are never computed.
+        self._owned = sorted({i for indices in self._group_to_param_list for i in indices})
+
+    def step(
+        self,
+        loss: Tensor,
+        params: Iterable[Tensor] | None = None,
+        override: dict[str, list[Any]] | None = None,
+        grad_callback: Callable[[list[Tensor | None]], list[Tensor | None]] | None = None,
+        **kwargs: Any,
+    ) -> list[Tensor]:
+        """Take one differentiable step on ``loss`` and return the new fast weights.
+
+        Args:
+            loss: the inner (support) loss, computed with the current fast weights.
+            params: fast weights to update instead of the patched model's.
+            override: hyperparameter overrides taking precedence from now on.
+            grad_callback: replaces the constructor's ``grad_callback`` for this step.
+        """
+        if override is not None:
+            self._apply_override(override)
+        if params is None:
+            if self._fmodel is None or self._fmodel.fast_params is None:
+                raise ValueError(
+                    "params must be passed to step when the differentiable optimizer "
+                    "has no patched model with fast weights"
+                )
+            params = self._fmodel.fast_params
+        params = list(params)
+
+        targets = [i for i in self._owned if params[i].requires_grad]
+        grads = torch.autograd.grad(
+            loss,
+            [params[i] for i in targets],
+            create_graph=self._track_higher_grads and not self._first_order,
+            allow_unused=True,
+        )
+        all_grads: list[Tensor | None] = [None] * len(params)
+        for i, g in zip(targets, grads, strict=True):
+            all_grads[i] = g
+        callback = grad_callback if grad_callback is not None else self._grad_callback
+        if callback is not None:
+            all_grads = list(callback(all_grads))
+
+        grouped_grads = []
+        for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
+            group_params = group["params"]
+            for j, index in enumerate(mapping):
+                group_params[j] = params[index]
+            grouped_grads.append([all_grads[index] for index in mapping])
+
+        if self._track_higher_grads:
+            self._update(grouped_grads)
+        else:
+            with torch.no_grad():
+                self._update(grouped_grads)
+
+        new_params = params[:]
+        for group, mapping in zip(self.param_groups, self._group_to_param_list, strict=True):
+            for p, index in zip(group["params"], mapping, strict=True):
+                if p is not params[index]:
+                    # Without a graph the new weights are fresh leaves; the next
+                    # step differentiates the loss with respect to them.
+                    new_params[index] = p if p.requires_grad else p.requires_grad_()
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+    def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
+        first_order = self._first_order
+        for group, grads, step_sizes, state in zip(
+            self.param_groups, grouped_grads, self._step_sizes, self.state, strict=True
+        ):
+            lr = group["lr"]
+            weight_decay = group["weight_decay"]
+            momentum = group["momentum"]
+            maximize = group["maximize"]
+            parametrization = group["parametrization"]
+            lr_min, lr_max = group["lr_min"], group["lr_max"]
+            plain = weight_decay == 0 and momentum == 0 and not maximize
+            # The in-place step's fast path: p - lr * s * d in one kernel.
+            unclamped_identity = (
+                parametrization == "identity"
+                and lr_min is None
+                and lr_max is None
+                and not isinstance(lr, Tensor)
+            )
+            params = group["params"]
+            last_s, last_eff = None, None
+            for i, (p, g, s) in enumerate(zip(params, grads, step_sizes, strict=True)):
+                if g is None:
+                    continue
+                if plain:
+                    d = g
+                else:
+                    buf = state[i].get("momentum_buffer") if momentum != 0 else None
+                    d, buf = F.sgd_direction(
+                        p.detach() if first_order else p,
+                        g,
+                        buf,
+                        weight_decay=weight_decay,
+                        momentum=momentum,
+                        dampening=group["dampening"],
+                        nesterov=group["nesterov"],
+                        maximize=maximize,
+                    )
+                    if buf is not None:
+                        state[i]["momentum_buffer"] = buf
+                if unclamped_identity:
+                    params[i] = torch.addcmul(p, d, s, value=-lr)
+                else:
+                    # A "group" step size is shared: transform it once per group.
+                    if s is not last_s:
+                        last_s = s
+                        last_eff = F.effective_lr(s, lr, parametrization, lr_min, lr_max)
+                    params[i] = torch.addcmul(p, d, last_eff, value=-1)
+
+
+def _register(optim_type: type[MetaSGD]) -> None:
+    higher.register_optim(optim_type, DifferentiableMetaSGD)
+
+
+_register(MetaSGD)
+
+
+@contextmanager
+def inner_loop(
+    model: torch.nn.Module,
+    opt: MetaSGD,
+    *,
+    first_order: bool = False,
+    copy_initial_weights: bool = False,
+    track_higher_grads: bool = True,
+) -> Iterator[tuple[_MonkeyPatchBase, DifferentiableOptimizer]]:
+    r"""A differentiable Meta-SGD inner loop: yields ``(fmodel, diffopt)`` as ``higher`` does.
+
+    Each ``diffopt.step(loss)`` computes
+    :math:`\theta_t = \theta_{t-1} - \alpha \odot d_t` out of place on
+    ``fmodel``'s fast weights, so a loss computed with ``fmodel`` after the
+    loop back-propagates to the model's initial weights :math:`\theta_0` and
+    to the step-size parameters ``opt.meta_parameters()``. The model and the
+    optimizer are left unchanged; train them with an outer optimizer.
+
+    Args:
+        model: the module whose parameters ``opt`` optimizes.
+        opt: a :class:`~torch_metasgd.MetaSGD` (or subclass) over ``model``'s
+            parameters; parameters it does not hold stay fixed in the loop.
+        first_order: skip second-order terms: inner gradients are computed
+            without a graph (much less memory); :math:`\theta_0` gets the
+            first-order MAML gradient and the step sizes their exact
+            first-order meta-gradient.
+        copy_initial_weights: ``True`` starts from detached copies of the
+            weights (``higher``'s default), which cuts the meta-gradient to
+            them; the default ``False`` keeps it, as MAML and Meta-SGD need.
+        track_higher_grads: ``False`` for evaluation: no graph at all, and
+            memory does not grow with the number of inner steps.
+
+    Raises:
+        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`.
+        ValueError: a parameter of ``opt`` is not a parameter of ``model``.
+
+    Example:
+        >>> model = torch.nn.Linear(1, 1)
+        >>> opt = torch_metasgd.MetaSGD(model.parameters(), lr=0.1)
+        >>> meta_opt = torch.optim.Adam([*model.parameters(), *opt.meta_parameters()])
+        >>> x, y = torch.randn(10, 1), torch.randn(10, 1)
+        >>> with torch_metasgd.inner_loop(model, opt) as (fmodel, diffopt):
+        ...     _ = diffopt.step(torch.nn.functional.mse_loss(fmodel(x[:5]), y[:5]))
+        ...     torch.nn.functional.mse_loss(fmodel(x[5:]), y[5:]).backward()
+        >>> meta_opt.step()
+    """
+    if not isinstance(opt, MetaSGD):
+        raise TypeError(
+            f"inner_loop needs a torch_metasgd.MetaSGD optimizer, got {type(opt).__name__}; "
+            "use higher.innerloop_ctx for other optimizers"
+        )
+    model_params = {id(p) for p in model.parameters()}
+    for g_idx, group in enumerate(opt.param_groups):
+        for p_idx, p in enumerate(group["params"]):
+            if id(p) not in model_params:
+                raise ValueError(
+                    f"Parameter {p_idx} of param group {g_idx} of the optimizer "
+                    f"({_describe(p)}) is not a parameter of the {type(model).__name__} model"
+                )
+    fmodel = higher.monkeypatch(
+        model, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
+    )
+    diffopt = higher.optim.get_diff_optim(
+        opt,
+        model.parameters(),
+        fmodel=fmodel,
+        track_higher_grads=track_higher_grads,
+        first_order=first_order,
+    )
+    yield fmodel, diffopt
