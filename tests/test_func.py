@@ -1,0 +1,300 @@
+"""torch_metasgd.meta_loss / adapt against a hand-written per-task inner loop."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from torch_metasgd import MetaSGD, adapt, meta_loss
+
+STRATEGIES = ["vmap", "loop"]
+
+# Each case: (MetaSGD keyword arguments, whether to split into two groups with a
+# frozen parameter, whether the optimizer holds momentum buffers at call time).
+OPTION_CASES = {
+    "plain": (dict(lr=0.05), False, False),
+    "momentum": (dict(lr=0.05, momentum=0.9), False, False),
+    "dampening": (dict(lr=0.05, momentum=0.8, dampening=0.3), False, False),
+    "nesterov_wd": (dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1), False, False),
+    "maximize_wd": (dict(lr=0.05, maximize=True, weight_decay=0.05), False, False),
+    "tensor_log": (dict(lr=0.05, granularity="tensor", parametrization="log"), False, False),
+    "group_softplus_clamped": (
+        dict(lr=0.05, granularity="group", parametrization="softplus", lr_min=0.03, lr_max=0.06),
+        False,
+        False,
+    ),
+    "element_clamped": (dict(lr=1.0, lr_min=0.02, lr_max=0.05), False, False),
+    "groups_and_frozen": (dict(lr=0.05, momentum=0.5), True, False),
+    "momentum_state": (dict(lr=0.05, momentum=0.9, weight_decay=0.01), False, True),
+}
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _make(options, split, with_state, seed=0):
+    torch.manual_seed(seed)
+    model = _mlp().double()
+    if split:
+        # Two groups with different rules; the last bias is left out of the optimizer.
+        groups = [
+            {"params": list(model[0].parameters())},
+            {
+                "params": [model[2].weight, model[4].weight],
+                "lr": 0.02,
+                "weight_decay": 0.1,
+                "granularity": "tensor",
+            },
+        ]
+        opt = MetaSGD(groups, **options)
+    else:
+        opt = MetaSGD(model.parameters(), **options)
+    low = 0.02 if "lr_min" not in options else 0.01
+    opt.uniform_step_sizes_(low, 0.08)
+    if with_state:
+        model(torch.randn(5, 2, dtype=torch.double)).pow(2).mean().backward()
+        opt.step()
+        model.zero_grad()
+    return model, opt
+
+
+def _tasks(n_tasks=3, n=6, seed=1, dtype=torch.double):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n_tasks, n, *shape, generator=g, dtype=dtype) for shape in ((2,), (1,))]
+
+
+def _phi(s, parametrization):
+    if parametrization == "identity":
+        return s
+    if parametrization == "log":
+        return torch.exp(s)
+    return torch.log1p(torch.exp(s)) / math.log(2.0)
+
+
+def _reference_adapt(model, opt, loss_fn, x, y, steps, first_order):
+    """The inner loop of one task, written out by hand on a copy of the model."""
+    work = copy.deepcopy(model)  # BatchNorm writes its running stats into the copy
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    rules = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state[p].get("momentum_buffer")
+            rules[names[id(p)]] = (group, opt.state[p]["step_size"], buf)
+    bufs = {n: (None if r[2] is None else r[2].detach()) for n, r in rules.items()}
+    for _ in range(steps):
+        loss = loss_fn(functional_call(work, params, (x,)), y)
+        trained = list(rules)
+        grads = torch.autograd.grad(
+            loss, [params[n] for n in trained], create_graph=not first_order
+        )
+        new = dict(params)
+        for n, g in zip(trained, grads, strict=True):
+            group, s, _ = rules[n]
+            p = params[n]
+            d = -g if group["maximize"] else g
+            d = d + group["weight_decay"] * p
+            if group["momentum"]:
+                if bufs[n] is None:
+                    bufs[n] = d
+                else:
+                    bufs[n] = group["momentum"] * bufs[n] + (1 - group["dampening"]) * d
+                d = d + group["momentum"] * bufs[n] if group["nesterov"] else bufs[n]
+            alpha = group["lr"] * _phi(s, group["parametrization"])
+            if group["lr_min"] is not None or group["lr_max"] is not None:
+                alpha = alpha.clamp(group["lr_min"], group["lr_max"])
+            new[n] = p - alpha * d
+        params = new
+    return params
+
+
+def _reference_meta_loss(model, opt, loss_fn, support, query, steps, first_order):
+    losses = []
+    for t in range(support[0].shape[0]):
+        fast = _reference_adapt(
+            model, opt, loss_fn, support[0][t], support[1][t], steps, first_order
+        )
+        out = functional_call(copy.deepcopy(model), fast, (query[0][t],))
+        losses.append(loss_fn(out, query[1][t]))
+    return sum(losses) / len(losses)
+
+
+def _wrt(model, opt):
+    return [*model.parameters(), *opt.meta_parameters()]
+
+
+def _assert_grads_close(actual, expected, rtol=1e-9):
+    for a, e in zip(actual, expected, strict=True):
+        assert torch.linalg.vector_norm(a - e) <= rtol * torch.linalg.vector_norm(e) + 1e-12
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_meta_loss_matches_hand_written_loop_for_every_option(case, strategy):
+    options, split, with_state = OPTION_CASES[case]
+    model, opt = _make(options, split, with_state)
+    xs, ys = _tasks(seed=1)
+    xq, yq = _tasks(seed=2)
+    loss_fn = nn.functional.mse_loss
+    loss = meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), steps=2, strategy=strategy)
+    expected = _reference_meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), 2, False)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    wrt = _wrt(model, opt)
+    _assert_grads_close(
+        torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True),
+        torch.autograd.grad(expected, wrt, allow_unused=True, materialize_grads=True),
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_first_order_matches_hand_written_loop(strategy, steps):
+    model, opt = _make(dict(lr=0.05, momentum=0.9, weight_decay=0.1), False, False)
+    xs, ys = _tasks(seed=3)
+    xq, yq = _tasks(seed=4)
+    loss_fn = nn.functional.mse_loss
+    loss = meta_loss(
+        model, opt, loss_fn, (xs, ys), (xq, yq), steps=steps, first_order=True, strategy=strategy
+    )
+    expected = _reference_meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), steps, True)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    wrt = _wrt(model, opt)
+    grads = torch.autograd.grad(loss, wrt)
+    _assert_grads_close(grads, torch.autograd.grad(expected, wrt))
+    second_order = meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), steps=steps)
+    assert any(
+        not torch.allclose(a, b)
+        for a, b in zip(grads, torch.autograd.grad(second_order, wrt), strict=True)
+    )
+
+
+def test_backward_fills_grad_of_parameters_and_step_sizes():
+    model, opt = _make(dict(lr=0.05), False, False)
+    xs, ys = _tasks(seed=5)
+    xq, yq = _tasks(seed=6)
+    meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xq, yq)).backward()
+    for t in _wrt(model, opt):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 4),
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batchnorm_uses_per_task_statistics_and_leaves_running_stats(strategy):
+    torch.manual_seed(0)
+    model = _bn_net().double().train()
+    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.5).uniform_step_sizes_(0.05, 0.2)
+    g = torch.Generator().manual_seed(7)
+    # Tasks with very different input scales: shared statistics would change the loss.
+    scale = torch.tensor([0.1, 1.0, 10.0], dtype=torch.double).view(3, 1, 1, 1, 1)
+    xs = torch.randn(3, 8, 1, 6, 6, generator=g, dtype=torch.double) * scale
+    xq = torch.randn(3, 10, 1, 6, 6, generator=g, dtype=torch.double) * scale
+    ys = torch.randint(0, 4, (3, 8), generator=g)
+    yq = torch.randint(0, 4, (3, 10), generator=g)
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    loss_fn = nn.functional.cross_entropy
+    loss = meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), steps=2, strategy=strategy)
+    expected = _reference_meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), 2, False)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    wrt = _wrt(model, opt)
+    _assert_grads_close(torch.autograd.grad(loss, wrt), torch.autograd.grad(expected, wrt))
+    for k, b in model.named_buffers():
+        torch.testing.assert_close(b, before[k], rtol=0, atol=0)
+
+
+def test_meta_loss_leaves_optimizer_state_and_step_sizes_unchanged():
+    model, opt = _make(dict(lr=0.05, momentum=0.9), False, True)
+    state = copy.deepcopy(opt.state_dict())
+    xs, ys = _tasks(seed=8)
+    meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xs, ys), steps=2).backward()
+    after = opt.state_dict()
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(after["state"][index][key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_adapt_returns_parameters_for_functional_call(first_order):
+    model, opt = _make(dict(lr=0.05, momentum=0.9, nesterov=True), True, False)
+    (xs, ys), (xq, yq) = _tasks(1, seed=9), _tasks(1, seed=10)
+    loss_fn = nn.functional.mse_loss
+    fast = adapt(model, opt, loss_fn, xs[0], ys[0], steps=3, first_order=first_order)
+    assert set(fast) == {n for n, _ in model.named_parameters()}
+    expected = _reference_adapt(model, opt, loss_fn, xs[0], ys[0], 3, first_order)
+    for name in fast:
+        torch.testing.assert_close(fast[name], expected[name], rtol=1e-10, atol=1e-12)
+    loss = loss_fn(functional_call(model, fast, (xq[0],)), yq[0])
+    ref_loss = loss_fn(functional_call(model, expected, (xq[0],)), yq[0])
+    wrt = _wrt(model, opt)
+    _assert_grads_close(
+        torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True),
+        torch.autograd.grad(ref_loss, wrt, allow_unused=True, materialize_grads=True),
+    )
+
+
+def test_strategies_agree_in_float32_on_sinusoid_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
+    opt = MetaSGD(model.parameters(), lr=1.0).uniform_step_sizes_(0.005, 0.1)
+    xs, ys, xq, yq = (torch.randn(25, 10, 1) for _ in range(4))
+    wrt = _wrt(model, opt)
+    grads = {}
+    for strategy in ("vmap", "loop"):
+        loss = meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xq, yq), strategy=strategy)
+        grads[strategy] = torch.autograd.grad(loss, wrt)
+    _assert_grads_close(grads["vmap"], grads["loop"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "support_shapes, query_shapes",
+    [
+        (((3, 6, 2), (3, 6, 1)), ((4, 6, 2), (4, 6, 1))),
+        (((3, 6, 2), (2, 6, 1)), ((3, 6, 2), (3, 6, 1))),
+        (((3, 6, 2), ()), ((3, 6, 2), (3, 6, 1))),
+    ],
+)
+def test_mismatched_task_dimensions_raise(support_shapes, query_shapes):
+    model, opt = _make(dict(lr=0.05), False, False)
+    support = tuple(torch.zeros(s, dtype=torch.double) for s in support_shapes)
+    query = tuple(torch.zeros(s, dtype=torch.double) for s in query_shapes)
+    with pytest.raises(ValueError, match="leading task dimension"):
+        meta_loss(model, opt, nn.functional.mse_loss, support, query)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(steps=0), "inner steps"), (dict(strategy="threads"), "Invalid strategy")],
+)
+def test_invalid_arguments_raise(kwargs, match):
+    model, opt = _make(dict(lr=0.05), False, False)
+    xs, ys = _tasks()
+    with pytest.raises(ValueError, match=match):
+        meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xs, ys), **kwargs)
+
+
+def test_non_metasgd_optimizer_raises():
+    model = _mlp()
+    xs, ys = _tasks(dtype=torch.float32)
+    with pytest.raises(TypeError, match="MetaSGD"):
+        meta_loss(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            nn.functional.mse_loss,
+            (xs, ys),
+            (xs, ys),
+        )
