@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -156,7 +156,10 @@ class MetaSGD(Optimizer):
             if id(p) in seen:
                 raise ValueError(f"Parameter appears twice in a param group: {_describe(p)}")
             seen.add(id(p))
-        super().add_param_group(param_group)
+        if isinstance(group["params"], Iterator):
+            # Consumed above: hand torch the list, not an exhausted generator.
+            group["params"] = params
+        super().add_param_group(group)
         self._create_step_sizes(self.param_groups[-1])
 
     def _create_step_sizes(self, group: dict[str, Any]) -> None:
