@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from torch_metasgd import MetaSGD, adapt, meta_loss
+from torch_metasgd import MetaSGD, adapt, inner_loop, meta_loss
 
 STRATEGIES = ["vmap", "loop"]
 
@@ -97,7 +97,7 @@ def _reference_adapt(model, opt, loss_fn, x, y, steps, first_order):
             group, s, _ = rules[n]
             p = params[n]
             d = -g if group["maximize"] else g
-            d = d + group["weight_decay"] * p
+            d = d + group["weight_decay"] * (p.detach() if first_order else p)
             if group["momentum"]:
                 if bufs[n] is None:
                     bufs[n] = d
@@ -210,9 +210,12 @@ def test_batchnorm_uses_per_task_statistics_and_leaves_running_stats(strategy):
     expected = _reference_meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), 2, False)
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
     wrt = _wrt(model, opt)
-    _assert_grads_close(torch.autograd.grad(loss, wrt), torch.autograd.grad(expected, wrt))
+    grads = torch.autograd.grad(loss, wrt)
+    _assert_grads_close(grads, torch.autograd.grad(expected, wrt))
     for k, b in model.named_buffers():
         torch.testing.assert_close(b, before[k], rtol=0, atol=0)
+    via_inner_loop = _inner_loop_meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), 2, False)
+    _assert_grads_close(grads, torch.autograd.grad(via_inner_loop, wrt))
 
 
 def test_meta_loss_leaves_optimizer_state_and_step_sizes_unchanged():
@@ -298,3 +301,43 @@ def test_non_metasgd_optimizer_raises():
             (xs, ys),
             (xs, ys),
         )
+
+
+def _inner_loop_meta_loss(model, opt, loss_fn, support, query, steps, first_order):
+    losses = []
+    for t in range(support[0].shape[0]):
+        with inner_loop(model, opt, first_order=first_order) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(loss_fn(fmodel(support[0][t]), support[1][t]))
+            losses.append(loss_fn(fmodel(query[0][t]), query[1][t]))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_meta_loss_matches_mean_of_inner_loop(case, strategy, first_order):
+    options, split, with_state = OPTION_CASES[case]
+    model, opt = _make(options, split, with_state)
+    xs, ys = _tasks(seed=11)
+    xq, yq = _tasks(seed=12)
+    loss_fn = nn.functional.mse_loss
+    support, query = (xs, ys), (xq, yq)
+    loss = meta_loss(
+        model, opt, loss_fn, support, query, steps=2, first_order=first_order, strategy=strategy
+    )
+    expected = _inner_loop_meta_loss(model, opt, loss_fn, support, query, 2, first_order)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    wrt = _wrt(model, opt)
+    _assert_grads_close(
+        torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True),
+        torch.autograd.grad(expected, wrt, allow_unused=True, materialize_grads=True),
+    )
+
+
+def test_optimizer_over_foreign_parameters_raises():
+    model = _mlp()
+    opt = MetaSGD([*model.parameters(), nn.Parameter(torch.zeros(3))], lr=0.1)
+    xs, ys = _tasks(dtype=torch.float32)
+    with pytest.raises(ValueError, match="not parameters of the Sequential"):
+        meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xs, ys))

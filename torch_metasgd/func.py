@@ -89,9 +89,17 @@ class _Plan:
     buffers: dict[str, Tensor]
 
     def update(
-        self, params: dict[str, Tensor], grads: dict[str, Tensor | None], bufs: dict[str, Tensor]
+        self,
+        params: dict[str, Tensor],
+        grads: dict[str, Tensor | None],
+        bufs: dict[str, Tensor],
+        first_order: bool,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """One Meta-SGD step, out of place; a ``None`` gradient leaves the parameter as is."""
+        """One Meta-SGD step, out of place; a ``None`` gradient leaves the parameter as is.
+
+        First order treats the whole direction (weight decay included) as a
+        constant, as :func:`torch_metasgd.inner_loop` does.
+        """
         params = dict(params)
         new_bufs = {}
         for name in self.trainable:
@@ -100,7 +108,8 @@ class _Plan:
                 if name in bufs:
                     new_bufs[name] = bufs[name]
                 continue
-            d, buf = self.rules[name].direction(params[name], g, bufs.get(name))
+            p = params[name].detach() if first_order else params[name]
+            d, buf = self.rules[name].direction(p, g, bufs.get(name))
             params[name] = params[name] - self.alphas[name] * d
             if buf is not None:
                 new_bufs[name] = buf
@@ -115,6 +124,12 @@ def _plan(model: nn.Module, opt: MetaSGD) -> _Plan:
         for p, s in zip(group["params"], step_sizes, strict=True):
             held[id(p)] = (group, s)
     params = dict(model.named_parameters())
+    missing = held.keys() - {id(p) for p in params.values()}
+    if missing:
+        raise ValueError(
+            f"{len(missing)} parameter(s) of the optimizer are not parameters of the "
+            f"{type(model).__name__} model"
+        )
     trainable, alphas, rules, momentum = [], {}, {}, {}
     for name, p in params.items():
         if id(p) not in held or not p.requires_grad:
@@ -153,7 +168,8 @@ def _adapt_autograd(
         loss = _task_loss(model, loss_fn, params, buffers, x, y)
         inputs = [params[n] for n in plan.trainable]
         grads = torch.autograd.grad(loss, inputs, create_graph=not first_order, allow_unused=True)
-        params, bufs = plan.update(params, dict(zip(plan.trainable, grads, strict=True)), bufs)
+        grads = dict(zip(plan.trainable, grads, strict=True))
+        params, bufs = plan.update(params, grads, bufs, first_order)
     return params
 
 
@@ -183,7 +199,7 @@ def _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order) ->
                 theta = {n: p.detach() for n, p in theta.items()}
                 fixed = {n: p.detach() for n, p in fixed.items()}
             grads = grad(support_loss)(theta, fixed, buffers, xs, ys)
-            params, bufs = plan.update(params, grads, bufs)
+            params, bufs = plan.update(params, grads, bufs, first_order)
         return _task_loss(model, loss_fn, params, buffers, xq, yq)
 
     # Copies: BatchNorm in train mode still counts num_batches_tracked in place.
