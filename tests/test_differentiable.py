@@ -499,3 +499,20 @@ def test_no_graph_outlives_a_meta_iteration():
         if iteration in (10, 199):
             counts.append(count_tensors())
     assert counts[0] == counts[1]
+
+
+def test_lr_override_during_the_loop_takes_effect_like_a_changed_lr():
+    model = make_model()
+    twin = copy.deepcopy(model)
+    opt = MetaSGD(model.parameters(), lr=0.1, parametrization="log")
+    twin_opt = MetaSGD(twin.parameters(), lr=0.1, parametrization="log")
+    support, _ = make_task()
+    with inner_loop(twin, twin_opt) as (fmodel, diffopt):
+        for lr in (0.1, 0.05):
+            opt.param_groups[0]["lr"] = lr
+            opt.zero_grad()
+            mse(model(support[0]), support[1]).backward()
+            opt.step()
+            diffopt.step(mse(fmodel(support[0]), support[1]), override={"lr": [lr]})
+        for p, fast in zip(model.parameters(), fmodel.parameters(), strict=True):
+            torch.testing.assert_close(fast, p, rtol=1e-12, atol=1e-14)

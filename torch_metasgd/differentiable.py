@@ -141,6 +141,10 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
         # The optimizer updates only its own parameters: gradients of the
         # model's other parameters are never computed.
         self._owned = sorted({i for indices in self._group_to_param_list for i in indices})
+        # The step sizes are fixed during an inner loop: alpha = clamp(lr * f(s))
+        # is computed once per loop (one graph node shared by every step) and
+        # again only when an override may have changed lr or the bounds.
+        self._effective_lrs: list[list[Tensor] | None] = [None] * len(self.param_groups)
 
     def step(
         self,
@@ -160,6 +164,7 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
         """
         if override is not None:
             self._apply_override(override)
+            self._effective_lrs = [None] * len(self.param_groups)
         if params is None:
             if self._fmodel is None or self._fmodel.fast_params is None:
                 raise ValueError(
@@ -209,8 +214,8 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
 
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
         first_order = self._first_order
-        for group, grads, step_sizes, state in zip(
-            self.param_groups, grouped_grads, self._step_sizes, self.state, strict=True
+        for group_idx, (group, grads, step_sizes, state) in enumerate(
+            zip(self.param_groups, grouped_grads, self._step_sizes, self.state, strict=True)
         ):
             lr = group["lr"]
             weight_decay = group["weight_decay"]
@@ -227,7 +232,12 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
                 and not isinstance(lr, Tensor)
             )
             params = group["params"]
-            last_s, last_eff = None, None
+            if not unclamped_identity:
+                effective_lrs = self._effective_lrs[group_idx]
+                if effective_lrs is None:
+                    effective_lrs = self._effective_lrs[group_idx] = self._compute_effective_lrs(
+                        group, step_sizes
+                    )
             for i, (p, g, s) in enumerate(zip(params, grads, step_sizes, strict=True)):
                 if g is None:
                     continue
@@ -250,11 +260,18 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
                 if unclamped_identity:
                     params[i] = torch.addcmul(p, d, s, value=-lr)
                 else:
-                    # A "group" step size is shared: transform it once per group.
-                    if s is not last_s:
-                        last_s = s
-                        last_eff = F.effective_lr(s, lr, parametrization, lr_min, lr_max)
-                    params[i] = torch.addcmul(p, d, last_eff, value=-1)
+                    params[i] = torch.addcmul(p, d, effective_lrs[i], value=-1)
+
+    @staticmethod
+    def _compute_effective_lrs(group: dict[str, Any], step_sizes: list[Tensor]) -> list[Tensor]:
+        # A "group" step size is shared by every parameter: transform it once.
+        computed: dict[int, Tensor] = {}
+        for s in step_sizes:
+            if id(s) not in computed:
+                computed[id(s)] = F.effective_lr(
+                    s, group["lr"], group["parametrization"], group["lr_min"], group["lr_max"]
+                )
+        return [computed[id(s)] for s in step_sizes]
 
 
 def _register(optim_type: type[MetaSGD]) -> None:
