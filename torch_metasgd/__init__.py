@@ -2,7 +2,8 @@
 
 from .differentiable import DifferentiableMetaSGD, inner_loop
 from .func import adapt, meta_loss
+from .online import LookAhead
 from .optimizer import MetaSGD
 
-__all__ = ["MetaSGD", "DifferentiableMetaSGD", "inner_loop", "meta_loss", "adapt"]
+__all__ = ["MetaSGD", "DifferentiableMetaSGD", "inner_loop", "meta_loss", "adapt", "LookAhead"]
 __version__ = "0.1.0"

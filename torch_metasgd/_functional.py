@@ -25,6 +25,7 @@ __all__ = [
     "effective_lr",
     "sgd_direction",
     "metasgd",
+    "hypergradient_step_",
 ]
 
 GRANULARITIES = ("element", "tensor", "group")
@@ -75,6 +76,76 @@ def effective_lr(
     return eff
 
 
+def hypergradient_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    directions: list[Tensor],
+    step_sizes: list[Tensor],
+    *,
+    hypergrad_lr: float,
+    granularity: str,
+    weight_decay: float,
+    maximize: bool,
+    lr: float,
+    parametrization: str,
+    lr_min: float | None,
+    lr_max: float | None,
+) -> None:
+    r"""Move the step sizes along the hypergradient of the current loss, in place.
+
+    ``params`` are :math:`\theta_t = \theta_{t-1} - \alpha(s) \odot d_{t-1}`,
+    ``grads`` their raw gradients and ``directions`` the :math:`d_{t-1}` of
+    the previous step. With :math:`g_t = \pm\nabla f(\theta_t) + \lambda\theta_t`
+    (the gradient of the objective the step descends),
+
+    .. math::
+        \frac{\partial f(\theta_t)}{\partial \alpha} = -g_t \odot d_{t-1},
+
+    summed over each step size's elements (``"tensor"``: the tensor,
+    ``"group"``: every tensor of ``params``). The step sizes take the
+    normalised multiplicative step
+
+    .. math::
+        \alpha \leftarrow \operatorname{clamp}\Big(\alpha \exp\big(\beta
+            \operatorname{sign}(\alpha) \cos(g_t, d_{t-1})\big),
+            \alpha_{\min}, \alpha_{\max}\Big),
+        \qquad s \leftarrow \phi^{-1}(\alpha / \gamma)
+
+    with :math:`\cos` the cosine over those elements (per element: the sign of
+    :math:`g_t d_{t-1}`): the update is free of the scale of the loss and of
+    the parameters, and never changes the sign of a step size. Must run under
+    ``torch.no_grad()`` with ``lr > 0``.
+    """
+    objective_grads = []
+    for param, grad in zip(params, grads, strict=True):
+        g = -grad if maximize else grad
+        if weight_decay != 0:
+            g = g.add(param, alpha=weight_decay)
+        objective_grads.append(g)
+    if granularity == "element":
+        cosines = [torch.sign(g * d) for g, d in zip(objective_grads, directions, strict=True)]
+    elif granularity == "tensor":
+        cosines = [_cosine([g], [d]) for g, d in zip(objective_grads, directions, strict=True)]
+    else:
+        cosines = [_cosine(objective_grads, directions)]
+        step_sizes = step_sizes[:1]
+    for s, c in zip(step_sizes, cosines, strict=True):
+        alpha = effective_lr(s, lr, parametrization, lr_min, lr_max)
+        alpha = alpha * torch.exp(c * torch.sign(alpha) * hypergrad_lr)
+        if lr_min is not None or lr_max is not None:
+            alpha = alpha.clamp(lr_min, lr_max)
+        s.copy_(inverse_transform(alpha / lr, parametrization))
+
+
+def _cosine(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    dot = sum((x * y).sum() for x, y in zip(xs, ys, strict=True))
+    norms = torch.stack([x.square().sum() for x in xs]).sum() * torch.stack(
+        [y.square().sum() for y in ys]
+    ).sum()
+    # A zero gradient or direction carries no information: no update.
+    return torch.where(norms > 0, dot / norms.sqrt().clamp_min(torch.finfo(dot.dtype).tiny), 0.0)
+
+
 def sgd_direction(
     param: Tensor,
     grad: Tensor,
@@ -120,11 +191,15 @@ def metasgd(
     lr_min: float | None,
     lr_max: float | None,
     foreach: bool,
+    directions: list[Tensor | None] | None = None,
 ) -> None:
     """One in-place Meta-SGD step on ``params``; see :class:`torch_metasgd.MetaSGD`.
 
     ``momentum_buffers`` is updated in place (``None`` entries are filled on
-    the first step); it is empty when ``momentum == 0``. Must run under
+    the first step); it is empty when ``momentum == 0``. ``directions``, when
+    given (one entry per parameter), receives each direction ``d`` for the
+    hypergradient of the next step; it never aliases a gradient, which
+    ``zero_grad`` or the next backward may overwrite. Must run under
     ``torch.no_grad()``.
     """
     if not params:
@@ -144,12 +219,13 @@ def metasgd(
         parametrization=parametrization,
         lr_min=lr_min,
         lr_max=lr_max,
+        directions=directions,
     )
 
 
 def _single_tensor_metasgd(
     params, grads, momentum_buffers, step_sizes, *, lr, weight_decay, momentum, dampening,
-    nesterov, maximize, parametrization, lr_min, lr_max,
+    nesterov, maximize, parametrization, lr_min, lr_max, directions,
 ) -> None:
     unclamped_identity = parametrization == "identity" and lr_min is None and lr_max is None
     for i, (param, grad, s) in enumerate(zip(params, grads, step_sizes)):
@@ -163,6 +239,8 @@ def _single_tensor_metasgd(
             else:
                 buf.mul_(momentum).add_(d, alpha=1 - dampening)
             d = d.add(buf, alpha=momentum) if nesterov else buf
+        if directions is not None:
+            directions[i] = d.clone() if d is grad else d
         if unclamped_identity:
             param.addcmul_(d, s, value=-lr)
         else:
@@ -171,7 +249,7 @@ def _single_tensor_metasgd(
 
 def _multi_tensor_metasgd(
     params, grads, momentum_buffers, step_sizes, *, lr, weight_decay, momentum, dampening,
-    nesterov, maximize, parametrization, lr_min, lr_max,
+    nesterov, maximize, parametrization, lr_min, lr_max, directions,
 ) -> None:
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, step_sizes, momentum_buffers], with_indices=True
@@ -200,6 +278,10 @@ def _multi_tensor_metasgd(
                     torch._foreach_add_(d, dev_bufs, alpha=momentum)
             else:
                 d = dev_bufs
+        if directions is not None:
+            kept = [g.clone() for g in d] if d is dev_grads else d
+            for j, index in enumerate(indices):
+                directions[index] = kept[j]
         if parametrization == "identity" and lr_min is None and lr_max is None:
             torch._foreach_addcmul_(dev_params, d, dev_steps, value=-lr)
         else:

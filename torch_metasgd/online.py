@@ -1,0 +1,159 @@
+"""Single-task step-size learning against held-out data: ``LookAhead``.
+
+:class:`~torch_metasgd.MetaSGD` learns its step sizes online from the
+training loss alone with ``hypergrad_lr`` (one step of look-ahead, at no extra
+cost). :class:`LookAhead` learns them against held-out data over a longer
+horizon: every ``every`` training steps it unrolls ``unroll`` differentiable
+MetaSGD steps from the current weights on the latest training batches,
+
+.. math::
+    \\theta'_0 = \\theta, \\qquad
+    \\theta'_{j} = \\theta'_{j-1} - \\alpha(s) \\odot d_j\\big(\\nabla L_{train}(\\theta'_{j-1})\\big),
+
+and moves the step-size parameters :math:`s` with an outer optimizer along
+:math:`\\nabla_s L_{held\\text{-}out}(\\theta'_k)`. The model's weights are
+left as they are: the ordinary loop keeps training them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .differentiable import inner_loop
+from .optimizer import MetaSGD
+
+__all__ = ["LookAhead"]
+
+
+class LookAhead:
+    r"""Learn a :class:`~torch_metasgd.MetaSGD`'s step sizes on held-out data inside a training loop.
+
+    Every ``every`` calls of :meth:`step`, unroll ``unroll`` differentiable
+    MetaSGD steps (:func:`torch_metasgd.inner_loop`) from the current weights
+    on the last ``unroll`` training batches seen by :meth:`step`, compute
+    ``loss_fn`` on the next held-out batch and take one step of
+    ``meta_optimizer`` on ``opt.meta_parameters()``. The unroll runs on
+    detached copies of the weights: the model, its gradients and the momentum
+    buffers are untouched, and only the step sizes change.
+
+    Args:
+        model: the module that ``opt`` trains.
+        opt: its :class:`~torch_metasgd.MetaSGD`; ``parametrization="log"``
+            suits this use best (the outer steps are then relative changes of
+            the step sizes).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the loss of a batch;
+            called with a patched copy of ``model``.
+        held_out: the held-out data: one batch (a tensor, or a tuple or list
+            of tensors), or an iterable of batches (e.g. a ``DataLoader``),
+            cycled.
+        every: update the step sizes every ``every`` calls of :meth:`step`
+            (default: 10).
+        unroll: the number of differentiable steps :math:`k` (default: 5).
+        meta_lr: the learning rate of the default outer optimizer, Adam
+            (default: 0.01).
+        meta_optimizer: an optimizer over ``opt.meta_parameters()`` to use
+            instead of Adam.
+        first_order: treat the update directions as constants in the unroll
+            (no second-order terms; cheaper) (default: False).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = MetaSGD(model.parameters(), lr=0.1, parametrization="log")
+        >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> held_out = (torch.randn(32, 3), torch.randn(32, 1))
+        >>> lookahead = LookAhead(model, opt, loss_fn, held_out, every=2, unroll=2)
+        >>> for _ in range(4):
+        ...     batch = (torch.randn(8, 3), torch.randn(8, 1))
+        ...     opt.zero_grad()
+        ...     loss_fn(model, batch).backward()
+        ...     opt.step()
+        ...     _ = lookahead.step(batch)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: MetaSGD,
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+        held_out: Tensor | tuple[Tensor, ...] | list[Tensor] | Iterable[Any],
+        *,
+        every: int = 10,
+        unroll: int = 5,
+        meta_lr: float = 0.01,
+        meta_optimizer: torch.optim.Optimizer | None = None,
+        first_order: bool = False,
+    ) -> None:
+        if not isinstance(opt, MetaSGD):
+            raise TypeError(f"LookAhead needs a torch_metasgd.MetaSGD, got {type(opt).__name__}")
+        if every < 1:
+            raise ValueError(f"Invalid every value: {every}")
+        if unroll < 1:
+            raise ValueError(f"Invalid unroll value: {unroll}")
+        if meta_optimizer is None and not meta_lr > 0:
+            raise ValueError(f"Invalid meta_lr value: {meta_lr}")
+        self.model = model
+        self.opt = opt
+        self.loss_fn = loss_fn
+        self.every = every
+        self.unroll = unroll
+        self.first_order = first_order
+        self.meta_optimizer = (
+            meta_optimizer
+            if meta_optimizer is not None
+            else torch.optim.Adam(opt.meta_parameters(), lr=meta_lr)
+        )
+        self._held_out = held_out
+        self._held_out_iter: Iterator[Any] | None = None
+        self._batches: deque[Any] = deque(maxlen=unroll)
+        self._calls = 0
+
+    def step(self, batch: Any) -> Tensor | None:
+        """Record a training batch; every ``every`` calls, update the step sizes.
+
+        Returns the held-out loss after the unroll (before the update) when
+        the step sizes were updated, else ``None``.
+        """
+        self._batches.append(batch)
+        self._calls += 1
+        if self._calls % self.every != 0:
+            return None
+        return self.update()
+
+    def update(self) -> Tensor:
+        """Update the step sizes now, unrolling over the recorded batches; returns the held-out loss."""
+        if not self._batches:
+            raise RuntimeError("LookAhead.update needs at least one batch recorded by step()")
+        meta_params = self.opt.meta_parameters()
+        with inner_loop(
+            self.model, self.opt, first_order=self.first_order, copy_initial_weights=True
+        ) as (fmodel, diffopt):
+            for batch in self._batches:
+                diffopt.step(self.loss_fn(fmodel, batch))
+            held_out_loss = self.loss_fn(fmodel, self._next_held_out())
+            grads = torch.autograd.grad(held_out_loss, meta_params, allow_unused=True)
+        self.meta_optimizer.zero_grad()
+        for s, g in zip(meta_params, grads, strict=True):
+            s.grad = g
+        self.meta_optimizer.step()
+        return held_out_loss.detach()
+
+    def _next_held_out(self) -> Any:
+        held_out = self._held_out
+        if isinstance(held_out, Tensor) or (
+            isinstance(held_out, (tuple, list)) and all(isinstance(t, Tensor) for t in held_out)
+        ):
+            return held_out
+        if self._held_out_iter is not None:
+            batch = next(self._held_out_iter, None)
+            if batch is not None:
+                return batch
+        self._held_out_iter = iter(held_out)
+        try:
+            return next(self._held_out_iter)
+        except StopIteration:
+            raise ValueError("LookAhead's held_out iterable yields no batch") from None
