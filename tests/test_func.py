@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from torch_metasgd import MetaSGD, adapt, inner_loop, meta_loss
 
-STRATEGIES = ["vmap", "loop"]
+STRATEGIES = ["vmap", "loop", "grouped"]
 
 # Each case: (MetaSGD keyword arguments, whether to split into two groups with a
 # frozen parameter, whether the optimizer holds momentum buffers at call time).
@@ -192,13 +192,61 @@ def _bn_net() -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_batchnorm_uses_per_task_statistics_and_leaves_running_stats(strategy):
+def _eval_bn_net() -> nn.Module:
+    model = _bn_net()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def _odd_conv_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1, bias=False),
+        nn.Sequential(nn.Tanh(), nn.Conv2d(4, 4, 2, groups=2)),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4, 4),
+    )
+
+
+def _bn1d_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(36, 6), nn.BatchNorm1d(6), nn.ELU(), nn.Linear(6, 4, bias=False)
+    )
+
+
+class _Residual(nn.Module):
+    """Not a Sequential: only vmap and the loop can run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.norm = nn.BatchNorm2d(2)
+        self.head = nn.Linear(2 * 36, 4)
+
+    def forward(self, x):
+        return self.head((self.norm(self.conv(x)).relu() + x).flatten(1))
+
+
+MODELS = {
+    "conv_bn_train": _bn_net,
+    "conv_bn_eval": _eval_bn_net,
+    "conv_strided_grouped": _odd_conv_net,
+    "mlp_bn1d": _bn1d_mlp,
+    "residual": _Residual,
+}
+
+
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "auto"])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_models_match_hand_written_loop_and_leave_buffers(arch, strategy):
     torch.manual_seed(0)
-    model = _bn_net().double().train()
+    model = MODELS[arch]().double()
+    if strategy == "grouped" and arch == "residual":
+        pytest.skip("the grouped strategy takes only nn.Sequential models")
     opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.5).uniform_step_sizes_(0.05, 0.2)
     g = torch.Generator().manual_seed(7)
-    # Tasks with very different input scales: shared statistics would change the loss.
+    # Tasks with very different input scales: shared batch statistics would change the loss.
     scale = torch.tensor([0.1, 1.0, 10.0], dtype=torch.double).view(3, 1, 1, 1, 1)
     xs = torch.randn(3, 8, 1, 6, 6, generator=g, dtype=torch.double) * scale
     xq = torch.randn(3, 10, 1, 6, 6, generator=g, dtype=torch.double) * scale
@@ -216,6 +264,14 @@ def test_batchnorm_uses_per_task_statistics_and_leaves_running_stats(strategy):
         torch.testing.assert_close(b, before[k], rtol=0, atol=0)
     via_inner_loop = _inner_loop_meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), 2, False)
     _assert_grads_close(grads, torch.autograd.grad(via_inner_loop, wrt))
+
+
+def test_grouped_strategy_rejects_other_models():
+    model = _Residual()
+    opt = MetaSGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(2, 4, 1, 6, 6), torch.randint(0, 4, (2, 4))
+    with pytest.raises(ValueError, match="grouped"):
+        meta_loss(model, opt, nn.functional.cross_entropy, (x, y), (x, y), strategy="grouped")
 
 
 def test_meta_loss_leaves_optimizer_state_and_step_sizes_unchanged():
@@ -257,10 +313,11 @@ def test_strategies_agree_in_float32_on_sinusoid_mlp():
     xs, ys, xq, yq = (torch.randn(25, 10, 1) for _ in range(4))
     wrt = _wrt(model, opt)
     grads = {}
-    for strategy in ("vmap", "loop"):
+    for strategy in STRATEGIES:
         loss = meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xq, yq), strategy=strategy)
         grads[strategy] = torch.autograd.grad(loss, wrt)
     _assert_grads_close(grads["vmap"], grads["loop"], rtol=1e-5)
+    _assert_grads_close(grads["grouped"], grads["loop"], rtol=1e-5)
 
 
 @pytest.mark.parametrize(
