@@ -442,6 +442,10 @@ class MetaSGD(Optimizer):
                     s = live[id(p)]
                     s.copy_(self.state[p]["step_size"])
                     self.state[p]["step_size"] = s
+        # The load's __setstate__ listed the loaded copies: step() must read the live tensors.
+        self._step_sizes = [
+            [self.state[p]["step_size"] for p in group["params"]] for group in self.param_groups
+        ]
 
 
 def _validate_group(group: dict[str, Any]) -> None:
