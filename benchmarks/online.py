@@ -1,0 +1,433 @@
+"""Online step-size learning in an ordinary training loop, from every initial learning rate.
+
+Two problems, one task each:
+
+* ``digits``: scikit-learn's 8x8 digits (standardised; a fixed 75/25
+  train/test split, 10% of train held out for look-ahead), a 64-128-10 ReLU MLP,
+  cross-entropy, batches of 32.
+* ``lstsq``: a synthetic ill-conditioned least-squares problem (50 features,
+  feature scales log-spaced over 1e-2..1, so the Hessian's eigenvalues span
+  1e-4..1, condition number 1e4), noisy targets, half the squared error,
+  batches of 32.
+
+Methods, on the same step budget, seeds and batches:
+
+* ``sgd``: ``torch.optim.SGD`` at each initial lr;
+* ``adam``: ``torch.optim.Adam`` at its default lr (one run, shown on every row);
+* ``sgd-hd``: the scalar SGD-HD of Baydin et al. (2018), written here:
+  ``alpha <- alpha + beta * g_t . g_{t-1}`` (their additive rule);
+* ``additive-hd-element``: the same additive rule with one step size per
+  element (the alternative to MetaSGD's normalised multiplicative rule);
+* ``metasgd-hd-element`` / ``metasgd-hd-tensor``: ``MetaSGD(hypergrad_lr=...)``;
+* ``lookahead``: ``MetaSGD(granularity="tensor", parametrization="log")`` with
+  ``torch_metasgd.LookAhead`` on the held-out split.
+
+Reports the final train loss (full training set), test loss and accuracy per
+initial lr, and plots the loss curves and the learned step sizes over time.
+
+    python benchmarks/online.py --quick
+    python benchmarks/online.py --steps 3000 --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from torch_metasgd import LookAhead, MetaSGD
+
+LRS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+METHODS = (
+    "sgd",
+    "adam",
+    "sgd-hd",
+    "additive-hd-element",
+    "metasgd-hd-element",
+    "metasgd-hd-tensor",
+    "lookahead",
+)
+DIVERGED = 1e6  # a train loss above this (or not finite) ends the run as diverged
+
+
+# --------------------------------------------------------------------------- problems
+
+
+class Problem:
+    """Data, a model factory and a loss; batches drawn from a seeded generator."""
+
+    def __init__(self, name: str, batch_size: int = 32) -> None:
+        self.name = name
+        self.batch_size = batch_size
+        if name == "digits":
+            from sklearn.datasets import load_digits
+            from sklearn.model_selection import train_test_split
+
+            x, y = load_digits(return_X_y=True)
+            x_train, x_test, y_train, y_test = train_test_split(
+                x, y, test_size=0.25, random_state=0, stratify=y
+            )
+            mean, std = x_train.mean(0), x_train.std(0)
+            std[std == 0] = 1.0  # pixels blank in every training image
+            self.x_train = torch.tensor((x_train - mean) / std, dtype=torch.float32)
+            self.x_test = torch.tensor((x_test - mean) / std, dtype=torch.float32)
+            self.y_train = torch.tensor(y_train)
+            self.y_test = torch.tensor(y_test)
+            self.classification = True
+        else:
+            g = torch.Generator().manual_seed(1234)
+            dim, n_train, n_test = 50, 1000, 1000
+            scales = torch.logspace(-2, 0, dim)
+            w_true = torch.randn(dim, 1, generator=g)
+
+            def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+                x = torch.randn(n, dim, generator=g) * scales
+                return x, x @ w_true + 0.5 * torch.randn(n, 1, generator=g)
+
+            self.x_train, self.y_train = sample(n_train)
+            self.x_test, self.y_test = sample(n_test)
+            self.classification = False
+        # Look-ahead's held-out batches come from the last 10% of the training set.
+        n_held = len(self.x_train) // 10
+        self.held_out = (self.x_train[-n_held:], self.y_train[-n_held:])
+
+    def model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        if self.classification:
+            return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        model = nn.Linear(self.x_train.shape[1], 1)
+        return model
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        out = model(x)
+        if self.classification:
+            return F.cross_entropy(out, y)
+        return 0.5 * (out - y).pow(2).mean()
+
+    def batches(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        n = len(self.x_train)
+        while True:
+            for idx in torch.randperm(n, generator=g).split(self.batch_size):
+                if len(idx) == self.batch_size:
+                    yield self.x_train[idx], self.y_train[idx]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        train = self.loss(model, (self.x_train, self.y_train)).item()
+        test = self.loss(model, (self.x_test, self.y_test)).item()
+        acc = None
+        if self.classification:
+            acc = (model(self.x_test).argmax(1) == self.y_test).float().mean().item()
+        return {"train_loss": train, "test_loss": test, "test_acc": acc}
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+class AdditiveHD(torch.optim.Optimizer):
+    """SGD-HD with Baydin et al.'s additive rule, scalar ("global") or per element.
+
+    ``alpha <- alpha + beta * g_t * g_{t-1}`` (summed over every element for
+    the scalar form), then ``theta <- theta - alpha * g_t``.
+    """
+
+    def __init__(self, params, lr: float, hypergrad_lr: float, granularity: str) -> None:
+        super().__init__(params, dict(lr=lr))
+        self.beta = hypergrad_lr
+        self.granularity = granularity
+        self.alpha = torch.tensor(lr)
+        self.prev: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if self.granularity == "global":
+            if self.prev is not None:
+                dot = sum((g * d).sum() for g, d in zip(grads, self.prev, strict=True))
+                self.alpha = self.alpha + self.beta * dot
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(self.alpha * g)
+        else:
+            if self.prev is None:
+                self.alphas = [torch.full_like(p, self.param_groups[0]["lr"]) for p in params]
+            else:
+                for a, g, d in zip(self.alphas, grads, self.prev, strict=True):
+                    a.addcmul_(g, d, value=self.beta)
+            for p, a, g in zip(params, self.alphas, grads, strict=True):
+                p.addcmul_(a, g, value=-1)
+        self.prev = [g.clone() for g in grads]
+
+    def step_sizes(self) -> list[float]:
+        if self.granularity == "global":
+            return [self.alpha.item()]
+        return [_geomean(a) for a in self.alphas] if self.prev is not None else []
+
+
+def _geomean(t: torch.Tensor) -> float:
+    # Additive step sizes can turn negative: summarise by the median instead.
+    if (t <= 0).any():
+        return t.median().item()
+    return t.log().mean().exp().item()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run(problem: Problem, method: str, lr: float, seed: int, steps: int, args) -> dict:
+    model = problem.model(seed)
+    lookahead = None
+    if method == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+    elif method == "adam":
+        opt = torch.optim.Adam(model.parameters())
+    elif method == "sgd-hd":
+        opt = AdditiveHD(model.parameters(), lr, args.sgd_hd_beta, "global")
+    elif method == "additive-hd-element":
+        opt = AdditiveHD(model.parameters(), lr, args.sgd_hd_beta, "element")
+    elif method.startswith("metasgd-hd"):
+        granularity = method.rsplit("-", 1)[1]
+        beta = args.beta_element if granularity == "element" else args.beta_tensor
+        opt = MetaSGD(
+            model.parameters(),
+            lr=lr,
+            granularity=granularity,
+            parametrization="log",
+            hypergrad_lr=beta,
+        )
+    else:
+        opt = MetaSGD(model.parameters(), lr=lr, granularity="tensor", parametrization="log")
+        held_out = problem.held_out
+        lookahead = LookAhead(
+            model,
+            opt,
+            problem.loss,
+            held_out,
+            every=args.la_every,
+            unroll=args.la_unroll,
+            meta_lr=args.la_meta_lr,
+        )
+
+    curve, lr_curve = [], []
+    diverged = False
+    batches = problem.batches(seed)
+    eval_every = max(1, steps // 50)
+    for t in range(steps + 1):
+        if t % eval_every == 0:
+            metrics = problem.evaluate(model)
+            curve.append((t, metrics["train_loss"]))
+            lr_curve.append((t, _step_sizes(opt, method)))
+            if not math.isfinite(metrics["train_loss"]) or metrics["train_loss"] > DIVERGED:
+                diverged = True
+                break
+        if t == steps:
+            break
+        batch = next(batches)
+        opt.zero_grad()
+        problem.loss(model, batch).backward()
+        opt.step()
+        if lookahead is not None:
+            lookahead.step(batch)
+    final = problem.evaluate(model)
+    if diverged:
+        final = {"train_loss": math.inf, "test_loss": math.inf, "test_acc": None}
+    return {**final, "diverged": diverged, "curve": curve, "step_sizes": lr_curve}
+
+
+def _step_sizes(opt, method: str) -> list[float]:
+    """The step sizes in use: per parameter tensor (geometric mean), or the scalar."""
+    if method == "sgd" or method == "adam":
+        return [opt.param_groups[0]["lr"]]
+    if isinstance(opt, AdditiveHD):
+        return opt.step_sizes()
+    return [_geomean(opt.effective_lr(p).detach()) for p in opt.param_groups[0]["params"]]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarise(results: dict, problems: list[str], seeds: int) -> dict:
+    summary = {}
+    for name in problems:
+        rows = {}
+        for method in METHODS:
+            for lr in LRS if method != "adam" else (None,):
+                runs = results[name][method][str(lr)]
+                rows[(method, lr)] = {
+                    key: _mean([r[key] for r in runs])
+                    for key in ("train_loss", "test_loss", "test_acc")
+                } | {"diverged": sum(r["diverged"] for r in runs)}
+        best_sgd = min(rows[("sgd", lr)]["test_loss"] for lr in LRS)
+        summary[name] = {"rows": rows, "best_sgd_test_loss": best_sgd}
+    return summary
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    if any(not math.isfinite(v) for v in values):
+        return math.inf
+    return sum(values) / len(values)
+
+
+def print_table(summary: dict) -> str:
+    lines = []
+    for name, s in summary.items():
+        best = s["best_sgd_test_loss"]
+        lines.append(
+            f"\n## {name}: final test loss (ratio to best-tuned SGD {best:.4f}) / accuracy"
+        )
+        header = "| method | " + " | ".join(f"lr={lr:g}" for lr in LRS) + " |"
+        lines += [header, "|" + " --- |" * (len(LRS) + 1)]
+        for method in METHODS:
+            cells = []
+            for lr in LRS:
+                row = s["rows"][(method, None if method == "adam" else lr)]
+                loss = row["test_loss"]
+                if not math.isfinite(loss):
+                    cells.append("diverged")
+                    continue
+                cell = f"{loss:.4f} ({loss / best:.2f}x)"
+                if row["test_acc"] is not None:
+                    cell += f" {100 * row['test_acc']:.1f}%"
+                cells.append(cell)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"\n{name}: final train loss")
+        lines += [header, "|" + " --- |" * (len(LRS) + 1)]
+        for method in METHODS:
+            cells = []
+            for lr in LRS:
+                loss = s["rows"][(method, None if method == "adam" else lr)]["train_loss"]
+                cells.append(f"{loss:.4f}" if math.isfinite(loss) else "diverged")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot(results: dict, problems: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = ("sgd", "sgd-hd", "metasgd-hd-element", "metasgd-hd-tensor", "lookahead")
+    fig, axes = plt.subplots(
+        len(problems),
+        len(shown) + 1,
+        figsize=(4 * (len(shown) + 1), 3.4 * len(problems)),
+        squeeze=False,
+    )
+    colors = plt.cm.viridis([i / (len(LRS) - 1) for i in range(len(LRS))])
+    for row, name in enumerate(problems):
+        for col, method in enumerate(shown):
+            ax = axes[row, col]
+            for lr, color in zip(LRS, colors, strict=True):
+                run0 = results[name][method][str(lr)][0]
+                t, loss = zip(*run0["curve"], strict=True)
+                ax.plot(t, loss, color=color, label=f"lr={lr:g}")
+            adam = results[name]["adam"]["None"][0]
+            t, loss = zip(*adam["curve"], strict=True)
+            ax.plot(t, loss, color="red", ls=":", label="adam")
+            ax.set_yscale("log")
+            ax.set_title(f"{name}: {method}", fontsize=9)
+            ax.set_xlabel("step")
+            if col == 0:
+                ax.set_ylabel("train loss")
+        axes[row, 0].legend(fontsize=7)
+        ax = axes[row, -1]
+        for lr, color in zip(LRS, colors, strict=True):
+            run0 = results[name]["metasgd-hd-element"][str(lr)][0]
+            t = [p[0] for p in run0["step_sizes"]]
+            per_tensor = list(zip(*[p[1] for p in run0["step_sizes"]], strict=True))
+            for i, series in enumerate(per_tensor):
+                ax.plot(t, series, color=color, lw=1, ls="-" if i % 2 == 0 else "--")
+        ax.set_yscale("log")
+        ax.set_title(
+            f"{name}: learned step sizes, metasgd-hd-element\n"
+            "(geo. mean per tensor; solid weights, dashed biases)",
+            fontsize=8,
+        )
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
+    parser.add_argument("--problems", nargs="+", default=["digits", "lstsq"])
+    parser.add_argument(
+        "--beta-element", type=float, default=0.02, help="MetaSGD hypergrad_lr, element granularity"
+    )
+    parser.add_argument(
+        "--beta-tensor", type=float, default=0.05, help="MetaSGD hypergrad_lr, tensor granularity"
+    )
+    parser.add_argument(
+        "--sgd-hd-beta",
+        type=float,
+        default=1e-3,
+        help="beta of the additive SGD-HD baselines (Baydin et al.'s value)",
+    )
+    parser.add_argument("--la-every", type=int, default=10, help="look-ahead: update every N steps")
+    parser.add_argument("--la-unroll", type=int, default=5, help="look-ahead: unrolled steps k")
+    parser.add_argument(
+        "--la-meta-lr", type=float, default=0.1, help="look-ahead: Adam lr on log step sizes"
+    )
+    parser.add_argument("--out", type=Path, default=Path("results/online"))
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.seeds = 400, 1
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    problems = {name: Problem(name) for name in args.problems}
+    jobs = [
+        (name, method, lr, seed)
+        for name in args.problems
+        for method in METHODS
+        for lr in (LRS if method != "adam" else (None,))
+        for seed in range(args.seeds)
+    ]
+    results: dict = {name: {m: {} for m in METHODS} for name in args.problems}
+    start = time.perf_counter()
+    for name, method, lr, seed in tqdm(jobs, desc="runs"):
+        out = run(problems[name], method, lr, seed, args.steps, args)
+        results[name][method].setdefault(str(lr), []).append(out)
+    elapsed = time.perf_counter() - start
+
+    summary = summarise(results, args.problems, args.seeds)
+    table = print_table(summary)
+    print(f"\n{len(jobs)} runs of {args.steps} steps in {elapsed:.0f} s")
+    payload = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "summary": {
+            name: {
+                "best_sgd_test_loss": s["best_sgd_test_loss"],
+                "rows": [{"method": m, "lr": lr, **row} for (m, lr), row in s["rows"].items()],
+            }
+            for name, s in summary.items()
+        },
+        "runs": results,
+        "table": table,
+        "seconds": elapsed,
+    }
+    (args.out / "online.json").write_text(json.dumps(payload, indent=1))
+    plot(results, args.problems, args.out / "online.png")
+    print(f"wrote {args.out / 'online.json'} and {args.out / 'online.png'}")
+
+
+if __name__ == "__main__":
+    main()

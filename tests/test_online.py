@@ -1,0 +1,372 @@
+"""Online step-size learning: MetaSGD's hypergradient mode and LookAhead."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from torch_metasgd import LookAhead, MetaSGD
+
+DTYPE = torch.float64
+
+
+def _regression(seed: int = 0, n: int = 16, dim: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=DTYPE)
+    y = torch.randn(n, 1, generator=g, dtype=DTYPE)
+    w = torch.randn(dim, 1, generator=g, dtype=DTYPE)
+    b = torch.randn(1, generator=g, dtype=DTYPE)
+    return x, y, w, b
+
+
+def _loss(w, b, x, y):
+    return 0.5 * (x @ w + b - y).pow(2).mean()
+
+
+# --------------------------------------------------------------------------- hypergradient
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize("parametrization", ["identity", "log", "softplus"])
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        dict(),
+        dict(momentum=0.9),
+        dict(momentum=0.9, nesterov=True, weight_decay=0.1),
+        dict(weight_decay=0.3, maximize=True),
+    ],
+    ids=["plain", "momentum", "nesterov-wd", "wd-maximize"],
+)
+def test_hypergradient_step_follows_autograd_derivative_of_loss_after_step(
+    granularity, parametrization, hyper
+):
+    x, y, w0, b0 = _regression()
+    lr, beta = 0.05, 0.1
+    sign = -1.0 if hyper.get("maximize") else 1.0
+    wd = hyper.get("weight_decay", 0.0)
+
+    def objective(w, b):
+        # The objective the step descends: +-f plus the L2 penalty of weight decay.
+        return sign * _loss(w, b, x, y) + 0.5 * wd * (w.square().sum() + b.square().sum())
+
+    w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    opt = MetaSGD(
+        [w, b],
+        lr=lr,
+        granularity=granularity,
+        parametrization=parametrization,
+        hypergrad_lr=beta,
+        **hyper,
+    )
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for s in opt.meta_parameters():
+            s.add_(0.2 * torch.rand(s.shape, dtype=DTYPE, generator=gen))
+    alpha0 = [opt.effective_lr(p).detach().clone() for p in (w, b)]
+    _loss(w, b, x, y).backward()
+    opt.step()  # no previous direction yet: the step sizes stay
+    for p, a in zip((w, b), alpha0, strict=True):
+        torch.testing.assert_close(opt.effective_lr(p).detach(), a)
+
+    # Reference: theta_1(alpha) = theta_0 - alpha * d_1 written by hand, differentiated by autograd.
+    theta0 = [w0.clone().requires_grad_(), b0.clone().requires_grad_()]
+    g0 = torch.autograd.grad(objective(*theta0), theta0)
+    momentum, nesterov = hyper.get("momentum", 0.0), hyper.get("nesterov", False)
+    d1 = [(1 + momentum) * g if nesterov else g for g in g0]
+    alphas = [a.clone().requires_grad_() for a in alpha0]
+    theta1 = [t.detach() - a * d for t, a, d in zip(theta0, alphas, d1, strict=True)]
+    dfdalpha = torch.autograd.grad(objective(*theta1), alphas)
+    leaves = [t.detach().requires_grad_() for t in theta1]
+    g1 = torch.autograd.grad(objective(*leaves), leaves)
+
+    opt.zero_grad()
+    _loss(w, b, x, y).backward()
+    opt.step()
+
+    def norm(ts):
+        return math.sqrt(sum(t.square().sum().item() for t in ts))
+
+    if granularity == "element":
+        logratios = [-torch.sign(h) * beta for h in dfdalpha]
+    elif granularity == "tensor":
+        logratios = [
+            -h / (norm([g]) * norm([d])) * beta for h, g, d in zip(dfdalpha, g1, d1, strict=True)
+        ]
+    else:
+        cos = -sum(h.sum() for h in dfdalpha) / (norm(g1) * norm(d1))
+        logratios = [cos * beta, cos * beta]
+    for p, a, r in zip((w, b), alpha0, logratios, strict=True):
+        torch.testing.assert_close(opt.effective_lr(p).detach(), a * torch.exp(r))
+
+
+def _train(opt_factory, seed: int = 0, start=None):
+    """Train a small MLP; returns (model, opt). ``start`` = (model_state, opt_state) to resume."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(
+        DTYPE
+    )
+    opt = opt_factory(model.parameters())
+    if start is not None:
+        model.load_state_dict(start[0])
+        opt.load_state_dict(start[1])
+    return model, opt
+
+
+def _run(model, opt, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 4, generator=g, dtype=DTYPE)
+        y = x.sum(1, keepdim=True).sin()
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def test_hypergrad_lr_zero_is_plain_metasgd_and_follows_torch_sgd():
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    model, opt = _train(lambda p: MetaSGD(p, hypergrad_lr=0.0, **hyper))
+    reference, ref_opt = _train(lambda p: torch.optim.SGD(p, **hyper))
+    _run(model, opt, 20, seed=1)
+    _run(reference, ref_opt, 20, seed=1)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    for p in model.parameters():
+        assert torch.equal(opt.step_size(p), torch.ones_like(opt.step_size(p)))
+        assert "hypergrad_direction" not in opt.state[p]
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_state_dict_round_trip_mid_training_continues_the_same_trajectory(granularity, momentum):
+    def factory(params):
+        return MetaSGD(
+            params,
+            lr=0.05,
+            momentum=momentum,
+            granularity=granularity,
+            parametrization="log",
+            hypergrad_lr=0.05,
+        )
+
+    model, opt = _train(factory)
+    _run(model, opt, 10, seed=1)
+    buffer = io.BytesIO()
+    torch.save((model.state_dict(), opt.state_dict()), buffer)
+    _run(model, opt, 10, seed=2)
+
+    buffer.seek(0)
+    resumed, resumed_opt = _train(factory, seed=5, start=torch.load(buffer))
+    assert all("hypergrad_direction" in resumed_opt.state[p] for p in resumed.parameters())
+    _run(resumed, resumed_opt, 10, seed=2)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        torch.testing.assert_close(opt.step_size(p), resumed_opt.step_size(q), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        dict(),
+        dict(momentum=0.9),
+        dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+        dict(maximize=True, weight_decay=0.01),
+        dict(lr_min=0.01, lr_max=0.2),
+    ],
+    ids=["plain", "momentum", "nesterov-wd", "maximize-wd", "bounds"],
+)
+def test_foreach_and_single_tensor_trajectories_agree(granularity, hyper):
+    runs = []
+    for foreach in (False, True):
+
+        def factory(params, foreach=foreach):
+            return MetaSGD(
+                params, lr=0.05, granularity=granularity, hypergrad_lr=0.1, foreach=foreach, **hyper
+            )
+
+        model, opt = _train(factory)
+        if hyper.get("maximize"):
+            opt.param_groups[0]["lr"] = 0.01
+        _run(model, opt, 15, seed=1)
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+        torch.testing.assert_close(o1.effective_lr(p), o2.effective_lr(q))
+    assert any(
+        not torch.allclose(o1.effective_lr(p), torch.tensor(0.05, dtype=DTYPE))
+        for p in m1.parameters()
+    )
+
+
+def test_step_sizes_shrink_when_overshooting_and_grow_when_undershooting():
+    # f(theta) = 0.5 * theta^2: the step lr * theta overshoots the minimum iff lr > 1.
+    for lr, grows in ((1.5, False), (0.1, True)):
+        theta = torch.tensor([1.0], dtype=DTYPE, requires_grad=True)
+        opt = MetaSGD([theta], lr=lr, granularity="tensor", hypergrad_lr=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            (0.5 * theta.square()).sum().backward()
+            opt.step()
+        alpha = opt.effective_lr(theta).item()
+        assert (alpha > lr) == grows, (lr, alpha)
+        assert alpha == pytest.approx(lr * math.exp((0.1 if grows else -0.1) * 4))
+
+
+def test_step_sizes_respect_bounds():
+    theta = torch.tensor([1.0], dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD([theta], lr=0.1, granularity="tensor", hypergrad_lr=0.5, lr_max=0.15)
+    for _ in range(10):
+        opt.zero_grad()
+        (0.5 * theta.square()).sum().backward()
+        opt.step()
+    # Projected onto the bound, not stuck beyond it where the clamp's gradient vanishes.
+    assert opt.step_size(theta).item() == pytest.approx(1.5)
+
+
+def test_parameter_without_gradient_keeps_its_step_size():
+    a = torch.ones(3, dtype=DTYPE, requires_grad=True)
+    b = torch.ones(3, dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD([a, b], lr=0.1, hypergrad_lr=0.1)
+    (a.square().sum() + b.square().sum()).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    a.square().sum().backward()  # b gets no gradient and does not move
+    opt.step()
+    assert "hypergrad_direction" not in opt.state[b]
+    opt.zero_grad(set_to_none=True)
+    (a.square().sum() + b.square().sum()).backward()
+    opt.step()
+    # b's last move was two steps ago: no hypergradient for it yet.
+    assert torch.equal(opt.step_size(b), torch.ones(3, dtype=DTYPE))
+
+
+def test_direction_survives_zero_grad_in_place():
+    # With momentum 0 the direction is p.grad itself, which zero_grad(set_to_none=False) zeroes.
+    theta = torch.tensor([1.0], dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD([theta], lr=0.1, hypergrad_lr=0.1)
+    (0.5 * theta.square()).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    (0.5 * theta.square()).sum().backward()
+    opt.step()
+    assert opt.effective_lr(theta).item() == pytest.approx(0.1 * math.exp(0.1))
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_invalid_hypergrad_lr_is_rejected_with_its_value(value):
+    with pytest.raises(ValueError, match=f"Invalid hypergrad_lr value: {value}"):
+        MetaSGD([torch.zeros(2, requires_grad=True)], hypergrad_lr=value)
+    opt = MetaSGD([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match="hypergrad_lr"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "hypergrad_lr": value})
+
+
+# --------------------------------------------------------------------------- LookAhead
+
+
+def _lookahead_problem():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 3, generator=g, dtype=DTYPE)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=DTYPE) + 0.1 * torch.randn(
+        40, 1, generator=g, dtype=DTYPE
+    )
+    train = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
+    held_out = (x[24:], y[24:])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).to(DTYPE)
+    return model, train, held_out
+
+
+def _mse(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+def _unrolled_held_out_loss(model, log_alphas, train, held_out, lr):
+    """Hand-written unroll: theta_j = theta_{j-1} - lr * exp(s) * grad, from the model's weights."""
+    w, b = (p.detach().clone().requires_grad_() for p in model.parameters())
+    for x, y in train:
+        gw, gb = torch.autograd.grad(F.mse_loss(x @ w.T + b, y), [w, b], create_graph=True)
+        w = w - lr * log_alphas[0].exp() * gw
+        b = b - lr * log_alphas[1].exp() * gb
+    return F.mse_loss(held_out[0] @ w.T + b, held_out[1])
+
+
+def test_lookahead_moves_step_sizes_along_the_held_out_meta_gradient():
+    model, train, held_out = _lookahead_problem()
+    lr, meta_lr = 0.05, 0.5
+    opt = MetaSGD(model.parameters(), lr=lr, parametrization="log")
+    s_before = [s.detach().clone() for s in opt.meta_parameters()]
+    meta_opt = torch.optim.SGD(opt.meta_parameters(), lr=meta_lr)
+    lookahead = LookAhead(
+        model, opt, _mse, held_out, every=len(train), unroll=len(train), meta_optimizer=meta_opt
+    )
+    weights = [p.detach().clone() for p in model.parameters()]
+
+    log_alphas = [s.clone().requires_grad_() for s in s_before]
+    before = _unrolled_held_out_loss(model, log_alphas, train, held_out, lr)
+    expected_grads = torch.autograd.grad(before, log_alphas)
+
+    results = [lookahead.step(batch) for batch in train]
+    assert results[:-1] == [None] * (len(train) - 1)
+    torch.testing.assert_close(results[-1], before.detach())
+    for s, s0, g in zip(opt.meta_parameters(), s_before, expected_grads, strict=True):
+        torch.testing.assert_close(s.detach(), s0 - meta_lr * g)
+    after = _unrolled_held_out_loss(
+        model, [s.detach() for s in opt.meta_parameters()], train, held_out, lr
+    )
+    assert after < before
+    # The unroll ran on copies: the weights and their gradients are untouched.
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p.detach(), w)
+        assert p.grad is None
+
+
+def test_lookahead_adds_two_lines_to_a_training_loop_and_lowers_held_out_loss():
+    def train(with_lookahead: bool):
+        model, train, held_out = _lookahead_problem()
+        opt = MetaSGD(model.parameters(), lr=0.01, parametrization="log")
+        if with_lookahead:
+            lookahead = LookAhead(model, opt, _mse, held_out, every=2, unroll=2, meta_lr=0.1)
+        for _ in range(3):
+            for batch in train:
+                opt.zero_grad()
+                _mse(model, batch).backward()
+                opt.step()
+                if with_lookahead:
+                    lookahead.step(batch)
+        return _mse(model, held_out).item(), opt.meta_parameters()
+
+    plain_loss, _ = train(False)
+    loss, step_sizes = train(True)
+    assert all((s != 0).all() for s in step_sizes)
+    assert loss < 0.95 * plain_loss
+
+
+def test_lookahead_cycles_an_iterable_of_held_out_batches():
+    model, train, held_out = _lookahead_problem()
+    opt = MetaSGD(model.parameters(), lr=0.05, parametrization="log")
+    held_out_batches = [(held_out[0][:8], held_out[1][:8]), (held_out[0][8:], held_out[1][8:])]
+    lookahead = LookAhead(model, opt, _mse, held_out_batches, every=1, unroll=1)
+    losses = [lookahead.step(train[0]) for _ in range(4)]
+    torch.testing.assert_close(losses[0], losses[2])
+    torch.testing.assert_close(losses[1], losses[3])
+    assert not torch.equal(losses[0], losses[1])
+
+
+def test_lookahead_rejects_invalid_arguments():
+    model, _, held_out = _lookahead_problem()
+    opt = MetaSGD(model.parameters())
+    with pytest.raises(ValueError, match="Invalid every value: 0"):
+        LookAhead(model, opt, _mse, held_out, every=0)
+    with pytest.raises(ValueError, match="Invalid unroll value: 0"):
+        LookAhead(model, opt, _mse, held_out, unroll=0)
+    with pytest.raises(ValueError, match="Invalid meta_lr value: -1"):
+        LookAhead(model, opt, _mse, held_out, meta_lr=-1)
+    with pytest.raises(TypeError, match="MetaSGD"):
+        LookAhead(model, torch.optim.SGD(model.parameters(), lr=0.1), _mse, held_out)
