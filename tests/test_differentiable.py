@@ -416,11 +416,11 @@ def test_inner_loop_starts_from_and_leaves_the_momentum_buffers():
 # --------------------------------------------------------------------------
 
 
-class ClippedMetaSGD(MetaSGD):
+class UserMetaSGD(MetaSGD):
     """A subclass, as users write them; higher looks twins up by exact type."""
 
 
-@pytest.mark.parametrize("opt_type", [MetaSGD, ClippedMetaSGD])
+@pytest.mark.parametrize("opt_type", [MetaSGD, UserMetaSGD])
 def test_plain_higher_innerloop_ctx_works(opt_type):
     model = make_model()
     opt = opt_type(model.parameters(), lr=0.1, momentum=0.9)

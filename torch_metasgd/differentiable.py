@@ -52,7 +52,9 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
 
     Construct it through :func:`torch_metasgd.inner_loop`,
     ``higher.innerloop_ctx`` or ``higher.get_diff_optim``, which pass the
-    arguments below.
+    arguments below. Every subclass of ``MetaSGD`` is registered with this
+    twin when it is defined; a subclass that changes the update registers its
+    own with ``higher.register_optim(Subclass, DifferentiableSubclass)``.
 
     Args:
         other: the :class:`~torch_metasgd.MetaSGD` (or subclass) to mirror.
