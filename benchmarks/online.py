@@ -255,11 +255,11 @@ def _step_sizes(opt, method: str) -> list[float]:
 # --------------------------------------------------------------------------- report
 
 
-def summarise(results: dict, problems: list[str], seeds: int) -> dict:
+def summarise(results: dict, problems: list[str], methods: list[str]) -> dict:
     summary = {}
     for name in problems:
         rows = {}
-        for method in METHODS:
+        for method in methods:
             for lr in LRS if method != "adam" else (None,):
                 runs = results[name][method][str(lr)]
                 rows[(method, lr)] = {
@@ -280,7 +280,7 @@ def _mean(values):
     return sum(values) / len(values)
 
 
-def print_table(summary: dict) -> str:
+def print_table(summary: dict, methods: list[str]) -> str:
     lines = []
     for name, s in summary.items():
         best = s["best_sgd_test_loss"]
@@ -289,7 +289,7 @@ def print_table(summary: dict) -> str:
         )
         header = "| method | " + " | ".join(f"lr={lr:g}" for lr in LRS) + " |"
         lines += [header, "|" + " --- |" * (len(LRS) + 1)]
-        for method in METHODS:
+        for method in methods:
             cells = []
             for lr in LRS:
                 row = s["rows"][(method, None if method == "adam" else lr)]
@@ -304,7 +304,7 @@ def print_table(summary: dict) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append(f"\n{name}: final train loss")
         lines += [header, "|" + " --- |" * (len(LRS) + 1)]
-        for method in METHODS:
+        for method in methods:
             cells = []
             for lr in LRS:
                 loss = s["rows"][(method, None if method == "adam" else lr)]["train_loss"]
@@ -321,13 +321,16 @@ def plot(results: dict, problems: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("sgd", "sgd-hd", "metasgd-hd-element", "metasgd-hd-tensor", "lookahead")
+    shown = [
+        m for m in METHODS if m in results[problems[0]] and m not in ("adam", "additive-hd-element")
+    ]
     fig, axes = plt.subplots(
         len(problems),
         len(shown) + 1,
         figsize=(4 * (len(shown) + 1), 3.4 * len(problems)),
         squeeze=False,
     )
+    hd_method = next(m for m in ("metasgd-hd-tensor", "metasgd-hd-element") if m in shown)
     colors = plt.cm.viridis([i / (len(LRS) - 1) for i in range(len(LRS))])
     for row, name in enumerate(problems):
         for col, method in enumerate(shown):
@@ -336,9 +339,9 @@ def plot(results: dict, problems: list[str], path: Path) -> None:
                 run0 = results[name][method][str(lr)][0]
                 t, loss = zip(*run0["curve"], strict=True)
                 ax.plot(t, loss, color=color, label=f"lr={lr:g}")
-            adam = results[name]["adam"]["None"][0]
-            t, loss = zip(*adam["curve"], strict=True)
-            ax.plot(t, loss, color="red", ls=":", label="adam")
+            if "adam" in results[name]:
+                t, loss = zip(*results[name]["adam"]["None"][0]["curve"], strict=True)
+                ax.plot(t, loss, color="red", ls=":", label="adam")
             ax.set_yscale("log")
             ax.set_title(f"{name}: {method}", fontsize=9)
             ax.set_xlabel("step")
@@ -347,14 +350,14 @@ def plot(results: dict, problems: list[str], path: Path) -> None:
         axes[row, 0].legend(fontsize=7)
         ax = axes[row, -1]
         for lr, color in zip(LRS, colors, strict=True):
-            run0 = results[name]["metasgd-hd-element"][str(lr)][0]
+            run0 = results[name][hd_method][str(lr)][0]
             t = [p[0] for p in run0["step_sizes"]]
             per_tensor = list(zip(*[p[1] for p in run0["step_sizes"]], strict=True))
             for i, series in enumerate(per_tensor):
                 ax.plot(t, series, color=color, lw=1, ls="-" if i % 2 == 0 else "--")
         ax.set_yscale("log")
         ax.set_title(
-            f"{name}: learned step sizes, metasgd-hd-element\n"
+            f"{name}: learned step sizes, {hd_method}\n"
             "(geo. mean per tensor; solid weights, dashed biases)",
             fontsize=8,
         )
@@ -370,10 +373,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
     parser.add_argument("--problems", nargs="+", default=["digits", "lstsq"])
     parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run"
+    )
+    parser.add_argument(
         "--beta-element", type=float, default=0.02, help="MetaSGD hypergrad_lr, element granularity"
     )
     parser.add_argument(
-        "--beta-tensor", type=float, default=0.05, help="MetaSGD hypergrad_lr, tensor granularity"
+        "--beta-tensor", type=float, default=0.1, help="MetaSGD hypergrad_lr, tensor granularity"
     )
     parser.add_argument(
         "--sgd-hd-beta",
@@ -388,6 +394,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("results/online"))
     args = parser.parse_args()
+    if "sgd" not in args.methods:
+        parser.error("--methods must include sgd (the baseline of the ratios)")
+    args.methods = [m for m in METHODS if m in args.methods]
     if args.quick:
         args.steps, args.seeds = 400, 1
     torch.set_num_threads(1)
@@ -397,19 +406,19 @@ def main() -> None:
     jobs = [
         (name, method, lr, seed)
         for name in args.problems
-        for method in METHODS
+        for method in args.methods
         for lr in (LRS if method != "adam" else (None,))
         for seed in range(args.seeds)
     ]
-    results: dict = {name: {m: {} for m in METHODS} for name in args.problems}
+    results: dict = {name: {m: {} for m in args.methods} for name in args.problems}
     start = time.perf_counter()
     for name, method, lr, seed in tqdm(jobs, desc="runs"):
         out = run(problems[name], method, lr, seed, args.steps, args)
         results[name][method].setdefault(str(lr), []).append(out)
     elapsed = time.perf_counter() - start
 
-    summary = summarise(results, args.problems, args.seeds)
-    table = print_table(summary)
+    summary = summarise(results, args.problems, args.methods)
+    table = print_table(summary, args.methods)
     print(f"\n{len(jobs)} runs of {args.steps} steps in {elapsed:.0f} s")
     payload = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
