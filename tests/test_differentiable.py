@@ -455,6 +455,14 @@ def test_inner_loop_rejects_a_model_the_optimizer_does_not_optimize():
             pass
 
 
+def test_inner_loop_rejects_online_hypergradient_step_sizes():
+    model = make_model()
+    opt = MetaSGD(model.parameters(), lr=0.1, hypergrad_lr=0.02)
+    with pytest.raises(ValueError, match="hypergrad_lr=0.02"):
+        with inner_loop(model, opt):
+            pass
+
+
 # --------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------

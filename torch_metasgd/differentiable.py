@@ -108,6 +108,13 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
             raise TypeError(
                 f"DifferentiableMetaSGD mirrors a torch_metasgd.MetaSGD, got {type(other).__name__}"
             )
+        for g_idx, group in enumerate(other.param_groups):
+            if group.get("hypergrad_lr", 0) != 0:
+                raise ValueError(
+                    f"param group {g_idx} has hypergrad_lr={group['hypergrad_lr']}: online "
+                    "hypergradient step sizes are not differentiable; set hypergrad_lr=0 "
+                    "to meta-learn the step sizes through the inner loop"
+                )
         index_of = {id(p): i for i, p in enumerate(reference_params)}
         self.param_groups: list[dict[str, Any]] = []
         self.state: list[defaultdict[int, dict[str, Any]]] = []
