@@ -524,3 +524,41 @@ def test_lr_override_during_the_loop_takes_effect_like_a_changed_lr():
             diffopt.step(mse(fmodel(support[0]), support[1]), override={"lr": [lr]})
         for p, fast in zip(model.parameters(), fmodel.parameters(), strict=True):
             torch.testing.assert_close(fast, p, rtol=1e-12, atol=1e-14)
+
+
+def bytes_held_for_the_meta_backward(steps: int, **kwargs) -> int:
+    """Bytes of the tensors autograd holds for the query loss's backward after the loop."""
+    model = make_model()
+    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.9)
+    support, query = make_task(n=64)
+    held: dict[int, int] = {}
+
+    class Saved:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+            held[id(self)] = t.numel() * t.element_size()
+
+        def __del__(self) -> None:
+            held.pop(id(self))
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.t):
+        with inner_loop(model, opt, **kwargs) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(mse(fmodel(support[0]), support[1]))
+            loss = mse(fmodel(query[0]), query[1])
+        total = sum(held.values())
+        del loss, fmodel, diffopt
+    return total
+
+
+def test_first_order_and_evaluation_mode_hold_less_memory():
+    second_order = [bytes_held_for_the_meta_backward(s) for s in (1, 8)]
+    first_order = [bytes_held_for_the_meta_backward(s, first_order=True) for s in (1, 8)]
+    evaluation = [bytes_held_for_the_meta_backward(s, track_higher_grads=False) for s in (1, 8)]
+    assert second_order[1] > 4 * second_order[0]
+    # First order: the query pass plus, per step, the direction (model-sized)
+    # that the step sizes' gradient needs; a margin of one more for torch's choices.
+    n_weights = sum(p.numel() for p in make_model().parameters())
+    assert first_order[1] - first_order[0] <= 7 * 2 * n_weights * 8
+    assert first_order[1] < second_order[1] / 4
+    assert evaluation[0] == evaluation[1]
