@@ -1,0 +1,66 @@
+"""Helpers shared by the few-shot benchmarks: seeds, confidence intervals, output files."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Two-sided 95% normal quantile: the paper's "± 95% confidence interval".
+Z95 = 1.959963984540054
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python and torch; return a CPU generator for the task sampler."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def mean_ci95(values: torch.Tensor | list[float]) -> tuple[float, float]:
+    """Mean and half-width of the normal 95% confidence interval of the mean."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), Z95 * float(v.std(unbiased=True)) / math.sqrt(v.numel())
+
+
+def device_of(name: str) -> torch.device:
+    """``--device``: ``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def environment() -> dict[str, Any]:
+    """What a reader needs to judge a wall time."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table with aligned columns (also valid Markdown)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
