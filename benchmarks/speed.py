@@ -1,0 +1,584 @@
+"""Speed of a Meta-SGD meta-iteration: torch_metasgd against hand-written code and its peers.
+
+One meta-iteration = the meta-loss of a meta-batch (every task's inner loop,
+second order, per-element step sizes) and its ``.backward()``. Methods:
+
+* ``meta_loss``   torch_metasgd.meta_loss (strategy "auto"); ``meta_loss[<s>]``
+                  forces a strategy (full runs only)
+* ``inner_loop``  torch_metasgd.inner_loop (higher), one task at a time
+* ``hand_loop``   hand-written: functional_call + autograd.grad, a loop over tasks
+* ``hand_vmap``   hand-written: torch.func.grad inside torch.func.vmap over tasks
+* ``higher_min``  higher with a minimal per-parameter step-size optimizer
+                  (a 20-line DifferentiableOptimizer, step sizes passed live)
+* ``torchopt``    torchopt.MetaSGD: a scalar learning rate only, so the closest
+                  equivalent, not the same computation
+
+Workloads: W1 sinusoid MLP 1-40-40-1, 25 tasks, 10 support + 10 query points,
+1 inner step; W1b the same with 5 inner steps; W2 conv4 (64 filters,
+BatchNorm in train mode, ReLU, max-pool; 1x28x28 inputs), 5-way 1-shot with
+15 queries per class, 8 tasks, 1 inner step. Plus ``MetaSGD.step()`` against
+``torch.optim.SGD.step()`` on a 50-layer MLP (100 parameter tensors).
+
+Timing: all methods of a workload run in one process, interleaved (every
+round runs each method once, in a fresh random order) so that machine noise
+hits them alike; the figure is the median over rounds after warm-up rounds.
+Memory (Linux): each (workload, method) runs again in a fresh subprocess,
+which resets its peak resident set size (VmHWM, via /proc/self/clear_refs)
+once model and data exist and reports how far 3 meta-iterations raise it:
+the peak extra memory of a meta-iteration (autograd graph, activations).
+
+    python benchmarks/speed.py --quick           # about a minute
+    python benchmarks/speed.py --threads 1       # the full run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import higher
+import torch
+import torchopt
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from tqdm import tqdm
+
+import torch_metasgd
+from torch_metasgd import MetaSGD, inner_loop, meta_loss
+
+WORKLOADS = {
+    "W1": dict(arch="mlp", tasks=25, support=10, query=10, steps=1),
+    "W1b": dict(arch="mlp", tasks=25, support=10, query=10, steps=5),
+    "W2": dict(arch="conv4", tasks=8, support=5, query=75, steps=1),
+}
+METHODS = ["meta_loss", "inner_loop", "hand_loop", "hand_vmap", "higher_min", "torchopt"]
+STRATEGY_METHODS = ["meta_loss[vmap]", "meta_loss[loop]", "meta_loss[grouped]"]
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def _conv4() -> nn.Module:
+    layers: list[nn.Module] = []
+    channels = 1
+    for _ in range(4):
+        layers += [
+            nn.Conv2d(channels, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        channels = 64
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64, 5))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
+
+
+class Case:
+    """A model, its MetaSGD optimizer, step sizes for the hand-written versions, a meta-batch."""
+
+    def __init__(self, workload: str, seed: int) -> None:
+        spec = WORKLOADS[workload]
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        self.steps = spec["steps"]
+        t, ns, nq = spec["tasks"], spec["support"], spec["query"]
+        if spec["arch"] == "mlp":
+            self.model = _mlp()
+            self.loss_fn = nn.functional.mse_loss
+            self.xs = torch.rand(t, ns, 1, generator=g) * 10 - 5
+            self.xq = torch.rand(t, nq, 1, generator=g) * 10 - 5
+            amp, phase = torch.rand(t, 1, 1, generator=g) * 4.9 + 0.1, torch.rand(t, 1, 1) * 3.14
+            self.ys, self.yq = amp * (self.xs + phase).sin(), amp * (self.xq + phase).sin()
+        else:
+            self.model = _conv4().train()
+            self.loss_fn = nn.functional.cross_entropy
+            self.xs = torch.randn(t, ns, 1, 28, 28, generator=g)
+            self.xq = torch.randn(t, nq, 1, 28, 28, generator=g)
+            self.ys = torch.arange(5).repeat(t, ns // 5)
+            self.yq = torch.arange(5).repeat_interleave(nq // 5).repeat(t, 1)
+        self.opt = MetaSGD(self.model.parameters(), lr=1.0).uniform_step_sizes_(
+            0.005, 0.1, generator=g
+        )
+        # The hand-written versions and higher_min get their own leaf step
+        # sizes (the same values): alpha = s, as MetaSGD's identity parametrization.
+        self.alphas = [s.detach().clone().requires_grad_() for s in self.opt.meta_parameters()]
+        self.names = [n for n, _ in self.model.named_parameters()]
+
+    def zero_grad(self) -> None:
+        for t in [*self.model.parameters(), *self.opt.meta_parameters(), *self.alphas]:
+            t.grad = None
+
+
+def run_meta_loss(c: Case, strategy: str = "auto") -> None:
+    meta_loss(
+        c.model, c.opt, c.loss_fn, (c.xs, c.ys), (c.xq, c.yq), steps=c.steps, strategy=strategy
+    ).backward()
+
+
+def run_inner_loop(c: Case) -> None:
+    n_tasks = c.xs.shape[0]
+    for t in range(n_tasks):
+        with inner_loop(c.model, c.opt) as (fmodel, diffopt):
+            for _ in range(c.steps):
+                diffopt.step(c.loss_fn(fmodel(c.xs[t]), c.ys[t]))
+            (c.loss_fn(fmodel(c.xq[t]), c.yq[t]) / n_tasks).backward()
+
+
+def run_hand_loop(c: Case) -> None:
+    params = dict(c.model.named_parameters())
+    losses = []
+    for t in range(c.xs.shape[0]):
+        fast = params
+        for _ in range(c.steps):
+            loss = c.loss_fn(functional_call(c.model, fast, (c.xs[t],)), c.ys[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {
+                n: p - a * g for (n, p), a, g in zip(fast.items(), c.alphas, grads, strict=True)
+            }
+        losses.append(c.loss_fn(functional_call(c.model, fast, (c.xq[t],)), c.yq[t]))
+    torch.stack(losses).mean().backward()
+
+
+def run_hand_vmap(c: Case) -> None:
+    params = dict(c.model.named_parameters())
+    alphas = dict(zip(c.names, c.alphas, strict=True))
+    n_tasks = c.xs.shape[0]
+    # Per-task copies: train-mode BatchNorm writes running stats, which vmap
+    # allows only into batched tensors.
+    buffers = {n: b.expand(n_tasks, *b.shape).clone() for n, b in c.model.named_buffers()}
+
+    def task(buffers, xs, ys, xq, yq):
+        def support_loss(p, b):
+            return c.loss_fn(functional_call(c.model, (p, b), (xs,)), ys)
+
+        fast = params
+        for _ in range(c.steps):
+            g = grad(support_loss)(fast, buffers)
+            fast = {n: fast[n] - alphas[n] * g[n] for n in fast}
+        return c.loss_fn(functional_call(c.model, (fast, buffers), (xq,)), yq)
+
+    vmap(task)(buffers, c.xs, c.ys, c.xq, c.yq).mean().backward()
+
+
+class _StepSizeSGD(torch.optim.SGD):
+    """A stand-in optimizer type so that higher picks the minimal differentiable one below."""
+
+
+class _MinimalDiffMetaSGD(higher.optim.DifferentiableOptimizer):
+    """``p <- p - alpha * g`` with one live step-size tensor per parameter.
+
+    higher deep-copies ``param_groups``, so the step sizes cannot live there:
+    they are set as ``diffopt.alphas`` after construction.
+    """
+
+    alphas: list[Tensor]
+
+    def _update(self, grouped_grads, **kwargs) -> None:
+        index = 0
+        for group, grads in zip(self.param_groups, grouped_grads, strict=True):
+            for i, (p, g) in enumerate(zip(group["params"], grads, strict=True)):
+                if g is not None:
+                    group["params"][i] = p - self.alphas[index] * g
+                index += 1
+
+
+higher.register_optim(_StepSizeSGD, _MinimalDiffMetaSGD)
+
+
+def run_higher_min(c: Case) -> None:
+    if not hasattr(c, "plain_opt"):
+        c.plain_opt = _StepSizeSGD(c.model.parameters(), lr=1.0)
+    n_tasks = c.xs.shape[0]
+    for t in range(n_tasks):
+        with higher.innerloop_ctx(c.model, c.plain_opt, copy_initial_weights=False) as (
+            fmodel,
+            diffopt,
+        ):
+            diffopt.alphas = c.alphas
+            for _ in range(c.steps):
+                diffopt.step(c.loss_fn(fmodel(c.xs[t]), c.ys[t]))
+            (c.loss_fn(fmodel(c.xq[t]), c.yq[t]) / n_tasks).backward()
+
+
+def run_torchopt(c: Case) -> None:
+    if not hasattr(c, "torchopt_opt"):
+        # torchopt swaps the module's parameters in place: a copy of its own.
+        c.torchopt_model = copy.deepcopy(c.model)
+        c.torchopt_opt = torchopt.MetaSGD(c.torchopt_model, lr=0.05)
+    net, opt = c.torchopt_model, c.torchopt_opt
+    for p in net.parameters():
+        p.grad = None
+    net_state = torchopt.extract_state_dict(net)
+    opt_state = torchopt.extract_state_dict(opt)
+    n_tasks = c.xs.shape[0]
+    for t in range(n_tasks):
+        for _ in range(c.steps):
+            opt.step(c.loss_fn(net(c.xs[t]), c.ys[t]))
+        (c.loss_fn(net(c.xq[t]), c.yq[t]) / n_tasks).backward()
+        torchopt.recover_state_dict(net, net_state)
+        torchopt.recover_state_dict(opt, opt_state)
+
+
+def method_fn(name: str) -> Callable[[Case], None]:
+    if name.startswith("meta_loss["):
+        strategy = name[len("meta_loss[") : -1]
+        return lambda c: run_meta_loss(c, strategy)
+    return {
+        "meta_loss": run_meta_loss,
+        "inner_loop": run_inner_loop,
+        "hand_loop": run_hand_loop,
+        "hand_vmap": run_hand_vmap,
+        "higher_min": run_higher_min,
+        "torchopt": run_torchopt,
+    }[name]
+
+
+def check_agreement(workload: str, seed: int) -> float:
+    """Relative difference of meta_loss's step-size gradient from the hand-written loop's."""
+    c = Case(workload, seed)
+    run_meta_loss(c)
+    run_hand_loop(c)
+    ours = torch.cat([s.grad.flatten() for s in c.opt.meta_parameters()])
+    ref = torch.cat([a.grad.flatten() for a in c.alphas])
+    return float((ours - ref).norm() / ref.norm())
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_workload(
+    workload: str, methods: list[str], rounds: int, warmup: int, seed: int, progress: tqdm
+) -> dict[str, list[float]]:
+    case = Case(workload, seed)
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(warmup + rounds):
+        order = methods[:]
+        rng.shuffle(order)
+        for m in order:
+            fn = method_fn(m)
+            case.zero_grad()
+            start = time.perf_counter()
+            fn(case)
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[m].append(elapsed)
+        progress.update(1)
+    return times
+
+
+def time_optimizer_step(
+    rounds: int, steps_per_round: int, seed: int, progress: tqdm
+) -> dict[str, list[float]]:
+    """Seconds per ``step()`` of MetaSGD and torch.optim.SGD on a 50-layer MLP."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(64, 64) for _ in range(50)]
+    params = [p for layer in layers for p in layer.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    variants = {
+        "SGD(foreach=True)": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, foreach=True),
+        "SGD(default)": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+        "MetaSGD(foreach=True)": lambda ps: MetaSGD(ps, lr=0.01, momentum=0.9, foreach=True),
+        "MetaSGD(default)": lambda ps: MetaSGD(ps, lr=0.01, momentum=0.9),
+    }
+    opts = {name: make(params) for name, make in variants.items()}
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for r in range(rounds + 1):
+        order = list(opts)
+        rng.shuffle(order)
+        for name in order:
+            opt = opts[name]
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                opt.step()
+            if r > 0:
+                times[name].append((time.perf_counter() - start) / steps_per_round)
+        progress.update(1)
+    return times
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def child_memory(workload: str, method: str, iters: int, seed: int) -> None:
+    """Run in a fresh process: print the peak RSS growth (MiB) over ``iters`` meta-iterations.
+
+    Linux's peak RSS (VmHWM) is reset to the current RSS through
+    /proc/self/clear_refs once the model and data exist, so the figure is the
+    peak extra memory of the meta-iterations alone. (ru_maxrss cannot be
+    used: a child process inherits its parent's peak.)
+    """
+    case = Case(workload, seed)
+    fn = method_fn(method)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_mib("VmRSS")
+    for _ in range(iters):
+        case.zero_grad()
+        fn(case)
+    print(json.dumps({"peak_rss_growth_mib": _status_mib("VmHWM") - before}))
+
+
+def measure_memory(workload: str, method: str, threads: int, seed: int) -> float | None:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_child",
+        workload,
+        method,
+        "--threads",
+        str(threads),
+        "--seed",
+        str(seed),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        print(f"memory run failed for {workload}/{method}:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join(
+        [
+            line(header),
+            "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+            *(line(r) for r in rows),
+        ]
+    )
+
+
+def targets(med: dict[str, dict[str, float]], step: dict[str, float]) -> list[dict]:
+    """The issue's targets, as ratios of medians measured in this run."""
+    out = []
+
+    def add(name: str, value: float, ok: bool) -> None:
+        out.append({"target": name, "value": round(value, 3), "met": bool(ok)})
+
+    for w, m in med.items():
+        best = min(m["hand_loop"], m["hand_vmap"])
+        add(
+            f"{w}: meta_loss / best hand-written <= 1.1",
+            m["meta_loss"] / best,
+            m["meta_loss"] / best <= 1.1,
+        )
+        add(
+            f"{w}: inner_loop / higher_min <= 1.15",
+            m["inner_loop"] / m["higher_min"],
+            m["inner_loop"] / m["higher_min"] <= 1.15,
+        )
+    if "W1" in med:
+        ratio = med["W1"]["higher_min"] / med["W1"]["meta_loss"]
+        add("W1: higher_min / meta_loss >= 5", ratio, ratio >= 5)
+    if "W2" in med:
+        ratio = med["W2"]["meta_loss"] / med["W2"]["hand_loop"]
+        add("W2: meta_loss / hand_loop <= 1 (aim 0.7)", ratio, ratio <= 1)
+    for variant in ("foreach=True", "default"):
+        ratio = step[f"MetaSGD({variant})"] / step[f"SGD({variant})"]
+        add(f"MetaSGD.step / SGD.step ({variant}) <= 1.3", ratio, ratio <= 1.3)
+    return out
+
+
+def plot(path: Path, med: dict[str, dict[str, float]], step: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(med) + 1, figsize=(4.2 * (len(med) + 1), 4.2))
+    for ax, (w, m) in zip(axes, med.items(), strict=False):
+        names = list(m)
+        colors = [
+            "tab:green"
+            if n.startswith("meta_loss")
+            else "tab:blue"
+            if n == "inner_loop"
+            else "tab:gray"
+            for n in names
+        ]
+        ax.barh(names, [m[n] * 1e3 for n in names], color=colors)
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per meta-iteration (median, log)")
+        ax.set_title(w)
+        ax.invert_yaxis()
+    ax = axes[-1]
+    ax.barh(list(step), [v * 1e6 for v in step.values()], color="tab:purple")
+    ax.set_xlabel("us per step() (median)")
+    ax.set_title("optimizer step, 100 tensors")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of about a minute: W1 and W2, 3 rounds, no strategy variants, no memory",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed rounds per workload (default 15; 10 for W2; 3 with --quick)",
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"default: {' '.join(METHODS)}, plus {' '.join(STRATEGY_METHODS)} unless --quick",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's own choice); use 1 on a shared machine",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("results/speed"))
+    parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args._child:
+        child_memory(*args._child, iters=3, seed=args.seed)
+        return
+
+    methods = args.methods or (METHODS if args.quick else METHODS + STRATEGY_METHODS)
+    workloads = ["W1", "W2"] if args.quick and args.workloads == list(WORKLOADS) else args.workloads
+    measure = not (args.no_memory or args.quick)
+    warmup = 1 if args.quick else args.warmup
+    rounds_of = {
+        w: args.rounds or (3 if args.quick else 10 if w == "W2" else 15) for w in workloads
+    }
+    step_rounds = 5 if args.quick else 20
+    total = sum(warmup + r for r in rounds_of.values()) + step_rounds + 1
+    progress = tqdm(total=total, desc="rounds")
+    agreement = {w: check_agreement(w, args.seed) for w in workloads}
+    raw: dict[str, dict[str, list[float]]] = {}
+    for w in workloads:
+        progress.set_postfix_str(w)
+        raw[w] = time_workload(w, methods, rounds_of[w], warmup, args.seed, progress)
+    progress.set_postfix_str("optimizer step")
+    raw_step = time_optimizer_step(step_rounds, 50, args.seed, progress)
+    progress.close()
+
+    memory: dict[str, dict[str, float | None]] = {}
+    if measure:
+        cases = [(w, m) for w in workloads for m in methods]
+        for w, m in tqdm(cases, desc="memory (subprocess per case)"):
+            memory.setdefault(w, {})[m] = measure_memory(w, m, torch.get_num_threads(), args.seed)
+
+    med = {w: {m: statistics.median(v) for m, v in t.items()} for w, t in raw.items()}
+    step = {n: statistics.median(v) for n, v in raw_step.items()}
+    rows = []
+    for w, m in med.items():
+        ref = m.get("meta_loss")
+        for name, sec in m.items():
+            mem = memory.get(w, {}).get(name)
+            rows.append(
+                [
+                    w,
+                    name,
+                    f"{sec * 1e3:.1f}",
+                    f"{sec / ref:.2f}" if ref else "-",
+                    "-" if mem is None else f"{mem:.0f}",
+                ]
+            )
+    print()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{platform.machine()}, median of {rounds_of} rounds after {warmup} warm-up"
+    )
+    print(
+        format_table(
+            ["workload", "method", "ms / meta-iter", "x meta_loss", "peak RSS growth (MiB)"], rows
+        )
+    )
+    print(
+        "meta_loss vs hand-written loop, relative difference of the step-size gradient: "
+        + ", ".join(f"{w} {v:.1e}" for w, v in agreement.items())
+    )
+    print()
+    sgd_rows = [[n, f"{v * 1e6:.1f}"] for n, v in step.items()]
+    print(format_table(["step() on 100 tensors (momentum 0.9)", "us / step"], sgd_rows))
+    goals = targets(med, step) if set(METHODS) <= set(methods) else []
+    if goals:
+        print()
+        print(
+            format_table(
+                ["target", "ratio", "met"],
+                [[g["target"], f"{g['value']:.2f}", "yes" if g["met"] else "NO"] for g in goals],
+            )
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": " ".join(sys.argv),
+        "environment": {
+            "torch": torch.__version__,
+            "torch_metasgd": torch_metasgd.__version__,
+            "higher": higher.__version__ if hasattr(higher, "__version__") else None,
+            "torchopt": torchopt.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+        "workloads": WORKLOADS,
+        "rounds": rounds_of,
+        "warmup": warmup,
+        "seconds": raw,
+        "median_seconds": med,
+        "memory": {
+            "what": "peak RSS (VmHWM) growth over 3 meta-iterations in a fresh process, MiB",
+            "mib": memory,
+        },
+        "optimizer_step_seconds": raw_step,
+        "optimizer_step_median_seconds": step,
+        "agreement_step_size_grad_rel_diff": agreement,
+        "targets": goals,
+    }
+    (args.out / "speed.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plot(args.out / "speed.png", med, step)
+    print(f"\nwrote {args.out / 'speed.json'} and {args.out / 'speed.png'}")
+
+
+if __name__ == "__main__":
+    main()
