@@ -260,29 +260,33 @@ def check_agreement(workload: str, seed: int) -> float:
 # --------------------------------------------------------------------------- timing
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def time_workload(
     workload: str, methods: list[str], rounds: int, warmup: int, seed: int, progress: tqdm
-) -> dict[str, list[float]]:
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds per meta-iteration, ``{clock: {method: [per round]}}``."""
     case = Case(workload, seed)
     rng = random.Random(seed)
-    times: dict[str, list[float]] = {m: [] for m in methods}
+    times = {clock: {m: [] for m in methods} for clock in CLOCKS}
     for r in range(warmup + rounds):
         order = methods[:]
         rng.shuffle(order)
         for m in order:
             fn = method_fn(m)
             case.zero_grad()
-            start = time.perf_counter()
+            start = {clock: now() for clock, now in CLOCKS.items()}
             fn(case)
-            elapsed = time.perf_counter() - start
             if r >= warmup:
-                times[m].append(elapsed)
+                for clock, now in CLOCKS.items():
+                    times[clock][m].append(now() - start[clock])
         progress.update(1)
     return times
 
 
 def time_optimizer_step(
-    rounds: int, steps_per_round: int, seed: int, progress: tqdm
+    rounds: int, steps_per_round: int, seed: int, clock: str, progress: tqdm
 ) -> dict[str, list[float]]:
     """Seconds per ``step()`` of MetaSGD and torch.optim.SGD on a 50-layer MLP."""
     torch.manual_seed(seed)
@@ -304,11 +308,11 @@ def time_optimizer_step(
         rng.shuffle(order)
         for name in order:
             opt = opts[name]
-            start = time.perf_counter()
+            start = CLOCKS[clock]()
             for _ in range(steps_per_round):
                 opt.step()
             if r > 0:
-                times[name].append((time.perf_counter() - start) / steps_per_round)
+                times[name].append((CLOCKS[clock]() - start) / steps_per_round)
         progress.update(1)
     return times
 
@@ -472,6 +476,13 @@ def main() -> None:
         default=None,
         help="torch.set_num_threads (default: torch's own choice); use 1 on a shared machine",
     )
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="what the table, targets and chart use: wall time, or this process's CPU time "
+        "(steadier on a shared machine with --threads 1); the JSON holds both",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/speed"))
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
@@ -493,12 +504,13 @@ def main() -> None:
     total = sum(warmup + r for r in rounds_of.values()) + step_rounds + 1
     progress = tqdm(total=total, desc="rounds")
     agreement = {w: check_agreement(w, args.seed) for w in workloads}
-    raw: dict[str, dict[str, list[float]]] = {}
+    both: dict[str, dict[str, dict[str, list[float]]]] = {}
     for w in workloads:
         progress.set_postfix_str(w)
-        raw[w] = time_workload(w, methods, rounds_of[w], warmup, args.seed, progress)
+        both[w] = time_workload(w, methods, rounds_of[w], warmup, args.seed, progress)
+    raw = {w: t[args.clock] for w, t in both.items()}
     progress.set_postfix_str("optimizer step")
-    raw_step = time_optimizer_step(step_rounds, 50, args.seed, progress)
+    raw_step = time_optimizer_step(step_rounds, 50, args.seed, args.clock, progress)
     progress.close()
 
     memory: dict[str, dict[str, float | None]] = {}
@@ -526,11 +538,19 @@ def main() -> None:
     print()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"{platform.machine()}, median of {rounds_of} rounds after {warmup} warm-up"
+        f"{platform.machine()}, {args.clock} clock, "
+        f"median of {rounds_of} rounds after {warmup} warm-up"
     )
     print(
         format_table(
-            ["workload", "method", "ms / meta-iter", "x meta_loss", "peak RSS growth (MiB)"], rows
+            [
+                "workload",
+                "method",
+                f"ms / meta-iter ({args.clock})",
+                "x meta_loss",
+                "peak RSS growth (MiB)",
+            ],
+            rows,
         )
     )
     print(
@@ -564,8 +584,10 @@ def main() -> None:
         "workloads": WORKLOADS,
         "rounds": rounds_of,
         "warmup": warmup,
-        "seconds": raw,
-        "median_seconds": med,
+        "clock": args.clock,
+        "seconds": {w: t["wall"] for w, t in both.items()},
+        "cpu_seconds": {w: t["cpu"] for w, t in both.items()},
+        "median_seconds": med,  # of the --clock
         "memory": {
             "what": "peak RSS (VmHWM) growth over 3 meta-iterations in a fresh process, MiB",
             "mib": memory,
