@@ -29,8 +29,30 @@ What it shares with :func:`torch_metasgd.inner_loop` (``higher``):
   (detached) as every task's initial buffers; the optimizer's state is never
   written;
 * the model's buffers (BatchNorm running statistics) are read but never
-  written: each task's forward passes see copies. In train mode BatchNorm
-  normalizes with each task's own batch statistics, as a loop over tasks does.
+  written: each task's forward passes see copies, so running statistics do
+  not move during meta-training (higher's fast model also runs on copies). In
+  train mode BatchNorm normalizes with each task's own batch statistics, as a
+  loop over tasks does; in eval mode it uses the running statistics.
+* ``first_order=True`` treats each inner direction (gradient, weight decay,
+  momentum) as a constant: first-order MAML for :math:`\theta`, and the exact
+  first-order gradient for :math:`s`.
+
+Three strategies compute the same numbers (``strategy=``):
+
+* ``"vmap"``: ``torch.func.grad`` inside ``torch.func.vmap`` over tasks; any
+  model ``functional_call`` can run. Batch norms run as mean/var arithmetic
+  there, because the native op's second-order gradient through
+  ``vmap(grad(...))`` is wrong in torch 2.13.
+* ``"loop"``: ``functional_call`` and ``torch.autograd.grad``, task by task.
+* ``"grouped"``: an ``nn.Sequential`` of Conv2d, BatchNorm, pooling, Flatten,
+  Linear and activation layers, run once as a network ``T`` times as wide
+  (grouped convolutions, batched matrix products; see :mod:`._grouped`).
+
+``"auto"`` picks by structure, after measurements on CPU
+(``benchmarks/speed.py``): the loop for convolutional networks (vmap is about
+2.5x and grouped about 1.3x slower there), ``"grouped"`` for other supported
+Sequentials (MLPs: about 1.5x faster than vmap, 10x faster than the loop),
+``"vmap"`` for everything else.
 """
 
 from __future__ import annotations
@@ -325,11 +347,17 @@ def meta_loss(
         loss_fn: ``loss_fn(model_output, targets) -> scalar``.
         support, query: ``(inputs, targets)``, each with leading size ``T``.
         steps: inner steps per task (default: 1).
-        first_order: treat inner gradients as constants (first-order MAML);
-            the step sizes still get a gradient (default: False).
-        strategy: ``"vmap"`` (``torch.func.vmap`` over tasks), ``"loop"`` (a
-            Python loop over tasks) or ``"auto"`` (the faster one for the
-            model) (default: "auto"). All give the same result.
+        first_order: treat inner directions as constants (first-order MAML);
+            the step sizes still get their gradient (default: False).
+        strategy: ``"vmap"``, ``"loop"``, ``"grouped"`` or ``"auto"`` (see
+            the module docstring) (default: "auto"). All give the same result
+            to float rounding.
+
+    Raises:
+        ValueError: the four tensors do not share a leading task dimension,
+            ``steps < 1``, an unknown strategy, ``"grouped"`` for a model it
+            cannot run, or an optimizer parameter that is not the model's.
+        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(),
