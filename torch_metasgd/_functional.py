@@ -116,34 +116,59 @@ def hypergradient_step_(
     the parameters, and never changes the sign of a step size. Must run under
     ``torch.no_grad()`` with ``lr > 0``.
     """
-    objective_grads = []
-    for param, grad in zip(params, grads, strict=True):
-        g = -grad if maximize else grad
-        if weight_decay != 0:
-            g = g.add(param, alpha=weight_decay)
-        objective_grads.append(g)
+    objective_grads = grads
+    if maximize or weight_decay != 0:
+        objective_grads = []
+        for param, grad in zip(params, grads, strict=True):
+            g = -grad if maximize else grad
+            if weight_decay != 0:
+                g = g.add(param, alpha=weight_decay)
+            objective_grads.append(g)
+    unbounded = lr_min is None and lr_max is None
     if granularity == "element":
-        cosines = [torch.sign(g * d) for g, d in zip(objective_grads, directions, strict=True)]
+        # Per element the cosine is a sign: cos = sign(g * d).
+        cosines = torch._foreach_mul(objective_grads, directions)
+        if unbounded and parametrization == "identity":
+            # sign(alpha) = sign(s) as lr > 0: fold it in before taking the sign.
+            torch._foreach_mul_(cosines, step_sizes)
+        torch._foreach_sign_(cosines)
     elif granularity == "tensor":
-        cosines = [_cosine([g], [d]) for g, d in zip(objective_grads, directions, strict=True)]
+        cosines = [
+            torch.dot(g.reshape(-1), d.reshape(-1))
+            for g, d in zip(objective_grads, directions, strict=True)
+        ]
+        norms = torch._foreach_mul(
+            torch._foreach_norm(objective_grads), torch._foreach_norm(directions)
+        )
+        # A zero gradient or direction gives a zero dot product: no update.
+        torch._foreach_clamp_min_(norms, torch.finfo(norms[0].dtype).tiny)
+        torch._foreach_div_(cosines, norms)
     else:
-        cosines = [_cosine(objective_grads, directions)]
+        x_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(objective_grads)))
+        y_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(directions)))
+        dot = sum(
+            torch.dot(g.reshape(-1), d.reshape(-1))
+            for g, d in zip(objective_grads, directions, strict=True)
+        )
+        cosines = [dot / (x_norm * y_norm).clamp_min(torch.finfo(dot.dtype).tiny)]
         step_sizes = step_sizes[:1]
-    for s, c in zip(step_sizes, cosines, strict=True):
-        alpha = effective_lr(s, lr, parametrization, lr_min, lr_max)
-        alpha = alpha * torch.exp(c * torch.sign(alpha) * hypergrad_lr)
-        if lr_min is not None or lr_max is not None:
-            alpha = alpha.clamp(lr_min, lr_max)
-        s.copy_(inverse_transform(alpha / lr, parametrization))
-
-
-def _cosine(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    dot = sum((x * y).sum() for x, y in zip(xs, ys, strict=True))
-    norms = torch.stack([x.square().sum() for x in xs]).sum() * torch.stack(
-        [y.square().sum() for y in ys]
-    ).sum()
-    # A zero gradient or direction carries no information: no update.
-    return torch.where(norms > 0, dot / norms.sqrt().clamp_min(torch.finfo(dot.dtype).tiny), 0.0)
+    # Closed forms of s = f^{-1}(alpha exp(beta sign(alpha) cos) / lr), as a
+    # few foreach kernels; the general path below takes a dozen per tensor.
+    if unbounded and parametrization == "log":
+        torch._foreach_add_(step_sizes, cosines, alpha=hypergrad_lr)
+    elif unbounded and parametrization == "identity":
+        if granularity != "element":
+            torch._foreach_mul_(cosines, torch._foreach_sign(step_sizes))
+        torch._foreach_mul_(cosines, hypergrad_lr)
+        torch._foreach_exp_(cosines)
+        torch._foreach_mul_(step_sizes, cosines)
+    else:
+        for s, c in zip(step_sizes, cosines, strict=True):
+            alpha = effective_lr(s, lr, parametrization, lr_min, lr_max)
+            alpha = alpha * torch.exp(c * torch.sign(alpha) * hypergrad_lr)
+            if lr_min is not None or lr_max is not None:
+                alpha = alpha.clamp(lr_min, lr_max)
+            s.copy_(inverse_transform(alpha / lr, parametrization))
 
 
 def sgd_direction(
