@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
@@ -398,3 +400,59 @@ def test_optimizer_over_foreign_parameters_raises():
     xs, ys = _tasks(dtype=torch.float32)
     with pytest.raises(ValueError, match="not parameters of the Sequential"):
         meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xs, ys))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    dampening=st.sampled_from([0.0, 0.3]),
+    nesterov=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    maximize=st.booleans(),
+    granularity=st.sampled_from(["element", "tensor", "group"]),
+    parametrization=st.sampled_from(["identity", "log", "softplus"]),
+    steps=st.integers(1, 3),
+    first_order=st.booleans(),
+    strategy=st.sampled_from(STRATEGIES),
+)
+def test_any_option_combination_matches_hand_written_loop(
+    momentum,
+    dampening,
+    nesterov,
+    weight_decay,
+    maximize,
+    granularity,
+    parametrization,
+    steps,
+    first_order,
+    strategy,
+):
+    nesterov = nesterov and momentum > 0 and dampening == 0
+    options = dict(
+        lr=0.05,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        granularity=granularity,
+        parametrization=parametrization,
+    )
+    model, opt = _make(options, False, False)
+    xs, ys = _tasks(2, seed=13)
+    xq, yq = _tasks(2, seed=14)
+    loss_fn = nn.functional.mse_loss
+    loss = meta_loss(
+        model,
+        opt,
+        loss_fn,
+        (xs, ys),
+        (xq, yq),
+        steps=steps,
+        first_order=first_order,
+        strategy=strategy,
+    )
+    expected = _reference_meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), steps, first_order)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    wrt = _wrt(model, opt)
+    _assert_grads_close(torch.autograd.grad(loss, wrt), torch.autograd.grad(expected, wrt))
