@@ -8,7 +8,8 @@ MetaSGD steps from the current weights on the latest training batches,
 
 .. math::
     \\theta'_0 = \\theta, \\qquad
-    \\theta'_{j} = \\theta'_{j-1} - \\alpha(s) \\odot d_j\\big(\\nabla L_{train}(\\theta'_{j-1})\\big),
+    \\theta'_{j} = \\theta'_{j-1}
+        - \\alpha(s) \\odot d_j\\big(\\nabla L_{train}(\\theta'_{j-1})\\big),
 
 and moves the step-size parameters :math:`s` with an outer optimizer along
 :math:`\\nabla_s L_{held\\text{-}out}(\\theta'_k)`. The model's weights are
@@ -31,7 +32,7 @@ __all__ = ["LookAhead"]
 
 
 class LookAhead:
-    r"""Learn a :class:`~torch_metasgd.MetaSGD`'s step sizes on held-out data inside a training loop.
+    r"""Learn a :class:`~torch_metasgd.MetaSGD`'s step sizes on held-out data in a training loop.
 
     Every ``every`` calls of :meth:`step`, unroll ``unroll`` differentiable
     MetaSGD steps (:func:`torch_metasgd.inner_loop`) from the current weights
@@ -125,7 +126,7 @@ class LookAhead:
         return self.update()
 
     def update(self) -> Tensor:
-        """Update the step sizes now, unrolling over the recorded batches; returns the held-out loss."""
+        """Update the step sizes now from the recorded batches; returns the held-out loss."""
         if not self._batches:
             raise RuntimeError("LookAhead.update needs at least one batch recorded by step()")
         meta_params = self.opt.meta_parameters()
