@@ -32,8 +32,8 @@ Testing: ``--eval-episodes`` episodes (the same for every method), each with
 and its 95% confidence interval.
 
     python benchmarks/omniglot.py --quick
-    python benchmarks/omniglot.py --ways 5 --shots 1 --iterations 2000 --save results/o5w1s.pt
-    python benchmarks/omniglot.py --load results/o5w1s_metasgd.pt --eval-only
+    python benchmarks/omniglot.py --ways 5 --shots 1 --iterations 800 --save results/o.pt
+    python benchmarks/omniglot.py --load results/o_5w1s_metasgd.pt --eval-only
 """
 
 from __future__ import annotations
