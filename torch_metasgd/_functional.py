@@ -253,7 +253,7 @@ def _single_tensor_metasgd(
     nesterov, maximize, parametrization, lr_min, lr_max, directions,
 ) -> None:
     unclamped_identity = parametrization == "identity" and lr_min is None and lr_max is None
-    for i, (param, grad, s) in enumerate(zip(params, grads, step_sizes)):
+    for i, (param, grad, s) in enumerate(zip(params, grads, step_sizes, strict=True)):
         d = -grad if maximize else grad
         if weight_decay != 0:
             d = d.add(param, alpha=weight_decay)

@@ -306,7 +306,7 @@ class MetaSGD(Optimizer):
         step_sizes: list[Tensor],
     ) -> None:
         use_momentum = group["momentum"] != 0
-        for p, s in zip(group["params"], group_step_sizes):
+        for p, s in zip(group["params"], group_step_sizes, strict=True):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -330,7 +330,7 @@ class MetaSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group, group_step_sizes in zip(self.param_groups, self._step_sizes):
+        for group, group_step_sizes in zip(self.param_groups, self._step_sizes, strict=True):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             momentum_buffers: list[Tensor | None] = []
@@ -364,7 +364,7 @@ class MetaSGD(Optimizer):
                 directions=directions,
             )
             if group["momentum"] != 0:
-                for p, buf in zip(params, momentum_buffers):
+                for p, buf in zip(params, momentum_buffers, strict=True):
                     self.state[p]["momentum_buffer"] = buf
             if directions is not None:
                 self._store_directions(group, params, directions)
@@ -423,14 +423,19 @@ class MetaSGD(Optimizer):
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        for group, saved in zip(self.param_groups, saved_groups):
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"loaded state dict has a group of {len(saved['params'])} parameters "
+                    f"where this optimizer has {len(group['params'])}"
+                )
             for key in _STEP_SIZE_KEYS[:2]:
                 if saved.get(key, self.defaults[key]) != group[key]:
                     raise ValueError(
                         f"loaded state dict has {key}={saved.get(key)!r} "
                         f"where this optimizer has {group[key]!r}"
                     )
-            for p, index in zip(group["params"], saved["params"]):
+            for p, index in zip(group["params"], saved["params"], strict=True):
                 s = state_dict["state"].get(index, {}).get("step_size")
                 if s is None:
                     raise ValueError(f"loaded state dict has no step size for parameter {index}")
