@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import gc
-import math
 import weakref
 
 import higher
 import pytest
 import torch
+from _reference import ref_phi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call
@@ -57,13 +57,6 @@ def randomize_step_sizes(opt: MetaSGD, seed: int = 2) -> None:
 # Independent reference: the unrolled inner loop, written out by hand.
 # --------------------------------------------------------------------------
 
-
-def ref_phi(s: torch.Tensor, parametrization: str) -> torch.Tensor:
-    if parametrization == "identity":
-        return s
-    if parametrization == "log":
-        return torch.exp(s)
-    return torch.log1p(torch.exp(s)) / math.log(2.0)
 
 
 def ref_inner_loop(model, opt, support, steps, *, first_order=False):

@@ -9,10 +9,9 @@ and finite differences.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from _reference import ref_phi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,14 +19,6 @@ from torch_metasgd import _functional as F
 
 PARAMETRIZATIONS = ["identity", "log", "softplus"]
 
-
-def ref_phi(s: torch.Tensor, parametrization: str) -> torch.Tensor:
-    """The parametrizations in closed form: s, exp(s), log(1 + exp(s)) / log(2)."""
-    if parametrization == "identity":
-        return s
-    if parametrization == "log":
-        return torch.exp(s)
-    return torch.log1p(torch.exp(s)) / math.log(2.0)
 
 
 @st.composite

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from _reference import ref_phi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -26,13 +27,6 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-13
 # The SGD options MetaSGD shares; the rest are MetaSGD's own.
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach")
 
-
-def ref_phi(s: torch.Tensor, parametrization: str) -> torch.Tensor:
-    if parametrization == "identity":
-        return s
-    if parametrization == "log":
-        return torch.exp(s)
-    return torch.log1p(torch.exp(s)) / math.log(2.0)
 
 
 def ref_alpha(s, lr, parametrization, lr_min=None, lr_max=None):
