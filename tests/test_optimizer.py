@@ -827,3 +827,15 @@ def test_step_sizes_follow_parameter_device(granularity, foreach):
         s is t and s.device == cuda[0].device
         for s, t in zip(opt.meta_parameters(), live, strict=True)
     )
+
+
+def test_sparse_gradient_raises_before_any_group_moves():
+    dense = torch.nn.Parameter(torch.randn(3))
+    embedding = torch.nn.Embedding(5, 2, sparse=True)
+    opt = MetaSGD([{"params": [dense]}, {"params": embedding.parameters()}], lr=0.1)
+    dense.grad = torch.ones(3)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    before = dense.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(dense, before)

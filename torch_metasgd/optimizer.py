@@ -330,14 +330,19 @@ class MetaSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Every group is gathered before any is updated: a sparse gradient in
+        # a later group raises before an earlier one has moved.
+        gathered = []
         for group, group_step_sizes in zip(self.param_groups, self._step_sizes, strict=True):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             momentum_buffers: list[Tensor | None] = []
             step_sizes: list[Tensor] = []
             self._init_group(group, group_step_sizes, params, grads, momentum_buffers, step_sizes)
-            if not params:
-                continue
+            if params:
+                gathered.append((group, params, grads, momentum_buffers, step_sizes))
+
+        for group, params, grads, momentum_buffers, step_sizes in gathered:
             foreach = group["foreach"]
             if foreach is None:
                 _, foreach = _default_to_fused_or_foreach(params, differentiable=False)
