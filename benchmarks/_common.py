@@ -10,11 +10,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
+from torch_metasgd import MetaSGD
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Two-sided 95% normal quantile: the paper's "± 95% confidence interval".
 Z95 = 1.959963984540054
+
+
+# The paper draws Meta-SGD's initial step sizes uniformly from this range.
+ALPHA_INIT = (0.005, 0.1)
+
+
+def inner_optimizer(method: str, model: nn.Module, maml_alpha: float, seed: int) -> MetaSGD:
+    """MAML: a fixed scalar step ``maml_alpha``; Meta-SGD: elementwise steps in ALPHA_INIT."""
+    if method == "maml":
+        return MetaSGD(model.parameters(), lr=maml_alpha, granularity="group")
+    if method == "metasgd":
+        opt = MetaSGD(model.parameters(), lr=1.0)
+        return opt.uniform_step_sizes_(*ALPHA_INIT, generator=torch.Generator().manual_seed(seed))
+    raise ValueError(f"Invalid method: {method!r}")
+
+
+def outer_parameters(method: str, model: nn.Module, opt: MetaSGD) -> list[Tensor]:
+    """What the outer optimizer learns: MAML's step size stays fixed."""
+    step_sizes = opt.meta_parameters() if method == "metasgd" else []
+    return [*model.parameters(), *step_sizes]
 
 
 def seed_everything(seed: int) -> torch.Generator:

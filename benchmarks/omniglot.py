@@ -50,7 +50,9 @@ from _common import (
     device_of,
     environment,
     format_table,
+    inner_optimizer,
     mean_ci95,
+    outer_parameters,
     seed_everything,
     write_json,
 )
@@ -79,7 +81,6 @@ SPLITS = (
 )
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "omniglot"
 SIZE = 28
-ALPHA_INIT = (0.005, 0.1)
 
 
 # --------------------------------------------------------------------------- data
@@ -221,20 +222,7 @@ def make_learner(
     """The model and its inner-loop MetaSGD, from the same init for every method."""
     torch.manual_seed(seed)
     model = make_model(ways)
-    if method == "maml":
-        opt = MetaSGD(model.parameters(), lr=maml_alpha, granularity="group")
-    elif method == "metasgd":
-        opt = MetaSGD(model.parameters(), lr=1.0)
-        opt.uniform_step_sizes_(*ALPHA_INIT, generator=torch.Generator().manual_seed(seed))
-    else:
-        raise ValueError(f"Invalid method: {method!r}")
-    return model, opt
-
-
-def meta_parameters(method: str, model: nn.Module, opt: MetaSGD) -> list[Tensor]:
-    """What the outer optimizer learns: MAML's step size stays fixed."""
-    step_sizes = opt.meta_parameters() if method == "metasgd" else []
-    return [*model.parameters(), *step_sizes]
+    return model, inner_optimizer(method, model, maml_alpha, seed)
 
 
 # --------------------------------------------------------------------------- train / test
@@ -250,7 +238,7 @@ def train(
 ) -> tuple[nn.Module, MetaSGD, dict]:
     model, opt = make_learner(method, ways, maml_alpha(args, ways), args.seed)
     model.to(device)
-    outer = torch.optim.Adam(meta_parameters(method, model, opt), lr=args.meta_lr)
+    outer = torch.optim.Adam(outer_parameters(method, model, opt), lr=args.meta_lr)
     # Same episode stream for both methods at a given (N, K).
     gen = torch.Generator().manual_seed(args.seed * 1000 + ways * 10 + shots)
     curve, running = [], []

@@ -36,7 +36,9 @@ from _common import (
     device_of,
     environment,
     format_table,
+    inner_optimizer,
     mean_ci95,
+    outer_parameters,
     seed_everything,
     write_json,
 )
@@ -58,7 +60,6 @@ AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
 X_RANGE = (-5.0, 5.0)
 MAML_ALPHA = 0.01
-ALPHA_INIT = (0.005, 0.1)
 
 
 def sample_tasks(
@@ -96,16 +97,8 @@ def make_learner(
     """The model, its inner-loop MetaSGD and the outer Adam, from the same init for every method."""
     torch.manual_seed(seed)
     model = make_model().to(device)
-    if method == "maml":
-        opt = MetaSGD(model.parameters(), lr=MAML_ALPHA, granularity="group")
-        meta_params = list(model.parameters())
-    elif method == "metasgd":
-        opt = MetaSGD(model.parameters(), lr=1.0)
-        opt.uniform_step_sizes_(*ALPHA_INIT, generator=torch.Generator().manual_seed(seed))
-        meta_params = [*model.parameters(), *opt.meta_parameters()]
-    else:
-        raise ValueError(f"Invalid method: {method!r}")
-    return model, opt, torch.optim.Adam(meta_params, lr=1e-3)
+    opt = inner_optimizer(method, model, MAML_ALPHA, seed)
+    return model, opt, torch.optim.Adam(outer_parameters(method, model, opt), lr=1e-3)
 
 
 def train(
