@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from torch_metasgd import LookAhead, MetaSGD
+from torch_metasgd._functional import ELEMENT_RATE, ELEMENT_SPREAD
 
 DTYPE = torch.float64
 
@@ -92,7 +93,13 @@ def test_hypergradient_step_follows_autograd_derivative_of_loss_after_step(
         return math.sqrt(sum(t.square().sum().item() for t in ts))
 
     if granularity == "element":
-        logratios = [-torch.sign(h) * beta for h in dfdalpha]
+        # The tensor's cosine plus each element's own sign, capped at e^spread x the geometric mean.
+        logratios = []
+        for h, g, d, a in zip(dfdalpha, g1, d1, alpha0, strict=True):
+            cos = -h.sum() / (norm([g]) * norm([d]))
+            log_alpha = a.log() + beta * (cos + ELEMENT_RATE * torch.sign(-h))
+            log_alpha = torch.minimum(log_alpha, log_alpha.mean() + ELEMENT_SPREAD)
+            logratios.append(log_alpha - a.log())
     elif granularity == "tensor":
         logratios = [
             -h / (norm([g]) * norm([d])) * beta for h, g, d in zip(dfdalpha, g1, d1, strict=True)
@@ -255,7 +262,73 @@ def test_direction_survives_zero_grad_in_place():
     opt.zero_grad(set_to_none=False)
     (0.5 * theta.square()).sum().backward()
     opt.step()
-    assert opt.effective_lr(theta).item() == pytest.approx(0.1 * math.exp(0.1))
+    # One element: the tensor's cosine (+1) and the element's own sign (+1, at ELEMENT_RATE).
+    assert opt.effective_lr(theta).item() == pytest.approx(0.1 * math.exp(0.1 * (1 + ELEMENT_RATE)))
+
+
+@pytest.mark.parametrize("parametrization", ["identity", "log", "softplus"])
+def test_element_step_sizes_are_capped_relative_to_their_tensor(parametrization):
+    theta = torch.ones(4, dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD([theta], lr=0.1, parametrization=parametrization, hypergrad_lr=0.1)
+    f = lambda: (0.5 * (theta - 3).square()).sum()  # noqa: E731 - every gradient keeps its sign
+    f().backward()
+    opt.step()
+    alpha = torch.tensor([0.1, 0.1, 0.1, 10.0], dtype=DTYPE)
+    with torch.no_grad():
+        opt.step_size(theta).copy_(_inverse(alpha / 0.1, parametrization))
+    opt.zero_grad()
+    f().backward()
+    opt.step()
+    log_alpha = (alpha.log() + 0.1 * (1 + ELEMENT_RATE)).clone()
+    log_alpha = torch.minimum(log_alpha, log_alpha.mean() + ELEMENT_SPREAD)
+    torch.testing.assert_close(opt.effective_lr(theta).detach(), log_alpha.exp())
+
+
+def _inverse(x, parametrization):
+    from torch_metasgd._functional import inverse_transform
+
+    return inverse_transform(x, parametrization)
+
+
+def test_element_cap_keeps_signs_and_zeros_of_identity_step_sizes():
+    theta = torch.ones(4, dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD([theta], lr=0.1, hypergrad_lr=0.1)
+    f = lambda: (0.5 * (theta - 3).square()).sum()  # noqa: E731 - every gradient keeps its sign
+    f().backward()
+    opt.step()
+    s0 = torch.tensor([0.01, -0.01, 0.0, -5.0], dtype=DTYPE)
+    with torch.no_grad():
+        opt.step_size(theta).copy_(s0)
+    opt.zero_grad()
+    f().backward()
+    opt.step()
+    s = opt.step_size(theta).detach()
+    assert s[0] > 0 and s[1] < 0 and s[2] == 0 and s[3] < 0
+    # |alpha| grows where alpha > 0 and shrinks where alpha < 0 (that step
+    # moves theta away from 3); the zero stays zero and is left out of the
+    # geometric mean, and -5 is pulled to e^spread times that mean.
+    log_mag = s0[[0, 1, 3]].abs().log() + 0.1 * (1 + ELEMENT_RATE) * torch.tensor([1.0, -1, -1])
+    cap = log_mag.mean() + ELEMENT_SPREAD
+    expected = torch.tensor([1.0, -1, -1]) * torch.minimum(log_mag, cap).exp()
+    torch.testing.assert_close(s[[0, 1, 3]], expected.to(DTYPE))
+
+
+def test_element_step_sizes_do_not_run_away_from_their_tensor():
+    # softplus(-theta_0) never stops decreasing along +theta_0 (as the output
+    # weights on separable data), so theta_0's gradient keeps its sign for
+    # ever, while the stiff quadratic in the other elements flips theirs.
+    # The sign rule alone would open a gap of 2 * 0.1 * ELEMENT_RATE per step
+    # (14.5 in log after 500 steps); the cap holds it near ELEMENT_SPREAD.
+    theta = torch.tensor([0.0, 1.0, -1.0, 0.5], dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD([theta], lr=0.1, hypergrad_lr=0.1)
+    for _ in range(500):
+        opt.zero_grad()
+        loss = F.softplus(-theta[0]) + 7.5 * theta[1:].square().sum()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.01
+    log_alpha = opt.effective_lr(theta).detach().log()
+    assert (log_alpha - log_alpha.mean()).max().item() <= ELEMENT_SPREAD + 0.05
 
 
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])

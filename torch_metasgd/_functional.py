@@ -76,6 +76,12 @@ def effective_lr(
     return eff
 
 
+# Per-element step sizes: the share of hypergrad_lr that each element moves by
+# on its own, and how far (in log) above its tensor's geometric mean it may go.
+ELEMENT_RATE = 0.2
+ELEMENT_SPREAD = 1.0
+
+
 def hypergradient_step_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -99,76 +105,190 @@ def hypergradient_step_(
     (the gradient of the objective the step descends),
 
     .. math::
-        \frac{\partial f(\theta_t)}{\partial \alpha} = -g_t \odot d_{t-1},
+        \frac{\partial f(\theta_t)}{\partial \alpha} = -g_t \odot d_{t-1}.
 
-    summed over each step size's elements (``"tensor"``: the tensor,
-    ``"group"``: every tensor of ``params``). The step sizes take the
-    normalised multiplicative step
+    Summed over a tensor (``"tensor"``) or over every tensor of ``params``
+    (``"group"``) it gives the cosine :math:`c = \cos(g_t, d_{t-1})` over those
+    elements, and the step sizes take the normalised multiplicative step
 
     .. math::
-        \alpha \leftarrow \operatorname{clamp}\Big(\alpha \exp\big(\beta
-            \operatorname{sign}(\alpha) \cos(g_t, d_{t-1})\big),
-            \alpha_{\min}, \alpha_{\max}\Big),
-        \qquad s \leftarrow \phi^{-1}(\alpha / \gamma)
+        \log|\alpha| \leftarrow \log|\alpha| + \beta \operatorname{sign}(\alpha)\, c.
 
-    with :math:`\cos` the cosine over those elements (per element: the sign of
-    :math:`g_t d_{t-1}`): the update is free of the scale of the loss and of
-    the parameters, and never changes the sign of a step size. Must run under
-    ``torch.no_grad()`` with ``lr > 0``.
+    Per element (``"element"``), each tensor's step sizes move together by
+    the tensor's cosine and each element also by the sign of its own
+    hypergradient, at :data:`ELEMENT_RATE` of the rate, and no element may
+    exceed :math:`e^{\kappa}` (:data:`ELEMENT_SPREAD` :math:`= \kappa`) times
+    the geometric mean of its tensor's step sizes:
+
+    .. math::
+        \begin{aligned}
+        \log|\alpha_i| &\leftarrow \log|\alpha_i| + \beta \operatorname{sign}(\alpha_i)
+            \big(c + \rho \operatorname{sign}(g_{t,i}\, d_{t-1,i})\big) \\
+        \log|\alpha_i| &\leftarrow \min\big(\log|\alpha_i|,\;
+            \operatorname{mean}_j \log|\alpha_j| + \kappa\big)
+        \end{aligned}
+
+    The sign rule alone lets the step sizes of elements whose gradient keeps
+    its sign (output weights on separable data) grow without bound until
+    training diverges; the cap stops that. Last, :math:`\alpha` is clamped to
+    ``[lr_min, lr_max]`` and :math:`s \leftarrow \phi^{-1}(\alpha / \gamma)`.
+    Every update is free of the scale of the loss and of the parameters, and
+    none changes the sign of a step size. Must run under ``torch.no_grad()``
+    with ``lr > 0``.
     """
-    objective_grads = grads
-    if maximize or weight_decay != 0:
-        objective_grads = []
-        for param, grad in zip(params, grads, strict=True):
-            g = -grad if maximize else grad
-            if weight_decay != 0:
-                g = g.add(param, alpha=weight_decay)
-            objective_grads.append(g)
-    unbounded = lr_min is None and lr_max is None
-    if granularity == "element":
-        # Per element the cosine is a sign: cos = sign(g * d).
-        cosines = torch._foreach_mul(objective_grads, directions)
-        if unbounded and parametrization == "identity":
-            # sign(alpha) = sign(s) as lr > 0: fold it in before taking the sign.
-            torch._foreach_mul_(cosines, step_sizes)
-        torch._foreach_sign_(cosines)
-    elif granularity == "tensor":
-        cosines = [
-            torch.dot(g.reshape(-1), d.reshape(-1))
-            for g, d in zip(objective_grads, directions, strict=True)
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    hyper = dict(
+        hypergrad_lr=hypergrad_lr,
+        lr=lr,
+        parametrization=parametrization,
+        lr_min=lr_min,
+        lr_max=lr_max,
+    )
+    if granularity == "group":
+        _group_hypergradient_step_(grads, directions, step_sizes[0], **hyper)
+        return
+    grouped = Optimizer._group_tensors_by_device_and_dtype([grads, directions, step_sizes])
+    for (dev_grads, dev_directions, dev_step_sizes), _ in grouped.values():
+        if granularity == "tensor":
+            _tensor_hypergradient_step_(dev_grads, dev_directions, dev_step_sizes, **hyper)
+        else:
+            _element_hypergradient_step_(dev_grads, dev_directions, dev_step_sizes, **hyper)
+
+
+# The helpers below stack per-tensor scalars into one vector, so that their
+# arithmetic is a few kernels rather than a few per tensor.
+
+
+def _cosines(dots: list[Tensor], grads: list[Tensor], directions: list[Tensor]) -> Tensor:
+    """``cos(g, d)`` per tensor from the dot products; 0 where either is zero."""
+    norms = torch.stack(torch._foreach_norm(grads)) * torch.stack(torch._foreach_norm(directions))
+    return torch.stack(dots) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+
+
+def _rescaled(alpha: Tensor, log_change: Tensor) -> Tensor:
+    """``alpha * exp(sign(alpha) * log_change)``: ``log|alpha|`` moved, the sign kept."""
+    return alpha * torch.exp(log_change * alpha.sign())
+
+
+def _set_from_alpha_(
+    s: Tensor, alpha: Tensor, *, lr: float, parametrization: str, lr_min, lr_max
+) -> None:
+    if lr_min is not None or lr_max is not None:
+        alpha = alpha.clamp(lr_min, lr_max)
+    s.copy_(inverse_transform(alpha / lr, parametrization))
+
+
+def _group_hypergradient_step_(
+    grads, directions, s, *, hypergrad_lr, lr, parametrization, **bounds
+):
+    dot = sum(
+        torch.dot(g.reshape(-1), d.reshape(-1)).to(s.device)
+        for g, d in zip(grads, directions, strict=True)
+    )
+    g_norm = torch.stack([n.to(s.device) for n in torch._foreach_norm(grads)]).norm()
+    d_norm = torch.stack([n.to(s.device) for n in torch._foreach_norm(directions)]).norm()
+    cos = dot / (g_norm * d_norm).clamp_min(torch.finfo(dot.dtype).tiny)
+    alpha = effective_lr(s, lr, parametrization, **bounds)
+    _set_from_alpha_(
+        s, _rescaled(alpha, hypergrad_lr * cos), lr=lr, parametrization=parametrization, **bounds
+    )
+
+
+def _tensor_hypergradient_step_(
+    grads, directions, step_sizes, *, hypergrad_lr, lr, parametrization, lr_min, lr_max
+):
+    dots = [torch.dot(g.reshape(-1), d.reshape(-1)) for g, d in zip(grads, directions, strict=True)]
+    change = hypergrad_lr * _cosines(dots, grads, directions)
+    s = torch.stack(step_sizes)
+    if lr_min is None and lr_max is None and parametrization == "log":
+        s = s + change
+    elif lr_min is None and lr_max is None and parametrization == "identity":
+        s = _rescaled(s, change)
+    else:
+        alpha = _rescaled(effective_lr(s, lr, parametrization, lr_min, lr_max), change)
+        if lr_min is not None or lr_max is not None:
+            alpha = alpha.clamp(lr_min, lr_max)
+        s = inverse_transform(alpha / lr, parametrization)
+    torch._foreach_copy_(step_sizes, s.unbind())
+
+
+def _element_hypergradient_step_(
+    grads, directions, step_sizes, *, hypergrad_lr, lr, parametrization, lr_min, lr_max
+):
+    # log|alpha| moves by beta * (cos + ELEMENT_RATE * sign(g * d)).
+    signs = torch._foreach_mul(grads, directions)
+    cos = _cosines([t.sum() for t in signs], grads, directions)
+    torch._foreach_sign_(signs)
+    rate = hypergrad_lr * ELEMENT_RATE
+    if lr_min is None and lr_max is None and parametrization == "log":
+        # s = log(alpha / lr): the update is an addition, and the cap a minimum, in s.
+        torch._foreach_add_(step_sizes, signs, alpha=rate)
+        torch._foreach_add_(step_sizes, (hypergrad_lr * cos).unbind())
+        means = torch.stack([s.sum() for s in step_sizes]) / _numels(step_sizes)
+        torch._foreach_minimum_(step_sizes, (means + ELEMENT_SPREAD).unbind())
+    elif lr_min is None and lr_max is None and parametrization == "identity":
+        # s = alpha / lr: s *= exp(beta cos sign(s)) exp(rate sigma) with
+        # sigma = sign(s g d), and the cap clamps |s|. Both signs are -1, 0 or 1,
+        # so exp(x sign) = cosh(x) + sinh(x) sign for sign = +-1 (s = 0 stays 0),
+        # and exp(rate sigma) = 1 + A sigma + B sigma^2 with A = sinh(rate),
+        # B = cosh(rate) - 1: no exp per element.
+        s_signs = torch._foreach_sign(step_sizes)
+        torch._foreach_mul_(signs, s_signs)
+        factors = torch._foreach_mul(signs, math.sinh(rate))
+        torch._foreach_addcmul_(factors, signs, signs, value=math.cosh(rate) - 1)
+        torch._foreach_add_(factors, 1)
+        torch._foreach_mul_(step_sizes, factors)
+        x = hypergrad_lr * cos
+        torch._foreach_mul_(s_signs, torch.sinh(x).unbind())
+        torch._foreach_add_(s_signs, torch.cosh(x).unbind())
+        torch._foreach_mul_(step_sizes, s_signs)
+        caps = _spread_caps(step_sizes)
+        torch._foreach_minimum_(step_sizes, caps.unbind())
+        torch._foreach_maximum_(step_sizes, caps.neg().unbind())
+    else:
+        alphas = [
+            _rescaled(effective_lr(s, lr, parametrization, lr_min, lr_max), change)
+            for s, change in zip(
+                step_sizes,
+                torch._foreach_add(torch._foreach_mul(signs, rate), (hypergrad_lr * cos).unbind()),
+                strict=True,
+            )
         ]
-        norms = torch._foreach_mul(
-            torch._foreach_norm(objective_grads), torch._foreach_norm(directions)
-        )
-        # A zero gradient or direction gives a zero dot product: no update.
-        torch._foreach_clamp_min_(norms, torch.finfo(norms[0].dtype).tiny)
-        torch._foreach_div_(cosines, norms)
-    else:
-        x_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(objective_grads)))
-        y_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(directions)))
-        dot = sum(
-            torch.dot(g.reshape(-1), d.reshape(-1))
-            for g, d in zip(objective_grads, directions, strict=True)
-        )
-        cosines = [dot / (x_norm * y_norm).clamp_min(torch.finfo(dot.dtype).tiny)]
-        step_sizes = step_sizes[:1]
-    # Closed forms of s = f^{-1}(alpha exp(beta sign(alpha) cos) / lr), as a
-    # few foreach kernels; the general path below takes a dozen per tensor.
-    if unbounded and parametrization == "log":
-        torch._foreach_add_(step_sizes, cosines, alpha=hypergrad_lr)
-    elif unbounded and parametrization == "identity":
-        if granularity != "element":
-            torch._foreach_mul_(cosines, torch._foreach_sign(step_sizes))
-        torch._foreach_mul_(cosines, hypergrad_lr)
-        torch._foreach_exp_(cosines)
-        torch._foreach_mul_(step_sizes, cosines)
-    else:
-        for s, c in zip(step_sizes, cosines, strict=True):
-            alpha = effective_lr(s, lr, parametrization, lr_min, lr_max)
-            alpha = alpha * torch.exp(c * torch.sign(alpha) * hypergrad_lr)
-            if lr_min is not None or lr_max is not None:
-                alpha = alpha.clamp(lr_min, lr_max)
-            s.copy_(inverse_transform(alpha / lr, parametrization))
+        caps = _spread_caps(alphas)
+        for s, alpha, cap in zip(step_sizes, alphas, caps.unbind(), strict=True):
+            _set_from_alpha_(
+                s,
+                alpha.clamp(-cap, cap),
+                lr=lr,
+                parametrization=parametrization,
+                lr_min=lr_min,
+                lr_max=lr_max,
+            )
+
+
+def _numels(tensors: list[Tensor]) -> Tensor:
+    return torch.tensor(
+        [t.numel() for t in tensors], dtype=tensors[0].dtype, device=tensors[0].device
+    )
+
+
+def _spread_caps(alphas: list[Tensor]) -> Tensor:
+    """``e^ELEMENT_SPREAD`` times the geometric mean of each ``|alpha|``, stacked.
+
+    Zero step sizes (which the multiplicative rule keeps at zero) are left
+    out of the mean; an all-zero tensor gets a cap of 0.
+    """
+    magnitudes = torch._foreach_abs(alphas)
+    counts = torch.stack(torch._foreach_norm(magnitudes, 0))  # nonzero elements
+    # log|alpha| where alpha != 0, log 1 = 0 where alpha == 0.
+    logs = torch._foreach_sub(magnitudes, torch._foreach_sign(magnitudes))
+    torch._foreach_add_(logs, 1)
+    torch._foreach_log_(logs)
+    log_means = torch.stack([t.sum() for t in logs]) / counts.clamp_min(1)
+    return torch.exp(log_means + ELEMENT_SPREAD) * counts.sign()
 
 
 def sgd_direction(
@@ -249,8 +369,21 @@ def metasgd(
 
 
 def _single_tensor_metasgd(
-    params, grads, momentum_buffers, step_sizes, *, lr, weight_decay, momentum, dampening,
-    nesterov, maximize, parametrization, lr_min, lr_max, directions,
+    params,
+    grads,
+    momentum_buffers,
+    step_sizes,
+    *,
+    lr,
+    weight_decay,
+    momentum,
+    dampening,
+    nesterov,
+    maximize,
+    parametrization,
+    lr_min,
+    lr_max,
+    directions,
 ) -> None:
     unclamped_identity = parametrization == "identity" and lr_min is None and lr_max is None
     for i, (param, grad, s) in enumerate(zip(params, grads, step_sizes, strict=True)):
@@ -273,8 +406,21 @@ def _single_tensor_metasgd(
 
 
 def _multi_tensor_metasgd(
-    params, grads, momentum_buffers, step_sizes, *, lr, weight_decay, momentum, dampening,
-    nesterov, maximize, parametrization, lr_min, lr_max, directions,
+    params,
+    grads,
+    momentum_buffers,
+    step_sizes,
+    *,
+    lr,
+    weight_decay,
+    momentum,
+    dampening,
+    nesterov,
+    maximize,
+    parametrization,
+    lr_min,
+    lr_max,
+    directions,
 ) -> None:
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, step_sizes, momentum_buffers], with_indices=True

@@ -58,24 +58,36 @@ class MetaSGD(Optimizer):
     gradient gives the derivative of the current loss in the step sizes,
     :math:`\partial f(\theta_{t-1}) / \partial\alpha = -g_t \odot d_{t-1}`
     (summed over the tensor, or over the group, for coarser granularities),
-    and before the update above
+    and before the update above the step sizes take the normalised
+    multiplicative step
 
     .. math::
-        \alpha \leftarrow \operatorname{clamp}\Big(\alpha\,\exp\big(\beta\,
-            \operatorname{sign}(\alpha)\cos(g_t, d_{t-1})\big),\,
-            \alpha_{\min},\, \alpha_{\max}\Big),
-        \qquad s \leftarrow \phi^{-1}(\alpha / \gamma)
+        \log|\alpha| \leftarrow \log|\alpha| + \beta\,\operatorname{sign}(\alpha)\,c,
+        \qquad c = \cos(g_t, d_{t-1}),
 
-    where :math:`\cos` is the cosine between :math:`g_t` and :math:`d_{t-1}`
-    over the elements that share a step size (for ``"element"``: the sign of
-    :math:`g_t d_{t-1}`). This is the normalised multiplicative form of the
-    hypergradient step: the hypergradient gives its direction, and
-    :math:`\beta` is the largest change of :math:`\log\alpha` per step, free
-    of the scale of the loss, so one :math:`\beta` suits every model (the
-    additive form :math:`\alpha \leftarrow \alpha - \beta\,\partial f/\partial\alpha`
-    diverges or stalls depending on that scale; see ``benchmarks/online.py``).
-    The direction :math:`d_{t-1}` is kept in the optimizer state (one tensor
-    per parameter, saved by :meth:`state_dict`).
+    the cosine taken over the elements that share a step size (a tensor for
+    ``"tensor"``, the whole group for ``"group"``), then
+    :math:`\alpha \leftarrow \operatorname{clamp}(\alpha, \alpha_{\min}, \alpha_{\max})`
+    and :math:`s \leftarrow \phi^{-1}(\alpha / \gamma)`. The hypergradient gives
+    the direction and :math:`\beta` bounds the change of :math:`\log\alpha`
+    per step (by :math:`1.2\beta` for ``"element"``), free of the scale of the
+    loss, so one :math:`\beta` suits every model (the additive form :math:`\alpha \leftarrow \alpha - \beta\,\partial
+    f/\partial\alpha` diverges or stalls depending on that scale; see
+    ``benchmarks/online.py``). For ``"element"`` the step sizes of a tensor
+    move together by the tensor's cosine, each element also by the sign of
+    its own hypergradient at a fifth of the rate, and none may exceed
+    :math:`e` times the geometric mean of its tensor's:
+
+    .. math::
+        \log|\alpha_i| \leftarrow \min\Big(\log|\alpha_i| + \beta\operatorname{sign}(\alpha_i)
+            \big(c + \tfrac15\operatorname{sign}(g_{t,i}\,d_{t-1,i})\big),\;
+            \operatorname{mean}_j \log|\alpha_j| + 1\Big)
+
+    (the mean taken over the updated step sizes). Without the cap, the step
+    sizes of elements whose gradient keeps its sign, such as output weights
+    on separable data, grow until training diverges. The direction
+    :math:`d_{t-1}` is kept in the optimizer state (one tensor per
+    parameter, saved by :meth:`state_dict`).
 
     Args:
         params: an iterable of tensors or of dicts defining parameter groups;
@@ -100,11 +112,9 @@ class MetaSGD(Optimizer):
             :math:`\alpha` (default: None).
         hypergrad_lr: :math:`\beta`, the rate at which :meth:`step` learns the
             step sizes by hypergradient descent; 0 turns it off
-            (default: 0). 0.1 with ``granularity="tensor"`` reached the
-            best-tuned SGD's loss from every initial lr in 1e-4..1 in
-            ``benchmarks/online.py``; per-element step sizes
-            (``"element"``) can run away on separable classification (they
-            diverged there on an MLP): prefer ``"tensor"`` or set ``lr_max``.
+            (default: 0). 0.1 is a good start at any granularity; see
+            ``benchmarks/online.py`` and the README for what it reaches
+            from initial learning rates between 1e-4 and 1.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
