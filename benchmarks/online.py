@@ -4,7 +4,11 @@ Two problems, one task each:
 
 * ``digits``: scikit-learn's 8x8 digits (standardised; a fixed 75/25
   train/test split, 10% of train held out for look-ahead), a 64-128-10 ReLU MLP,
-  cross-entropy, batches of 32.
+  cross-entropy plus an L2 penalty ``0.5 * 1e-3 * |W|^2`` on the weight
+  matrices, batches of 32. The penalty gives the training objective a
+  minimiser, so the final test loss measures how well a method optimises;
+  ``digits-noreg`` (not run by default) drops it, and there the test loss
+  mostly measures how far a method has overfit when the budget ends.
 * ``lstsq``: a synthetic ill-conditioned least-squares problem (50 features,
   feature scales log-spaced over 1e-2..1, so the Hessian's eigenvalues span
   1e-4..1, condition number 1e4), noisy targets, half the squared error,
@@ -23,8 +27,9 @@ Methods, on the same step budget, seeds and batches:
 * ``lookahead``: ``MetaSGD(granularity="tensor", parametrization="log")`` with
   ``torch_metasgd.LookAhead`` on the held-out split.
 
-Reports the final train loss (full training set), test loss and accuracy per
-initial lr, and plots the loss curves and the learned step sizes over time.
+Reports the final train loss (the data loss on the full training set,
+without the penalty), test loss and accuracy per initial lr, and plots the
+loss curves and the learned step sizes over time.
 
     python benchmarks/online.py --quick
     python benchmarks/online.py --steps 3000 --seeds 3
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -55,7 +61,8 @@ METHODS = (
     "metasgd-hd-tensor",
     "lookahead",
 )
-PROBLEMS = ("digits", "lstsq", "lstsq-steep")
+PROBLEMS = ("digits", "lstsq", "digits-noreg", "lstsq-steep")
+L2 = 1e-3  # digits: the weight matrices' L2 penalty
 DIVERGED = 1e6  # a train loss above this (or not finite) ends the run as diverged
 
 
@@ -68,7 +75,8 @@ class Problem:
     def __init__(self, name: str, batch_size: int = 32) -> None:
         self.name = name
         self.batch_size = batch_size
-        if name == "digits":
+        self.l2 = L2 if name == "digits" else 0.0
+        if name.startswith("digits"):
             from sklearn.datasets import load_digits
             from sklearn.model_selection import train_test_split
 
@@ -111,6 +119,15 @@ class Problem:
         return model
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The training objective: the data loss plus the L2 penalty, if any."""
+        loss = self.data_loss(model, batch)
+        if self.l2:
+            loss = loss + 0.5 * self.l2 * sum(
+                p.square().sum() for p in model.parameters() if p.dim() > 1
+            )
+        return loss
+
+    def data_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         out = model(x)
         if self.classification:
@@ -127,8 +144,8 @@ class Problem:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        train = self.loss(model, (self.x_train, self.y_train)).item()
-        test = self.loss(model, (self.x_test, self.y_test)).item()
+        train = self.data_loss(model, (self.x_train, self.y_train)).item()
+        test = self.data_loss(model, (self.x_test, self.y_test)).item()
         acc = None
         if self.classification:
             acc = (model(self.x_test).argmax(1) == self.y_test).float().mean().item()
@@ -201,13 +218,12 @@ def run(problem: Problem, method: str, lr: float, seed: int, steps: int, args) -
         opt = AdditiveHD(model.parameters(), lr, args.sgd_hd_beta, "element")
     elif method.startswith("metasgd-hd"):
         granularity = method.rsplit("-", 1)[1]
-        beta = args.beta_element if granularity == "element" else args.beta_tensor
         opt = MetaSGD(
             model.parameters(),
             lr=lr,
             granularity=granularity,
             parametrization="log",
-            hypergrad_lr=beta,
+            hypergrad_lr=args.hypergrad_lr,
         )
     else:
         opt = MetaSGD(model.parameters(), lr=lr, granularity="tensor", parametrization="log")
@@ -255,6 +271,76 @@ def _step_sizes(opt, method: str) -> list[float]:
     if isinstance(opt, AdditiveHD):
         return opt.step_sizes()
     return [_geomean(opt.effective_lr(p).detach()) for p in opt.param_groups[0]["params"]]
+
+
+# --------------------------------------------------------------------------- cost
+
+
+TIMED = {
+    "SGD": lambda ps, lr: torch.optim.SGD(ps, lr=lr),
+    "SGD-HD (scalar)": lambda ps, lr: AdditiveHD(ps, lr, 1e-3, "global"),
+    "MetaSGD": lambda ps, lr: MetaSGD(ps, lr=lr),
+    "MetaSGD HD, element": lambda ps, lr: MetaSGD(ps, lr=lr, hypergrad_lr=0.1),
+    "MetaSGD HD, element, log": lambda ps, lr: MetaSGD(
+        ps, lr=lr, hypergrad_lr=0.1, parametrization="log"
+    ),
+    "MetaSGD HD, tensor": lambda ps, lr: MetaSGD(ps, lr=lr, hypergrad_lr=0.1, granularity="tensor"),
+    "MetaSGD HD, tensor, log": lambda ps, lr: MetaSGD(
+        ps, lr=lr, hypergrad_lr=0.1, granularity="tensor", parametrization="log"
+    ),
+}
+
+
+def time_iterations(problem: Problem, rounds: int, iters: int = 50) -> dict[str, dict]:
+    """Median seconds per training iteration and per ``step()``, per optimizer.
+
+    One iteration is ``zero_grad``, forward, backward and ``step``, on the
+    benchmark's model and batches; the optimizers take turns, round by round.
+    """
+    batches = problem.batches(0)
+    fixed = [next(batches) for _ in range(iters)]
+    models = {name: problem.model(0) for name in TIMED}
+    opts = {name: make(models[name].parameters(), 0.01) for name, make in TIMED.items()}
+    iteration: dict[str, list[float]] = {name: [] for name in TIMED}
+    step: dict[str, list[float]] = {name: [] for name in TIMED}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, opt in opts.items():
+            model, in_step = models[name], 0.0
+            start = time.perf_counter()
+            for batch in fixed:
+                opt.zero_grad()
+                problem.loss(model, batch).backward()
+                t = time.perf_counter()
+                opt.step()
+                in_step += time.perf_counter() - t
+            if r > 0:
+                iteration[name].append((time.perf_counter() - start) / iters)
+                step[name].append(in_step / iters)
+    return {
+        name: {
+            "iteration_s": statistics.median(iteration[name]),
+            "step_s": statistics.median(step[name]),
+        }
+        for name in TIMED
+    }
+
+
+def format_timing(timing: dict[str, dict], problem: str) -> str:
+    base = timing["SGD"]
+    lines = [
+        f"\n## {problem}: cost per training iteration (1 thread, median)",
+        "| optimizer | iteration (us) | vs SGD | step() (us) | vs SGD |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, t in timing.items():
+        iteration, step = t["iteration_s"], t["step_s"]
+        lines.append(
+            f"| {name} | {iteration * 1e6:.0f} | {iteration / base['iteration_s']:.2f}x"
+            f" | {step * 1e6:.0f} | {step / base['step_s']:.2f}x |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
 # --------------------------------------------------------------------------- report
@@ -320,58 +406,59 @@ def print_table(summary: dict, methods: list[str]) -> str:
     return text
 
 
-def plot(results: dict, problems: list[str], path: Path) -> None:
+def plot(results: dict, problems: list[str], path: Path, columns: int = 4) -> None:
+    """Train-loss curves per method and initial lr, and the learned step sizes, per problem."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [
-        m for m in METHODS if m in results[problems[0]] and m not in ("adam", "additive-hd-element")
-    ]
+    methods = [m for m in METHODS if m in results[problems[0]] and m not in ("adam",)]
+    curves = [m for m in methods if m != "additive-hd-element"]
+    step_panels = [m for m in ("metasgd-hd-element", "metasgd-hd-tensor") if m in methods]
+    panels = [("loss", m) for m in curves] + [("alpha", m) for m in step_panels]
+    rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(
-        len(problems),
-        len(shown) + 1,
-        figsize=(4 * (len(shown) + 1), 3.4 * len(problems)),
+        rows * len(problems),
+        columns,
+        figsize=(3.6 * columns, 2.9 * rows * len(problems)),
         squeeze=False,
     )
-    hd_method = next(m for m in ("metasgd-hd-tensor", "metasgd-hd-element") if m in shown)
     colors = plt.cm.viridis([i / (len(LRS) - 1) for i in range(len(LRS))])
-    for row, name in enumerate(problems):
-        for col, method in enumerate(shown):
-            ax = axes[row, col]
+    for block, name in enumerate(problems):
+        cells = [axes[block * rows + i // columns, i % columns] for i in range(rows * columns)]
+        for ax in cells[len(panels) :]:
+            ax.axis("off")
+        for ax, (kind, method) in zip(cells, panels, strict=False):
             for lr, color in zip(LRS, colors, strict=True):
                 run0 = results[name][method][str(lr)][0]
-                t, loss = zip(*run0["curve"], strict=True)
-                ax.plot(t, loss, color=color, label=f"lr={lr:g}")
-            if "adam" in results[name]:
-                t, loss = zip(*results[name]["adam"]["None"][0]["curve"], strict=True)
-                ax.plot(t, loss, color="red", ls=":", label="adam")
+                if kind == "loss":
+                    t, loss = zip(*run0["curve"], strict=True)
+                    ax.plot(t, loss, color=color, label=f"lr={lr:g}")
+                    continue
+                t = [p[0] for p in run0["step_sizes"]]
+                per_tensor = list(zip(*[p[1] for p in run0["step_sizes"]], strict=True))
+                for i, series in enumerate(per_tensor):
+                    ax.plot(t, series, color=color, lw=1, ls="-" if i % 2 == 0 else "--")
+            if kind == "loss":
+                if "adam" in results[name]:
+                    t, loss = zip(*results[name]["adam"]["None"][0]["curve"], strict=True)
+                    ax.plot(t, loss, color="red", ls=":", label="adam")
+                ax.set_title(f"{name}: {method}, train loss", fontsize=8)
+            else:
+                ax.set_title(
+                    f"{name}: {method}, step sizes\n(geo. mean per tensor; dashed: biases)",
+                    fontsize=8,
+                )
             ax.set_yscale("log")
-            ax.set_title(f"{name}: {method}", fontsize=9)
-            ax.set_xlabel("step")
-            if col == 0:
-                ax.set_ylabel("train loss")
-        axes[row, 0].legend(fontsize=7)
-        ax = axes[row, -1]
-        for lr, color in zip(LRS, colors, strict=True):
-            run0 = results[name][hd_method][str(lr)][0]
-            t = [p[0] for p in run0["step_sizes"]]
-            per_tensor = list(zip(*[p[1] for p in run0["step_sizes"]], strict=True))
-            for i, series in enumerate(per_tensor):
-                ax.plot(t, series, color=color, lw=1, ls="-" if i % 2 == 0 else "--")
-        ax.set_yscale("log")
-        ax.set_title(
-            f"{name}: learned step sizes, {hd_method}\n"
-            "(geo. mean per tensor; solid weights, dashed biases)",
-            fontsize=8,
-        )
-        ax.set_xlabel("step")
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+        cells[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
@@ -383,10 +470,10 @@ def main() -> None:
         "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run"
     )
     parser.add_argument(
-        "--beta-element", type=float, default=0.02, help="MetaSGD hypergrad_lr, element granularity"
-    )
-    parser.add_argument(
-        "--beta-tensor", type=float, default=0.1, help="MetaSGD hypergrad_lr, tensor granularity"
+        "--hypergrad-lr",
+        type=float,
+        default=0.1,
+        help="MetaSGD's hypergrad_lr (both granularities)",
     )
     parser.add_argument(
         "--sgd-hd-beta",
@@ -399,8 +486,24 @@ def main() -> None:
     parser.add_argument(
         "--la-meta-lr", type=float, default=0.1, help="look-ahead: Adam lr on log step sizes"
     )
+    parser.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=5,
+        help="rounds of the per-iteration cost measurement (0 skips it)",
+    )
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only measure the cost per iteration (on a quiet machine)",
+    )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw online.png from the online.json already in --out",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/online"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if "sgd" not in args.methods:
         parser.error("--methods must include sgd (the baseline of the ratios)")
     args.methods = [m for m in METHODS if m in args.methods]
@@ -409,7 +512,22 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
 
+    if args.replot:
+        saved = json.loads((args.out / "online.json").read_text())
+        plot(saved["runs"], list(saved["runs"]), args.out / "online.png")
+        print(f"wrote {args.out / 'online.png'}")
+        return saved
     problems = {name: Problem(name) for name in args.problems}
+    if args.timing_only:
+        timing = {
+            name: time_iterations(problems[name], max(args.timing_rounds, 1)) for name in problems
+        }
+        text = "".join(format_timing(t, name) for name, t in timing.items())
+        (args.out / "timing.json").write_text(
+            json.dumps({"timing": timing, "table": text}, indent=1)
+        )
+        print(f"wrote {args.out / 'timing.json'}")
+        return {"timing": timing}
     jobs = [
         (name, method, lr, seed)
         for name in args.problems
@@ -427,6 +545,10 @@ def main() -> None:
     summary = summarise(results, args.problems, args.methods)
     table = print_table(summary, args.methods)
     print(f"\n{len(jobs)} runs of {args.steps} steps in {elapsed:.0f} s")
+    timing = {}
+    for name in args.problems if args.timing_rounds > 0 else []:
+        timing[name] = time_iterations(problems[name], args.timing_rounds)
+        table += format_timing(timing[name], name)
     payload = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "summary": {
@@ -438,11 +560,13 @@ def main() -> None:
         },
         "runs": results,
         "table": table,
+        "timing": timing,
         "seconds": elapsed,
     }
     (args.out / "online.json").write_text(json.dumps(payload, indent=1))
     plot(results, args.problems, args.out / "online.png")
     print(f"wrote {args.out / 'online.json'} and {args.out / 'online.png'}")
+    return payload
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Smoke tests of the few-shot benchmarks: data, task samplers, statistics, CLI, checkpoints."""
+"""Smoke tests of the benchmarks: data, task samplers, baselines, statistics, CLI, checkpoints."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import _common  # noqa: E402
 import omniglot  # noqa: E402
+import online  # noqa: E402
 import sinusoid  # noqa: E402
 
 # --------------------------------------------------------------------------- statistics
@@ -289,3 +290,74 @@ def test_sinusoid_quick_mode_metasgd_beats_maml(tmp_path):
     results = sinusoid.main(["--quick", "--out", str(tmp_path)])
     for k in ("5", "10", "20"):
         assert results["mse"]["metasgd"][k]["mean"] < results["mse"]["maml"][k]["mean"]
+
+
+# --------------------------------------------------------------------------- online
+
+
+def test_online_help_runs():
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "online.py"), "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert "--quick" in out.stdout and "--hypergrad-lr" in out.stdout
+
+
+def test_online_digits_objective_adds_the_l2_penalty_that_evaluation_leaves_out():
+    regularised, plain = online.Problem("digits"), online.Problem("digits-noreg")
+    assert torch.equal(regularised.x_train, plain.x_train)
+    model = regularised.model(0)
+    batch = (regularised.x_train[:32], regularised.y_train[:32])
+    penalty = 0.5 * online.L2 * (model[0].weight.square().sum() + model[2].weight.square().sum())
+    torch.testing.assert_close(regularised.loss(model, batch), plain.loss(model, batch) + penalty)
+    assert regularised.evaluate(model) == plain.evaluate(model)
+
+
+def test_online_scalar_sgd_hd_follows_baydins_additive_rule():
+    theta = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = online.AdditiveHD([theta], lr=0.1, hypergrad_lr=0.01, granularity="global")
+    grads = []
+    for _ in range(2):
+        opt.zero_grad()
+        (theta.square() * torch.tensor([1.0, 3.0])).sum().backward()
+        grads.append(theta.grad.clone())
+        opt.step()
+    # alpha_1 = lr + beta * g_1 . g_0, then theta_2 = theta_1 - alpha_1 g_1.
+    alpha = 0.1 + 0.01 * torch.dot(grads[1], grads[0])
+    expected = torch.tensor([1.0, -2.0]) - 0.1 * grads[0] - alpha * grads[1]
+    torch.testing.assert_close(theta.detach(), expected)
+    torch.testing.assert_close(opt.alpha, alpha)
+
+
+def test_online_tiny_run_writes_json_png_and_cost_table(tmp_path):
+    payload = online.main(
+        [
+            "--steps",
+            "20",
+            "--seeds",
+            "1",
+            "--problems",
+            "lstsq",
+            "--methods",
+            "sgd",
+            "sgd-hd",
+            "metasgd-hd-element",
+            "metasgd-hd-tensor",
+            "--timing-rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    saved = json.loads((tmp_path / "online.json").read_text())
+    assert (tmp_path / "online.png").stat().st_size > 0
+    rows = saved["summary"]["lstsq"]["rows"]
+    assert {(r["method"], r["lr"]) for r in rows} == {
+        (m, lr)
+        for m in ("sgd", "sgd-hd", "metasgd-hd-element", "metasgd-hd-tensor")
+        for lr in online.LRS
+    }
+    sgd = {r["lr"]: r["test_loss"] for r in rows if r["method"] == "sgd"}
+    assert saved["summary"]["lstsq"]["best_sgd_test_loss"] == min(sgd.values())
+    assert set(payload["timing"]["lstsq"]) == set(online.TIMED)
+    assert all(t["iteration_s"] > t["step_s"] > 0 for t in payload["timing"]["lstsq"].values())

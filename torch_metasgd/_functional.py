@@ -137,9 +137,9 @@ def hypergradient_step_(
     with ``lr > 0``.
     """
     if maximize:
-        grads = torch._foreach_neg(grads)
+        grads = [g.neg() for g in grads]
     if weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params, strict=True)]
     hyper = dict(
         hypergrad_lr=hypergrad_lr,
         lr=lr,
@@ -150,22 +150,13 @@ def hypergradient_step_(
     if granularity == "group":
         _group_hypergradient_step_(grads, directions, step_sizes[0], **hyper)
         return
+    # Multi-tensor kernels only: on CPU too they beat a loop of per-tensor ops.
     grouped = Optimizer._group_tensors_by_device_and_dtype([grads, directions, step_sizes])
     for (dev_grads, dev_directions, dev_step_sizes), _ in grouped.values():
         if granularity == "tensor":
-            _tensor_hypergradient_step_(dev_grads, dev_directions, dev_step_sizes, **hyper)
+            _tensor_step_(dev_grads, dev_directions, dev_step_sizes, **hyper)
         else:
-            _element_hypergradient_step_(dev_grads, dev_directions, dev_step_sizes, **hyper)
-
-
-# The helpers below stack per-tensor scalars into one vector, so that their
-# arithmetic is a few kernels rather than a few per tensor.
-
-
-def _cosines(dots: list[Tensor], grads: list[Tensor], directions: list[Tensor]) -> Tensor:
-    """``cos(g, d)`` per tensor from the dot products; 0 where either is zero."""
-    norms = torch.stack(torch._foreach_norm(grads)) * torch.stack(torch._foreach_norm(directions))
-    return torch.stack(dots) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+            _element_step_(dev_grads, dev_directions, dev_step_sizes, **hyper)
 
 
 def _rescaled(alpha: Tensor, log_change: Tensor) -> Tensor:
@@ -173,9 +164,7 @@ def _rescaled(alpha: Tensor, log_change: Tensor) -> Tensor:
     return alpha * torch.exp(log_change * alpha.sign())
 
 
-def _set_from_alpha_(
-    s: Tensor, alpha: Tensor, *, lr: float, parametrization: str, lr_min, lr_max
-) -> None:
+def _set_from_alpha_(s: Tensor, alpha: Tensor, *, lr, parametrization, lr_min, lr_max) -> None:
     if lr_min is not None or lr_max is not None:
         alpha = alpha.clamp(lr_min, lr_max)
     s.copy_(inverse_transform(alpha / lr, parametrization))
@@ -197,7 +186,17 @@ def _group_hypergradient_step_(
     )
 
 
-def _tensor_hypergradient_step_(
+# Per-tensor scalars are stacked into one vector, so that their arithmetic
+# is a few kernels rather than a few per tensor.
+
+
+def _cosines(dots: list[Tensor], grads: list[Tensor], directions: list[Tensor]) -> Tensor:
+    """``cos(g, d)`` per tensor from the dot products, stacked; 0 where either is zero."""
+    norms = torch.stack(torch._foreach_norm(grads)) * torch.stack(torch._foreach_norm(directions))
+    return torch.stack(dots) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+
+
+def _tensor_step_(
     grads, directions, step_sizes, *, hypergrad_lr, lr, parametrization, lr_min, lr_max
 ):
     dots = [torch.dot(g.reshape(-1), d.reshape(-1)) for g, d in zip(grads, directions, strict=True)]
@@ -205,8 +204,6 @@ def _tensor_hypergradient_step_(
     s = torch.stack(step_sizes)
     if lr_min is None and lr_max is None and parametrization == "log":
         s = s + change
-    elif lr_min is None and lr_max is None and parametrization == "identity":
-        s = _rescaled(s, change)
     else:
         alpha = _rescaled(effective_lr(s, lr, parametrization, lr_min, lr_max), change)
         if lr_min is not None or lr_max is not None:
@@ -215,64 +212,41 @@ def _tensor_hypergradient_step_(
     torch._foreach_copy_(step_sizes, s.unbind())
 
 
-def _element_hypergradient_step_(
+def _element_step_(
     grads, directions, step_sizes, *, hypergrad_lr, lr, parametrization, lr_min, lr_max
 ):
-    # log|alpha| moves by beta * (cos + ELEMENT_RATE * sign(g * d)).
-    signs = torch._foreach_mul(grads, directions)
-    cos = _cosines([t.sum() for t in signs], grads, directions)
-    torch._foreach_sign_(signs)
-    rate = hypergrad_lr * ELEMENT_RATE
+    # changes: beta * (cos + ELEMENT_RATE * sign(g * d)), the change of log|alpha|.
+    changes = torch._foreach_mul(grads, directions)
+    cos = _cosines([c.sum() for c in changes], grads, directions)
+    torch._foreach_sign_(changes)
+    torch._foreach_mul_(changes, hypergrad_lr * ELEMENT_RATE)
+    torch._foreach_add_(changes, (hypergrad_lr * cos).unbind())
     if lr_min is None and lr_max is None and parametrization == "log":
         # s = log(alpha / lr): the update is an addition, and the cap a minimum, in s.
-        torch._foreach_add_(step_sizes, signs, alpha=rate)
-        torch._foreach_add_(step_sizes, (hypergrad_lr * cos).unbind())
+        torch._foreach_add_(step_sizes, changes)
         means = torch.stack([s.sum() for s in step_sizes]) / _numels(step_sizes)
         torch._foreach_minimum_(step_sizes, (means + ELEMENT_SPREAD).unbind())
-    elif lr_min is None and lr_max is None and parametrization == "identity":
-        # s = alpha / lr: s *= exp(beta cos sign(s)) exp(rate sigma) with
-        # sigma = sign(s g d), and the cap clamps |s|. Both signs are -1, 0 or 1,
-        # so exp(x sign) = cosh(x) + sinh(x) sign for sign = +-1 (s = 0 stays 0),
-        # and exp(rate sigma) = 1 + A sigma + B sigma^2 with A = sinh(rate),
-        # B = cosh(rate) - 1: no exp per element.
-        s_signs = torch._foreach_sign(step_sizes)
-        torch._foreach_mul_(signs, s_signs)
-        factors = torch._foreach_mul(signs, math.sinh(rate))
-        torch._foreach_addcmul_(factors, signs, signs, value=math.cosh(rate) - 1)
-        torch._foreach_add_(factors, 1)
-        torch._foreach_mul_(step_sizes, factors)
-        x = hypergrad_lr * cos
-        torch._foreach_mul_(s_signs, torch.sinh(x).unbind())
-        torch._foreach_add_(s_signs, torch.cosh(x).unbind())
-        torch._foreach_mul_(step_sizes, s_signs)
-        caps = _spread_caps(step_sizes)
-        torch._foreach_minimum_(step_sizes, caps.unbind())
-        torch._foreach_maximum_(step_sizes, caps.neg().unbind())
+        return
+    if lr_min is None and lr_max is None and parametrization == "identity":
+        alphas = step_sizes  # alpha / lr, updated in place: the rule is scale-free
     else:
-        alphas = [
-            _rescaled(effective_lr(s, lr, parametrization, lr_min, lr_max), change)
-            for s, change in zip(
-                step_sizes,
-                torch._foreach_add(torch._foreach_mul(signs, rate), (hypergrad_lr * cos).unbind()),
-                strict=True,
-            )
-        ]
-        caps = _spread_caps(alphas)
-        for s, alpha, cap in zip(step_sizes, alphas, caps.unbind(), strict=True):
+        alphas = [effective_lr(s, lr, parametrization, lr_min, lr_max) for s in step_sizes]
+    torch._foreach_mul_(changes, torch._foreach_sign(alphas))
+    torch._foreach_exp_(changes)
+    torch._foreach_mul_(alphas, changes)
+    caps = _spread_caps(alphas)
+    torch._foreach_minimum_(alphas, caps.unbind())
+    torch._foreach_maximum_(alphas, caps.neg().unbind())
+    if alphas is not step_sizes:
+        for s, alpha in zip(step_sizes, alphas, strict=True):
             _set_from_alpha_(
-                s,
-                alpha.clamp(-cap, cap),
-                lr=lr,
-                parametrization=parametrization,
-                lr_min=lr_min,
-                lr_max=lr_max,
+                s, alpha, lr=lr, parametrization=parametrization, lr_min=lr_min, lr_max=lr_max
             )
 
 
 def _numels(tensors: list[Tensor]) -> Tensor:
-    return torch.tensor(
-        [t.numel() for t in tensors], dtype=tensors[0].dtype, device=tensors[0].device
-    )
+    numels = [t.numel() for t in tensors]
+    return torch.tensor(numels, dtype=tensors[0].dtype, device=tensors[0].device)
 
 
 def _spread_caps(alphas: list[Tensor]) -> Tensor:

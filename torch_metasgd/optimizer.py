@@ -71,11 +71,12 @@ class MetaSGD(Optimizer):
     and :math:`s \leftarrow \phi^{-1}(\alpha / \gamma)`. The hypergradient gives
     the direction and :math:`\beta` bounds the change of :math:`\log\alpha`
     per step (by :math:`1.2\beta` for ``"element"``), free of the scale of the
-    loss, so one :math:`\beta` suits every model (the additive form :math:`\alpha \leftarrow \alpha - \beta\,\partial
-    f/\partial\alpha` diverges or stalls depending on that scale; see
-    ``benchmarks/online.py``). For ``"element"`` the step sizes of a tensor
-    move together by the tensor's cosine, each element also by the sign of
-    its own hypergradient at a fifth of the rate, and none may exceed
+    loss, so one :math:`\beta` suits every model (the additive form
+    :math:`\alpha \leftarrow \alpha - \beta\,\partial f/\partial\alpha`
+    diverges or stalls depending on that scale; see ``benchmarks/online.py``).
+    For ``"element"`` the step sizes of a tensor move together by the
+    tensor's cosine, each element also by the sign of its own hypergradient
+    at a fifth of the rate, and none may exceed
     :math:`e` times the geometric mean of its tensor's:
 
     .. math::
