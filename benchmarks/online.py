@@ -28,11 +28,13 @@ Methods, on the same step budget, seeds and batches:
   ``torch_metasgd.LookAhead`` on the held-out split.
 
 Reports the final train loss (the data loss on the full training set,
-without the penalty), test loss and accuracy per initial lr, and plots the
-loss curves and the learned step sizes over time.
+without the penalty), test loss and accuracy per initial lr, plots the loss
+curves and the learned step sizes over time, and measures the cost of a
+training iteration and of ``step()`` for each optimizer.
 
-    python benchmarks/online.py --quick
-    python benchmarks/online.py --steps 3000 --seeds 3
+    python benchmarks/online.py --quick                      # ~40 s
+    python benchmarks/online.py --problems digits            # 3000 steps x 3 seeds, ~5 min
+    python benchmarks/online.py --timing-only --problems digits lstsq
 """
 
 from __future__ import annotations
