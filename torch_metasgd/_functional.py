@@ -116,9 +116,9 @@ def hypergradient_step_(
 
     Per element (``"element"``), each tensor's step sizes move together by
     the tensor's cosine and each element also by the sign of its own
-    hypergradient, at :data:`ELEMENT_RATE` of the rate, and no element may
-    exceed :math:`e^{\kappa}` (:data:`ELEMENT_SPREAD` :math:`= \kappa`) times
-    the geometric mean of its tensor's step sizes:
+    hypergradient, at :data:`ELEMENT_RATE` :math:`= \rho` of the rate, and
+    no element may exceed :math:`e^{\kappa}` (:data:`ELEMENT_SPREAD`
+    :math:`= \kappa`) times the geometric mean of its tensor's step sizes:
 
     .. math::
         \begin{aligned}
@@ -256,9 +256,10 @@ def _spread_caps(alphas: list[Tensor]) -> Tensor:
     out of the mean; an all-zero tensor gets a cap of 0.
     """
     magnitudes = torch._foreach_abs(alphas)
-    counts = torch.stack(torch._foreach_norm(magnitudes, 0))  # nonzero elements
+    nonzero = torch._foreach_sign(magnitudes)  # 1 where alpha != 0, else 0
+    counts = torch.stack(torch._foreach_norm(nonzero, 1))
     # log|alpha| where alpha != 0, log 1 = 0 where alpha == 0.
-    logs = torch._foreach_sub(magnitudes, torch._foreach_sign(magnitudes))
+    logs = torch._foreach_sub(magnitudes, nonzero)
     torch._foreach_add_(logs, 1)
     torch._foreach_log_(logs)
     log_means = torch.stack([t.sum() for t in logs]) / counts.clamp_min(1)
