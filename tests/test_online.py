@@ -236,6 +236,28 @@ def test_step_sizes_respect_bounds():
     assert opt.step_size(theta).item() == pytest.approx(1.5)
 
 
+@pytest.mark.parametrize("granularity", ["element", "tensor"])
+def test_mixed_dtypes_in_one_group_step_as_if_alone(granularity):
+    # The hypergradient step buckets tensors by dtype; each bucket must see
+    # only its own tensors.
+    def run(params):
+        opt = MetaSGD(params, lr=0.1, granularity=granularity, hypergrad_lr=0.1)
+        for k in range(4):
+            opt.zero_grad()
+            sum(((p - k) ** 2).sum() * (i + 1) for i, p in enumerate(params)).backward()
+            opt.step()
+        return [opt.effective_lr(p).detach() for p in params]
+
+    a = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)
+    b = torch.linspace(2, 0, 4, dtype=torch.float32)
+    together = run([a.clone().requires_grad_(), b.clone().requires_grad_()])
+    alone = run([a.clone().requires_grad_()])[0]
+    assert together[0].dtype == torch.float64 and together[1].dtype == torch.float32
+    torch.testing.assert_close(together[0], alone)
+    assert not torch.equal(together[0], torch.full_like(together[0], 0.1))
+    assert not torch.equal(together[1], torch.full_like(together[1], 0.1))
+
+
 def test_parameter_without_gradient_keeps_its_step_size():
     a = torch.ones(3, dtype=DTYPE, requires_grad=True)
     b = torch.ones(3, dtype=DTYPE, requires_grad=True)
