@@ -204,6 +204,8 @@ def _tensor_step_(
     s = torch.stack(step_sizes)
     if lr_min is None and lr_max is None and parametrization == "log":
         s = s + change
+    elif lr_min is None and lr_max is None and parametrization == "identity":
+        s = _rescaled(s, change)  # s = alpha / lr: the rule is scale-free
     else:
         alpha = _rescaled(effective_lr(s, lr, parametrization, lr_min, lr_max), change)
         if lr_min is not None or lr_max is not None:
