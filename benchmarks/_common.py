@@ -22,6 +22,9 @@ Z95 = 1.959963984540054
 
 # The paper draws Meta-SGD's initial step sizes uniformly from this range.
 ALPHA_INIT = (0.005, 0.1)
+# The two few-shot learners every paper benchmark trains side by side.
+METHODS = ("maml", "metasgd")
+LABELS = {"maml": "MAML", "metasgd": "Meta-SGD"}
 
 
 def inner_optimizer(method: str, model: nn.Module, maml_alpha: float, seed: int) -> MetaSGD:

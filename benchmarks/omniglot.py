@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 from _common import (
+    LABELS,
+    METHODS,
     REPO,
     device_of,
     environment,
@@ -63,8 +65,6 @@ from tqdm import tqdm
 
 from torch_metasgd import MetaSGD, adapt, meta_loss
 
-METHODS = ("maml", "metasgd")
-LABELS = {"maml": "MAML", "metasgd": "Meta-SGD"}
 # Meta-SGD arXiv:1707.09835, Table 2: accuracy (%) ± 95% CI.
 PAPER = {
     "maml": {(5, 1): (98.7, 0.4), (5, 5): (99.9, 0.1), (20, 1): (95.8, 0.3), (20, 5): (98.9, 0.2)},

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 from _common import (
+    LABELS,
+    METHODS,
     REPO,
     device_of,
     environment,
@@ -49,8 +51,6 @@ from tqdm import tqdm
 
 from torch_metasgd import MetaSGD, adapt, meta_loss
 
-METHODS = ("maml", "metasgd")
-LABELS = {"maml": "MAML", "metasgd": "Meta-SGD"}
 # Meta-SGD arXiv:1707.09835, Table 1: MSE ± 95% CI after one inner step.
 PAPER = {
     "maml": {5: (1.13, 0.18), 10: (0.77, 0.11), 20: (0.48, 0.08)},
