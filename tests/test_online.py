@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from torch_metasgd import LookAhead, MetaSGD
-from torch_metasgd._functional import ELEMENT_RATE, ELEMENT_SPREAD
+from torch_metasgd._functional import DRIFT, ELEMENT_RATE, ELEMENT_SPREAD, SCALE_DECAY
 
 DTYPE = torch.float64
 
@@ -92,21 +92,24 @@ def test_hypergradient_step_follows_autograd_derivative_of_loss_after_step(
     def norm(ts):
         return math.sqrt(sum(t.square().sum().item() for t in ts))
 
+    # The first hypergradient step has no history: the hypergradient is
+    # measured against its own magnitude, i.e. it is the cosine.
     if granularity == "element":
         # The tensor's cosine plus each element's own sign, capped at e^spread x the geometric mean.
         logratios = []
         for h, g, d, a in zip(dfdalpha, g1, d1, alpha0, strict=True):
             cos = -h.sum() / (norm([g]) * norm([d]))
-            log_alpha = a.log() + beta * (cos + ELEMENT_RATE * torch.sign(-h))
+            log_alpha = a.log() + beta * (cos + DRIFT + ELEMENT_RATE * torch.sign(-h))
             log_alpha = torch.minimum(log_alpha, log_alpha.mean() + ELEMENT_SPREAD)
             logratios.append(log_alpha - a.log())
     elif granularity == "tensor":
         logratios = [
-            -h / (norm([g]) * norm([d])) * beta for h, g, d in zip(dfdalpha, g1, d1, strict=True)
+            (-h.sum() / (norm([g]) * norm([d])) + DRIFT) * beta
+            for h, g, d in zip(dfdalpha, g1, d1, strict=True)
         ]
     else:
         cos = -sum(h.sum() for h in dfdalpha) / (norm(g1) * norm(d1))
-        logratios = [cos * beta, cos * beta]
+        logratios = [(cos + DRIFT) * beta, (cos + DRIFT) * beta]
     for p, a, r in zip((w, b), alpha0, logratios, strict=True):
         torch.testing.assert_close(opt.effective_lr(p).detach(), a * torch.exp(r))
 
@@ -168,11 +171,27 @@ def test_state_dict_round_trip_mid_training_continues_the_same_trajectory(granul
 
     buffer.seek(0)
     resumed, resumed_opt = _train(factory, seed=5, start=torch.load(buffer))
-    assert all("hypergrad_direction" in resumed_opt.state[p] for p in resumed.parameters())
+    for p in resumed.parameters():
+        assert {"hypergrad_direction", "hypergrad_scale"} <= resumed_opt.state[p].keys()
     _run(resumed, resumed_opt, 10, seed=2)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
         torch.testing.assert_close(opt.step_size(p), resumed_opt.step_size(q), rtol=0, atol=0)
+
+
+def test_a_group_step_size_has_one_running_magnitude_even_after_a_load():
+    model, opt = _train(lambda p: MetaSGD(p, lr=0.05, granularity="group", hypergrad_lr=0.1))
+    _run(model, opt, 3, seed=1)
+    resumed, resumed_opt = _train(
+        lambda p: MetaSGD(p, lr=0.05, granularity="group", hypergrad_lr=0.1),
+        start=(model.state_dict(), opt.state_dict()),
+    )
+    _run(resumed, resumed_opt, 1, seed=2)
+    for o in (opt, resumed_opt):
+        scales = {id(o.state[p]["hypergrad_scale"]) for p in o.param_groups[0]["params"]}
+        assert len(scales) == 1
+    scale = resumed_opt.state[next(resumed.parameters())]["hypergrad_scale"]
+    assert scale.dim() == 0 and scale.item() > 0
 
 
 @pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
@@ -211,18 +230,51 @@ def test_foreach_and_single_tensor_trajectories_agree(granularity, hyper):
     )
 
 
-def test_step_sizes_shrink_when_overshooting_and_grow_when_undershooting():
-    # f(theta) = 0.5 * theta^2: the step lr * theta overshoots the minimum iff lr > 1.
-    for lr, grows in ((1.5, False), (0.1, True)):
-        theta = torch.tensor([1.0], dtype=DTYPE, requires_grad=True)
-        opt = MetaSGD([theta], lr=lr, granularity="tensor", hypergrad_lr=0.1)
-        for _ in range(5):
-            opt.zero_grad()
-            (0.5 * theta.square()).sum().backward()
-            opt.step()
-        alpha = opt.effective_lr(theta).item()
-        assert (alpha > lr) == grows, (lr, alpha)
-        assert alpha == pytest.approx(lr * math.exp((0.1 if grows else -0.1) * 4))
+def _quadratic_reference(lr: float, beta: float, steps: int) -> list[tuple[float, float]]:
+    """The tensor-granularity rule on f(theta) = theta^2 / 2, by hand: [(alpha, theta)] per step."""
+    theta, alpha, scale, direction = 1.0, lr, 0.0, None
+    trajectory = []
+    for _ in range(steps):
+        grad = theta
+        if direction is not None:
+            magnitude = abs(grad) * abs(direction)
+            scale = magnitude if scale == 0 else SCALE_DECAY * scale + (1 - SCALE_DECAY) * magnitude
+            h = min(grad * direction / scale, 1.0)
+            alpha *= math.exp(beta * (h + DRIFT))
+        theta -= alpha * grad
+        direction = grad
+        trajectory.append((alpha, theta))
+    return trajectory
+
+
+@pytest.mark.parametrize("parametrization", ["identity", "log", "softplus"])
+@pytest.mark.parametrize("lr", [0.1, 1.5, 3.0])
+def test_tensor_step_sizes_follow_a_hand_written_reference_on_a_quadratic(lr, parametrization):
+    # lr = 0.1 undershoots the minimum, 1.5 overshoots it and 3.0 diverges.
+    theta = torch.tensor([1.0], dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD(
+        [theta], lr=lr, granularity="tensor", parametrization=parametrization, hypergrad_lr=0.1
+    )
+    for alpha, value in _quadratic_reference(lr, 0.1, 12):
+        opt.zero_grad()
+        (0.5 * theta.square()).sum().backward()
+        opt.step()
+        assert opt.effective_lr(theta).item() == pytest.approx(alpha, rel=1e-9)
+        assert theta.item() == pytest.approx(value, rel=1e-9, abs=1e-12)
+
+
+def test_step_sizes_grow_when_undershooting_and_shrink_when_the_loss_blows_up():
+    # From lr = 0.1 every step grows the step size, by at most e^(beta (1 + drift)).
+    alphas = [a for a, _ in _quadratic_reference(0.1, 0.1, 8)]
+    growth = [b / a for a, b in zip(alphas[1:], alphas[2:], strict=False)]  # from step 2 on
+    assert all(1 < r <= math.exp(0.1 * (1 + DRIFT)) + 1e-12 for r in growth), growth
+    # From lr = 3, |1 - 3| = 2: |theta| doubles per step.
+    # The gradients outgrow their running magnitude, so the step size falls by
+    # much more than the e^-0.1 per step of a bounded (cosine) rule, and the
+    # run recovers within a few steps.
+    alphas, thetas = zip(*_quadratic_reference(3.0, 0.1, 12), strict=True)
+    assert alphas[3] < 1.2 and max(abs(t) for t in thetas) < 4
+    assert abs(thetas[-1]) < 1e-8
 
 
 def test_step_sizes_respect_bounds():
@@ -284,8 +336,9 @@ def test_direction_survives_zero_grad_in_place():
     opt.zero_grad(set_to_none=False)
     (0.5 * theta.square()).sum().backward()
     opt.step()
-    # One element: the tensor's cosine (+1) and the element's own sign (+1, at ELEMENT_RATE).
-    assert opt.effective_lr(theta).item() == pytest.approx(0.1 * math.exp(0.1 * (1 + ELEMENT_RATE)))
+    # One element: the tensor's cosine (+1), the drift and the element's own sign (+1).
+    expected = 0.1 * math.exp(0.1 * (1 + DRIFT + ELEMENT_RATE))
+    assert opt.effective_lr(theta).item() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("parametrization", ["identity", "log", "softplus"])
@@ -301,7 +354,7 @@ def test_element_step_sizes_are_capped_relative_to_their_tensor(parametrization)
     opt.zero_grad()
     f().backward()
     opt.step()
-    log_alpha = (alpha.log() + 0.1 * (1 + ELEMENT_RATE)).clone()
+    log_alpha = (alpha.log() + 0.1 * (1 + DRIFT + ELEMENT_RATE)).clone()
     log_alpha = torch.minimum(log_alpha, log_alpha.mean() + ELEMENT_SPREAD)
     torch.testing.assert_close(opt.effective_lr(theta).detach(), log_alpha.exp())
 
@@ -329,7 +382,9 @@ def test_element_cap_keeps_signs_and_zeros_of_identity_step_sizes():
     # |alpha| grows where alpha > 0 and shrinks where alpha < 0 (that step
     # moves theta away from 3); the zero stays zero and is left out of the
     # geometric mean, and -5 is pulled to e^spread times that mean.
-    log_mag = s0[[0, 1, 3]].abs().log() + 0.1 * (1 + ELEMENT_RATE) * torch.tensor([1.0, -1, -1])
+    log_mag = s0[[0, 1, 3]].abs().log() + 0.1 * (1 + DRIFT + ELEMENT_RATE) * torch.tensor(
+        [1.0, -1, -1]
+    )
     cap = log_mag.mean() + ELEMENT_SPREAD
     expected = torch.tensor([1.0, -1, -1]) * torch.minimum(log_mag, cap).exp()
     torch.testing.assert_close(s[[0, 1, 3]], expected.to(DTYPE))

@@ -76,6 +76,11 @@ def effective_lr(
     return eff
 
 
+# The hypergradient is measured in units of its running magnitude, an average
+# over about 1 / (1 - SCALE_DECAY) steps, and log|alpha| drifts up by
+# DRIFT * hypergrad_lr per step to offset its bias toward small step sizes.
+SCALE_DECAY = 0.99
+DRIFT = 0.02
 # Per-element step sizes: the share of hypergrad_lr that each element moves by
 # on its own, and how far (in log) above its tensor's geometric mean it may go.
 ELEMENT_RATE = 0.2
@@ -87,6 +92,7 @@ def hypergradient_step_(
     grads: list[Tensor],
     directions: list[Tensor],
     step_sizes: list[Tensor],
+    scales: list[Tensor],
     *,
     hypergrad_lr: float,
     granularity: str,
@@ -107,23 +113,41 @@ def hypergradient_step_(
     .. math::
         \frac{\partial f(\theta_t)}{\partial \alpha} = -g_t \odot d_{t-1}.
 
-    Summed over a tensor (``"tensor"``) or over every tensor of ``params``
-    (``"group"``) it gives the cosine :math:`c = \cos(g_t, d_{t-1})` over those
-    elements, and the step sizes take the normalised multiplicative step
+    Summed over the elements that share a step size's rule (a tensor, or
+    every tensor of ``params`` for ``"group"``) it gives
+    :math:`p = \langle g_t, d_{t-1}\rangle`, which is measured against its
+    running magnitude :math:`v` (``scales``: one 0-dim tensor per tensor, a
+    single one for ``"group"``; updated in place, and 0 means no history yet):
 
     .. math::
-        \log|\alpha| \leftarrow \log|\alpha| + \beta \operatorname{sign}(\alpha)\, c.
+        \begin{aligned}
+        v &\leftarrow \mu v + (1 - \mu)\,\|g_t\|\,\|d_{t-1}\|
+            \quad (v \leftarrow \|g_t\|\,\|d_{t-1}\| \text{ if } v = 0) \\
+        h &= \min(p / v,\; 1) \\
+        \log|\alpha| &\leftarrow \log|\alpha| + \beta \operatorname{sign}(\alpha)\,(h + \delta)
+        \end{aligned}
+
+    with :math:`\mu` = :data:`SCALE_DECAY` and :math:`\delta` = :data:`DRIFT`.
+    At the first step :math:`h = \cos(g_t, d_{t-1})`. In a quiet stretch
+    :math:`h` stays about a cosine, so growth is bounded by
+    :math:`\beta(1 + \delta)` per step; when the loss blows up, the
+    gradients outgrow :math:`v` and the step sizes shrink in proportion. The
+    drift :math:`\delta` offsets the bias of this greedy (one-step)
+    hypergradient under gradient noise: at a noisy stationary point its
+    expectation is negative for every step size (:math:`-\eta h_c / 2` in a
+    direction of curvature :math:`h_c`), which would shrink the step sizes
+    for ever.
 
     Per element (``"element"``), each tensor's step sizes move together by
-    the tensor's cosine and each element also by the sign of its own
-    hypergradient, at :data:`ELEMENT_RATE` :math:`= \rho` of the rate, and
+    the tensor's :math:`h + \delta` and each element also by the sign of its
+    own hypergradient, at :data:`ELEMENT_RATE` :math:`= \rho` of the rate, and
     no element may exceed :math:`e^{\kappa}` (:data:`ELEMENT_SPREAD`
     :math:`= \kappa`) times the geometric mean of its tensor's step sizes:
 
     .. math::
         \begin{aligned}
         \log|\alpha_i| &\leftarrow \log|\alpha_i| + \beta \operatorname{sign}(\alpha_i)
-            \big(c + \rho \operatorname{sign}(g_{t,i}\, d_{t-1,i})\big) \\
+            \big(h + \delta + \rho \operatorname{sign}(g_{t,i}\, d_{t-1,i})\big) \\
         \log|\alpha_i| &\leftarrow \min\big(\log|\alpha_i|,\;
             \operatorname{mean}_j \log|\alpha_j| + \kappa\big)
         \end{aligned}
@@ -148,15 +172,13 @@ def hypergradient_step_(
         lr_max=lr_max,
     )
     if granularity == "group":
-        _group_hypergradient_step_(grads, directions, step_sizes[0], **hyper)
+        _group_hypergradient_step_(grads, directions, step_sizes[0], scales[0], **hyper)
         return
     # Multi-tensor kernels only: on CPU too they beat a loop of per-tensor ops.
-    grouped = Optimizer._group_tensors_by_device_and_dtype([grads, directions, step_sizes])
-    for (dev_grads, dev_directions, dev_step_sizes), _ in grouped.values():
-        if granularity == "tensor":
-            _tensor_step_(dev_grads, dev_directions, dev_step_sizes, **hyper)
-        else:
-            _element_step_(dev_grads, dev_directions, dev_step_sizes, **hyper)
+    grouped = Optimizer._group_tensors_by_device_and_dtype([grads, directions, step_sizes, scales])
+    for (dev_grads, dev_directions, dev_step_sizes, dev_scales), _ in grouped.values():
+        step = _tensor_step_ if granularity == "tensor" else _element_step_
+        step(dev_grads, dev_directions, dev_step_sizes, dev_scales, **hyper)
 
 
 def _rescaled(alpha: Tensor, log_change: Tensor) -> Tensor:
@@ -170,8 +192,18 @@ def _set_from_alpha_(s: Tensor, alpha: Tensor, *, lr, parametrization, lr_min, l
     s.copy_(inverse_transform(alpha / lr, parametrization))
 
 
+def _relative(dots: Tensor, magnitudes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """``(min(dots / v, 1), v)`` with ``v`` the scales' running average of ``magnitudes``.
+
+    All three are stacked per-tensor scalars; a scale of 0 (no history) starts at the
+    magnitude itself, and ``dots / v`` is 0 where ``v`` is.
+    """
+    v = torch.where(scales == 0, magnitudes, torch.lerp(magnitudes, scales, SCALE_DECAY))
+    return (dots / v.clamp_min(torch.finfo(v.dtype).tiny)).clamp_max(1.0), v
+
+
 def _group_hypergradient_step_(
-    grads, directions, s, *, hypergrad_lr, lr, parametrization, **bounds
+    grads, directions, s, scale, *, hypergrad_lr, lr, parametrization, **bounds
 ):
     dot = sum(
         torch.dot(g.reshape(-1), d.reshape(-1)).to(s.device)
@@ -179,10 +211,15 @@ def _group_hypergradient_step_(
     )
     g_norm = torch.stack([n.to(s.device) for n in torch._foreach_norm(grads)]).norm()
     d_norm = torch.stack([n.to(s.device) for n in torch._foreach_norm(directions)]).norm()
-    cos = dot / (g_norm * d_norm).clamp_min(torch.finfo(dot.dtype).tiny)
+    h, v = _relative(dot, g_norm * d_norm, scale)
+    scale.copy_(v)
     alpha = effective_lr(s, lr, parametrization, **bounds)
     _set_from_alpha_(
-        s, _rescaled(alpha, hypergrad_lr * cos), lr=lr, parametrization=parametrization, **bounds
+        s,
+        _rescaled(alpha, hypergrad_lr * (h + DRIFT)),
+        lr=lr,
+        parametrization=parametrization,
+        **bounds,
     )
 
 
@@ -190,17 +227,26 @@ def _group_hypergradient_step_(
 # is a few kernels rather than a few per tensor.
 
 
-def _cosines(dots: list[Tensor], grads: list[Tensor], directions: list[Tensor]) -> Tensor:
-    """``cos(g, d)`` per tensor from the dot products, stacked; 0 where either is zero."""
-    norms = torch.stack(torch._foreach_norm(grads)) * torch.stack(torch._foreach_norm(directions))
-    return torch.stack(dots) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+def _log_changes(
+    dots: list[Tensor], grads: list[Tensor], directions: list[Tensor], scales: list[Tensor]
+) -> Tensor:
+    """``hypergrad_lr``-free change of each tensor's ``log|alpha|``: ``h + DRIFT``, stacked.
+
+    Updates the running magnitudes ``scales`` in place.
+    """
+    magnitudes = torch.stack(torch._foreach_norm(grads)) * torch.stack(
+        torch._foreach_norm(directions)
+    )
+    h, v = _relative(torch.stack(dots), magnitudes, torch.stack(scales))
+    torch._foreach_copy_(scales, v.unbind())
+    return h + DRIFT
 
 
 def _tensor_step_(
-    grads, directions, step_sizes, *, hypergrad_lr, lr, parametrization, lr_min, lr_max
+    grads, directions, step_sizes, scales, *, hypergrad_lr, lr, parametrization, lr_min, lr_max
 ):
     dots = [torch.dot(g.reshape(-1), d.reshape(-1)) for g, d in zip(grads, directions, strict=True)]
-    change = hypergrad_lr * _cosines(dots, grads, directions)
+    change = hypergrad_lr * _log_changes(dots, grads, directions, scales)
     s = torch.stack(step_sizes)
     if lr_min is None and lr_max is None and parametrization == "log":
         s = s + change
@@ -215,14 +261,14 @@ def _tensor_step_(
 
 
 def _element_step_(
-    grads, directions, step_sizes, *, hypergrad_lr, lr, parametrization, lr_min, lr_max
+    grads, directions, step_sizes, scales, *, hypergrad_lr, lr, parametrization, lr_min, lr_max
 ):
-    # changes: beta * (cos + ELEMENT_RATE * sign(g * d)), the change of log|alpha|.
+    # changes: beta * (h + DRIFT + ELEMENT_RATE * sign(g * d)), the change of log|alpha|.
     changes = torch._foreach_mul(grads, directions)
-    cos = _cosines([c.sum() for c in changes], grads, directions)
+    tensor_changes = _log_changes([c.sum() for c in changes], grads, directions, scales)
     torch._foreach_sign_(changes)
     torch._foreach_mul_(changes, hypergrad_lr * ELEMENT_RATE)
-    torch._foreach_add_(changes, (hypergrad_lr * cos).unbind())
+    torch._foreach_add_(changes, (hypergrad_lr * tensor_changes).unbind())
     if lr_min is None and lr_max is None and parametrization == "log":
         # s = log(alpha / lr): the update is an addition, and the cap a minimum, in s.
         torch._foreach_add_(step_sizes, changes)

@@ -56,39 +56,49 @@ class MetaSGD(Optimizer):
     no extra forward or backward: the last step was
     :math:`\theta_{t-1} = \theta_{t-2} - \alpha \odot d_{t-1}`, so the current
     gradient gives the derivative of the current loss in the step sizes,
-    :math:`\partial f(\theta_{t-1}) / \partial\alpha = -g_t \odot d_{t-1}`
-    (summed over the tensor, or over the group, for coarser granularities),
-    and before the update above the step sizes take the normalised
-    multiplicative step
+    :math:`\partial f(\theta_{t-1}) / \partial\alpha = -g_t \odot d_{t-1}`.
+    Summed over the elements of a tensor (over the group for ``"group"``)
+    it is :math:`p = \langle g_t, d_{t-1}\rangle`, which is measured against
+    its running magnitude :math:`v`, and the step sizes take a multiplicative
+    step before the update above:
 
     .. math::
-        \log|\alpha| \leftarrow \log|\alpha| + \beta\,\operatorname{sign}(\alpha)\,c,
-        \qquad c = \cos(g_t, d_{t-1}),
+        \begin{aligned}
+        v &\leftarrow 0.99\, v + 0.01\, \|g_t\|\,\|d_{t-1}\|
+            \quad (v = \|g_t\|\,\|d_{t-1}\| \text{ at first}) \\
+        h &= \min(p / v,\; 1) \\
+        \log|\alpha| &\leftarrow \log|\alpha| + \beta\,\operatorname{sign}(\alpha)\,(h + \delta),
+            \qquad \delta = 0.02,
+        \end{aligned}
 
-    the cosine taken over the elements that share a step size (a tensor for
-    ``"tensor"``, the whole group for ``"group"``), then
-    :math:`\alpha \leftarrow \operatorname{clamp}(\alpha, \alpha_{\min}, \alpha_{\max})`
-    and :math:`s \leftarrow \phi^{-1}(\alpha / \gamma)`. The hypergradient gives
-    the direction and :math:`\beta` bounds the change of :math:`\log\alpha`
-    per step (by :math:`1.2\beta` for ``"element"``), free of the scale of the
-    loss, so one :math:`\beta` suits every model (the additive form
+    then :math:`\alpha \leftarrow \operatorname{clamp}(\alpha, \alpha_{\min}, \alpha_{\max})`
+    and :math:`s \leftarrow \phi^{-1}(\alpha / \gamma)`. At the first step
+    :math:`h = \cos(g_t, d_{t-1})`; while the gradients keep their size
+    :math:`h` is about that cosine, so a step size grows by at most
+    :math:`e^{1.02\beta}` per step, but when the loss blows up the gradients
+    outgrow :math:`v` and the step sizes shrink in proportion. The drift
+    :math:`\delta` offsets the bias of this greedy one-step hypergradient
+    under gradient noise (its expectation is negative at a noisy stationary
+    point whatever the step size, so without :math:`\delta` the step sizes
+    decay for ever). The update is free of the scale of the loss, so one
+    :math:`\beta` suits every model (the additive form
     :math:`\alpha \leftarrow \alpha - \beta\,\partial f/\partial\alpha`
     diverges or stalls depending on that scale; see ``benchmarks/online.py``).
     For ``"element"`` the step sizes of a tensor move together by the
-    tensor's cosine, each element also by the sign of its own hypergradient
-    at a fifth of the rate, and none may exceed
-    :math:`e` times the geometric mean of its tensor's:
+    tensor's :math:`h + \delta`, each element also by the sign of its own
+    hypergradient at a fifth of the rate, and none may exceed :math:`e` times
+    the geometric mean of its tensor's:
 
     .. math::
         \log|\alpha_i| \leftarrow \min\Big(\log|\alpha_i| + \beta\operatorname{sign}(\alpha_i)
-            \big(c + \tfrac15\operatorname{sign}(g_{t,i}\,d_{t-1,i})\big),\;
+            \big(h + \delta + \tfrac15\operatorname{sign}(g_{t,i}\,d_{t-1,i})\big),\;
             \operatorname{mean}_j \log|\alpha_j| + 1\Big)
 
     (the mean taken over the updated step sizes). Without the cap, the step
     sizes of elements whose gradient keeps its sign, such as output weights
     on separable data, grow until training diverges. The direction
-    :math:`d_{t-1}` is kept in the optimizer state (one tensor per
-    parameter, saved by :meth:`state_dict`).
+    :math:`d_{t-1}` and the magnitude :math:`v` are kept in the optimizer
+    state (per parameter, saved by :meth:`state_dict`).
 
     Args:
         params: an iterable of tensors or of dicts defining parameter groups;
@@ -403,11 +413,13 @@ class MetaSGD(Optimizer):
         if not kept or group["lr"] == 0:
             return
         kept_params, kept_grads, kept_step_sizes, directions = map(list, zip(*kept, strict=True))
+        scales = self._hypergradient_scales(group, kept_params, kept_step_sizes)
         F.hypergradient_step_(
             kept_params,
             kept_grads,
             directions,
             kept_step_sizes,
+            scales,
             hypergrad_lr=group["hypergrad_lr"],
             granularity=group["granularity"],
             weight_decay=group["weight_decay"],
@@ -417,6 +429,27 @@ class MetaSGD(Optimizer):
             lr_min=group["lr_min"],
             lr_max=group["lr_max"],
         )
+
+    def _hypergradient_scales(
+        self, group: dict[str, Any], params: list[Tensor], step_sizes: list[Tensor]
+    ) -> list[Tensor]:
+        """The running magnitudes of the hypergradient: 0-dim, one per parameter or per group.
+
+        Created at 0 (no history). A group's one scale lives in the state of
+        every parameter of the group, as one tensor (a loaded state dict
+        holds copies: they are tied again here).
+        """
+        if group["granularity"] != "group":
+            return [
+                self.state[p].setdefault("hypergrad_scale", s.new_zeros(()))
+                for p, s in zip(params, step_sizes, strict=True)
+            ]
+        scale = self.state[params[0]].get("hypergrad_scale")
+        if scale is None:
+            scale = step_sizes[0].new_zeros(())
+        for p in group["params"]:
+            self.state[p]["hypergrad_scale"] = scale
+        return [scale]
 
     def _store_directions(
         self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor | None]
