@@ -10,7 +10,13 @@ import torch
 from torch.nn import functional as F
 
 from torch_metasgd import LookAhead, MetaSGD
-from torch_metasgd._functional import DRIFT, ELEMENT_RATE, ELEMENT_SPREAD, SCALE_DECAY
+from torch_metasgd._functional import (
+    DRIFT,
+    ELEMENT_RATE,
+    ELEMENT_SPREAD,
+    MAX_SHRINK,
+    SCALE_DECAY,
+)
 
 DTYPE = torch.float64
 
@@ -239,7 +245,7 @@ def _quadratic_reference(lr: float, beta: float, steps: int) -> list[tuple[float
         if direction is not None:
             magnitude = abs(grad) * abs(direction)
             scale = magnitude if scale == 0 else SCALE_DECAY * scale + (1 - SCALE_DECAY) * magnitude
-            h = min(grad * direction / scale, 1.0)
+            h = max(min(grad * direction / scale, 1.0), -MAX_SHRINK)
             alpha *= math.exp(beta * (h + DRIFT))
         theta -= alpha * grad
         direction = grad
@@ -275,6 +281,25 @@ def test_step_sizes_grow_when_undershooting_and_shrink_when_the_loss_blows_up():
     alphas, thetas = zip(*_quadratic_reference(3.0, 0.1, 12), strict=True)
     assert alphas[3] < 1.2 and max(abs(t) for t in thetas) < 4
     assert abs(thetas[-1]) < 1e-8
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+def test_one_outlier_gradient_shrinks_step_sizes_by_at_most_max_shrink(granularity):
+    # f = c * theta with c = 1, 1, then -100: the third gradient is 100x the
+    # running magnitude and opposes the last step (h = -50, clipped).
+    theta = torch.zeros(1, dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD([theta], lr=0.1, granularity=granularity, hypergrad_lr=0.1)
+    for c in (1.0, 1.0, -100.0):
+        opt.zero_grad()
+        (c * theta).sum().backward()
+        opt.step()
+    rate = ELEMENT_RATE if granularity == "element" else 0.0  # the element's own sign
+    expected = (
+        0.1 * math.exp(0.1 * (1 + DRIFT + rate)) * math.exp(0.1 * (-MAX_SHRINK + DRIFT - rate))
+    )
+    assert opt.effective_lr(theta).item() == pytest.approx(expected)
+    scale = opt.state[theta]["hypergrad_scale"]
+    assert scale.item() == pytest.approx(SCALE_DECAY * 1 + (1 - SCALE_DECAY) * 100)
 
 
 def test_step_sizes_respect_bounds():

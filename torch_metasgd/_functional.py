@@ -77,9 +77,12 @@ def effective_lr(
 
 
 # The hypergradient is measured in units of its running magnitude, an average
-# over about 1 / (1 - SCALE_DECAY) steps, and log|alpha| drifts up by
-# DRIFT * hypergrad_lr per step to offset its bias toward small step sizes.
+# over about 1 / (1 - SCALE_DECAY) steps, and clipped to [-MAX_SHRINK, 1]: a
+# blow-up brakes up to five times as hard as any growth, but one outlier batch
+# cannot wipe out what was learned. log|alpha| drifts up by DRIFT *
+# hypergrad_lr per step to offset the hypergradient's bias toward small steps.
 SCALE_DECAY = 0.99
+MAX_SHRINK = 5.0
 DRIFT = 0.02
 # Per-element step sizes: the share of hypergrad_lr that each element moves by
 # on its own, and how far (in log) above its tensor's geometric mean it may go.
@@ -123,15 +126,16 @@ def hypergradient_step_(
         \begin{aligned}
         v &\leftarrow \mu v + (1 - \mu)\,\|g_t\|\,\|d_{t-1}\|
             \quad (v \leftarrow \|g_t\|\,\|d_{t-1}\| \text{ if } v = 0) \\
-        h &= \min(p / v,\; 1) \\
+        h &= \operatorname{clamp}(p / v,\; -\nu,\; 1) \\
         \log|\alpha| &\leftarrow \log|\alpha| + \beta \operatorname{sign}(\alpha)\,(h + \delta)
         \end{aligned}
 
-    with :math:`\mu` = :data:`SCALE_DECAY` and :math:`\delta` = :data:`DRIFT`.
-    At the first step :math:`h = \cos(g_t, d_{t-1})`. In a quiet stretch
-    :math:`h` stays about a cosine, so growth is bounded by
-    :math:`\beta(1 + \delta)` per step; when the loss blows up, the
-    gradients outgrow :math:`v` and the step sizes shrink in proportion. The
+    with :math:`\mu` = :data:`SCALE_DECAY`, :math:`\nu` = :data:`MAX_SHRINK`
+    and :math:`\delta` = :data:`DRIFT`. At the first step
+    :math:`h = \cos(g_t, d_{t-1})`. In a quiet stretch :math:`h` stays about a
+    cosine, so growth is bounded by :math:`\beta(1 + \delta)` per step; when
+    the loss blows up, the gradients outgrow :math:`v` and the step sizes
+    shrink in proportion, by up to :math:`\beta(\nu - \delta)` per step. The
     drift :math:`\delta` offsets the bias of this greedy (one-step)
     hypergradient under gradient noise: at a noisy stationary point its
     expectation is negative for every step size (:math:`-\eta h_c / 2` in a
@@ -193,13 +197,14 @@ def _set_from_alpha_(s: Tensor, alpha: Tensor, *, lr, parametrization, lr_min, l
 
 
 def _relative(dots: Tensor, magnitudes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """``(min(dots / v, 1), v)`` with ``v`` the scales' running average of ``magnitudes``.
+    """``(clamp(dots / v, -MAX_SHRINK, 1), v)``, ``v`` the running average of ``magnitudes``.
 
-    All three are stacked per-tensor scalars; a scale of 0 (no history) starts at the
-    magnitude itself, and ``dots / v`` is 0 where ``v`` is.
+    All three are stacked per-tensor scalars; ``v`` updates ``scales``, and a
+    scale of 0 (no history) starts at the magnitude itself; ``dots / v`` is 0
+    where ``v`` is.
     """
     v = torch.where(scales == 0, magnitudes, torch.lerp(magnitudes, scales, SCALE_DECAY))
-    return (dots / v.clamp_min(torch.finfo(v.dtype).tiny)).clamp_max(1.0), v
+    return (dots / v.clamp_min(torch.finfo(v.dtype).tiny)).clamp(-MAX_SHRINK, 1.0), v
 
 
 def _group_hypergradient_step_(

@@ -66,7 +66,7 @@ class MetaSGD(Optimizer):
         \begin{aligned}
         v &\leftarrow 0.99\, v + 0.01\, \|g_t\|\,\|d_{t-1}\|
             \quad (v = \|g_t\|\,\|d_{t-1}\| \text{ at first}) \\
-        h &= \min(p / v,\; 1) \\
+        h &= \operatorname{clamp}(p / v,\; -5,\; 1) \\
         \log|\alpha| &\leftarrow \log|\alpha| + \beta\,\operatorname{sign}(\alpha)\,(h + \delta),
             \qquad \delta = 0.02,
         \end{aligned}
@@ -76,7 +76,9 @@ class MetaSGD(Optimizer):
     :math:`h = \cos(g_t, d_{t-1})`; while the gradients keep their size
     :math:`h` is about that cosine, so a step size grows by at most
     :math:`e^{1.02\beta}` per step, but when the loss blows up the gradients
-    outgrow :math:`v` and the step sizes shrink in proportion. The drift
+    outgrow :math:`v` and the step sizes shrink in proportion (by up to
+    :math:`e^{-4.98\beta}` per step, so that one outlier batch cannot wipe
+    out what was learned). The drift
     :math:`\delta` offsets the bias of this greedy one-step hypergradient
     under gradient noise (its expectation is negative at a noisy stationary
     point whatever the step size, so without :math:`\delta` the step sizes
