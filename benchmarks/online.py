@@ -14,6 +14,8 @@ Two problems, one task each:
   1e-4..1, condition number 1e4), noisy targets, half the squared error,
   batches of 32; ``lstsq-steep`` (not run by default) has 10x larger features,
   so SGD diverges above lr = 0.02 and the gradients are 10x larger.
+* ``digits-wide`` (not run by default): ``digits`` with a 64-1024-1024-10 MLP
+  (1.1M parameters), to measure the cost of a step on a larger model.
 
 Methods, on the same step budget, seeds and batches:
 
@@ -44,6 +46,7 @@ import json
 import math
 import statistics
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -63,7 +66,7 @@ METHODS = (
     "metasgd-hd-tensor",
     "lookahead",
 )
-PROBLEMS = ("digits", "lstsq", "digits-noreg", "lstsq-steep")
+PROBLEMS = ("digits", "lstsq", "digits-noreg", "lstsq-steep", "digits-wide")
 L2 = 1e-3  # digits: the weight matrices' L2 penalty
 DIVERGED = 1e6  # a train loss above this (or not finite) ends the run as diverged
 
@@ -77,7 +80,8 @@ class Problem:
     def __init__(self, name: str, batch_size: int = 32) -> None:
         self.name = name
         self.batch_size = batch_size
-        self.l2 = L2 if name == "digits" else 0.0
+        self.l2 = L2 if name in ("digits", "digits-wide") else 0.0
+        self.hidden = (1024, 1024) if name == "digits-wide" else (128,)
         if name.startswith("digits"):
             from sklearn.datasets import load_digits
             from sklearn.model_selection import train_test_split
@@ -116,7 +120,9 @@ class Problem:
     def model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         if self.classification:
-            return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+            widths = (64, *self.hidden)
+            layers = [m for a, b in pairwise(widths) for m in (nn.Linear(a, b), nn.ReLU())]
+            return nn.Sequential(*layers, nn.Linear(widths[-1], 10))
         model = nn.Linear(self.x_train.shape[1], 1)
         return model
 

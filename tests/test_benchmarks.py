@@ -313,6 +313,17 @@ def test_online_digits_objective_adds_the_l2_penalty_that_evaluation_leaves_out(
     assert regularised.evaluate(model) == plain.evaluate(model)
 
 
+def test_online_digits_wide_is_the_digits_problem_with_two_wide_hidden_layers():
+    digits, wide = online.Problem("digits"), online.Problem("digits-wide")
+    shapes = [tuple(p.shape) for p in wide.model(0).parameters() if p.dim() > 1]
+    assert shapes == [(1024, 64), (1024, 1024), (10, 1024)]
+    assert [tuple(p.shape) for p in digits.model(0).parameters() if p.dim() > 1] == [
+        (128, 64),
+        (10, 128),
+    ]
+    assert wide.l2 == digits.l2 and torch.equal(wide.x_train, digits.x_train)
+
+
 def test_online_scalar_sgd_hd_follows_baydins_additive_rule():
     theta = torch.tensor([1.0, -2.0], requires_grad=True)
     opt = online.AdditiveHD([theta], lr=0.1, hypergrad_lr=0.01, granularity="global")
