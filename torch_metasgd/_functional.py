@@ -277,7 +277,7 @@ def _element_step_(
     if lr_min is None and lr_max is None and parametrization == "log":
         # s = log(alpha / lr): the update is an addition, and the cap a minimum, in s.
         torch._foreach_add_(step_sizes, changes)
-        means = torch.stack([s.sum() for s in step_sizes]) / _numels(step_sizes)
+        means = torch.stack([s.mean() for s in step_sizes])
         torch._foreach_minimum_(step_sizes, (means + ELEMENT_SPREAD).unbind())
         return
     if lr_min is None and lr_max is None and parametrization == "identity":
@@ -295,11 +295,6 @@ def _element_step_(
             _set_from_alpha_(
                 s, alpha, lr=lr, parametrization=parametrization, lr_min=lr_min, lr_max=lr_max
             )
-
-
-def _numels(tensors: list[Tensor]) -> Tensor:
-    numels = [t.numel() for t in tensors]
-    return torch.tensor(numels, dtype=tensors[0].dtype, device=tensors[0].device)
 
 
 def _spread_caps(alphas: list[Tensor]) -> Tensor:
