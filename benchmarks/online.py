@@ -36,6 +36,7 @@ training iteration and of ``step()`` for each optimizer.
 
     python benchmarks/online.py --quick                      # ~40 s
     python benchmarks/online.py --problems digits            # 3000 steps x 3 seeds, ~5 min
+    python benchmarks/online.py --problems digits --lrs 1 --seeds 16   # one lr, more seeds
     python benchmarks/online.py --timing-only --problems digits lstsq
 """
 
@@ -354,18 +355,21 @@ def format_timing(timing: dict[str, dict], problem: str) -> str:
 # --------------------------------------------------------------------------- report
 
 
-def summarise(results: dict, problems: list[str], methods: list[str]) -> dict:
+def summarise(results: dict, problems: list[str], methods: list[str], lrs=LRS) -> dict:
     summary = {}
     for name in problems:
         rows = {}
         for method in methods:
-            for lr in LRS if method != "adam" else (None,):
+            for lr in lrs if method != "adam" else (None,):
                 runs = results[name][method][str(lr)]
                 rows[(method, lr)] = {
                     key: _mean([r[key] for r in runs])
                     for key in ("train_loss", "test_loss", "test_acc")
-                } | {"diverged": sum(r["diverged"] for r in runs)}
-        best_sgd = min(rows[("sgd", lr)]["test_loss"] for lr in LRS)
+                } | {
+                    "worst_test_loss": max(r["test_loss"] for r in runs),
+                    "diverged": sum(r["diverged"] for r in runs),
+                }
+        best_sgd = min(rows[("sgd", lr)]["test_loss"] for lr in lrs)
         summary[name] = {"rows": rows, "best_sgd_test_loss": best_sgd}
     return summary
 
@@ -379,33 +383,37 @@ def _mean(values):
     return sum(values) / len(values)
 
 
-def print_table(summary: dict, methods: list[str]) -> str:
+def print_table(summary: dict, methods: list[str], lrs=LRS, seeds: int = 1) -> str:
+    """Mean test loss and its ratio to the best-tuned SGD's (with the worst seed's, if several)."""
     lines = []
     for name, s in summary.items():
         best = s["best_sgd_test_loss"]
         lines.append(
             f"\n## {name}: final test loss (ratio to best-tuned SGD {best:.4f}) / accuracy"
         )
-        header = "| method | " + " | ".join(f"lr={lr:g}" for lr in LRS) + " |"
-        lines += [header, "|" + " --- |" * (len(LRS) + 1)]
+        header = "| method | " + " | ".join(f"lr={lr:g}" for lr in lrs) + " |"
+        lines += [header, "|" + " --- |" * (len(lrs) + 1)]
         for method in methods:
             cells = []
-            for lr in LRS:
+            for lr in lrs:
                 row = s["rows"][(method, None if method == "adam" else lr)]
                 loss = row["test_loss"]
                 if not math.isfinite(loss):
                     cells.append("diverged")
                     continue
-                cell = f"{loss:.4f} ({loss / best:.2f}x)"
+                cell = f"{loss:.4f} ({loss / best:.2f}x"
+                if seeds > 1:
+                    cell += f", worst {row['worst_test_loss'] / best:.2f}x"
+                cell += ")"
                 if row["test_acc"] is not None:
                     cell += f" {100 * row['test_acc']:.1f}%"
                 cells.append(cell)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append(f"\n{name}: final train loss")
-        lines += [header, "|" + " --- |" * (len(LRS) + 1)]
+        lines += [header, "|" + " --- |" * (len(lrs) + 1)]
         for method in methods:
             cells = []
-            for lr in LRS:
+            for lr in lrs:
                 loss = s["rows"][(method, None if method == "adam" else lr)]["train_loss"]
                 cells.append(f"{loss:.4f}" if math.isfinite(loss) else "diverged")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -414,7 +422,7 @@ def print_table(summary: dict, methods: list[str]) -> str:
     return text
 
 
-def plot(results: dict, problems: list[str], path: Path, columns: int = 4) -> None:
+def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int = 4) -> None:
     """Train-loss curves per method and initial lr, and the learned step sizes, per problem."""
     import matplotlib
 
@@ -432,13 +440,13 @@ def plot(results: dict, problems: list[str], path: Path, columns: int = 4) -> No
         figsize=(3.6 * columns, 2.9 * rows * len(problems)),
         squeeze=False,
     )
-    colors = plt.cm.viridis([i / (len(LRS) - 1) for i in range(len(LRS))])
+    colors = plt.cm.viridis([i / max(len(lrs) - 1, 1) for i in range(len(lrs))])
     for block, name in enumerate(problems):
         cells = [axes[block * rows + i // columns, i % columns] for i in range(rows * columns)]
         for ax in cells[len(panels) :]:
             ax.axis("off")
         for ax, (kind, method) in zip(cells, panels, strict=False):
-            for lr, color in zip(LRS, colors, strict=True):
+            for lr, color in zip(lrs, colors, strict=True):
                 run0 = results[name][method][str(lr)][0]
                 if kind == "loss":
                     t, loss = zip(*run0["curve"], strict=True)
@@ -471,6 +479,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
+    parser.add_argument(
+        "--lrs", nargs="+", type=float, default=list(LRS), help="initial learning rates"
+    )
     parser.add_argument(
         "--problems", nargs="+", default=["digits", "lstsq"], choices=PROBLEMS, help="problems"
     )
@@ -522,7 +533,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.replot:
         saved = json.loads((args.out / "online.json").read_text())
-        plot(saved["runs"], list(saved["runs"]), args.out / "online.png")
+        lrs = saved["args"].get("lrs", list(LRS))
+        plot(saved["runs"], list(saved["runs"]), args.out / "online.png", lrs)
         print(f"wrote {args.out / 'online.png'}")
         return saved
     problems = {name: Problem(name) for name in args.problems}
@@ -540,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict:
         (name, method, lr, seed)
         for name in args.problems
         for method in args.methods
-        for lr in (LRS if method != "adam" else (None,))
+        for lr in (args.lrs if method != "adam" else (None,))
         for seed in range(args.seeds)
     ]
     results: dict = {name: {m: {} for m in args.methods} for name in args.problems}
@@ -550,8 +562,8 @@ def main(argv: list[str] | None = None) -> dict:
         results[name][method].setdefault(str(lr), []).append(out)
     elapsed = time.perf_counter() - start
 
-    summary = summarise(results, args.problems, args.methods)
-    table = print_table(summary, args.methods)
+    summary = summarise(results, args.problems, args.methods, args.lrs)
+    table = print_table(summary, args.methods, args.lrs, args.seeds)
     print(f"\n{len(jobs)} runs of {args.steps} steps in {elapsed:.0f} s")
     timing = {}
     for name in args.problems if args.timing_rounds > 0 else []:
@@ -572,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": elapsed,
     }
     (args.out / "online.json").write_text(json.dumps(payload, indent=1))
-    plot(results, args.problems, args.out / "online.png")
+    plot(results, args.problems, args.out / "online.png", args.lrs)
     print(f"wrote {args.out / 'online.json'} and {args.out / 'online.png'}")
     return payload
 

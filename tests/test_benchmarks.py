@@ -372,3 +372,20 @@ def test_online_tiny_run_writes_json_png_and_cost_table(tmp_path):
     assert saved["summary"]["lstsq"]["best_sgd_test_loss"] == min(sgd.values())
     assert set(payload["timing"]["lstsq"]) == set(online.TIMED)
     assert all(t["iteration_s"] > t["step_s"] > 0 for t in payload["timing"]["lstsq"].values())
+
+
+def test_online_lrs_and_seeds_options_pick_the_grid_and_report_the_worst_seed(tmp_path):
+    args = ["--steps", "10", "--seeds", "2", "--lrs", "0.1", "0.01", "--problems", "lstsq"]
+    args += ["--methods", "sgd", "metasgd-hd-element", "--timing-rounds", "0"]
+    payload = online.main([*args, "--out", str(tmp_path)])
+    runs = payload["runs"]["lstsq"]["metasgd-hd-element"]
+    assert set(runs) == {"0.1", "0.01"} and all(len(r) == 2 for r in runs.values())
+    rows = {(r["method"], r["lr"]): r for r in payload["summary"]["lstsq"]["rows"]}
+    row = rows[("metasgd-hd-element", 0.1)]
+    assert row["worst_test_loss"] == max(r["test_loss"] for r in runs["0.1"])
+    assert row["worst_test_loss"] >= row["test_loss"]
+    assert "worst" in payload["table"] and "lr=0.01" in payload["table"]
+    # --replot reads the grid back from the saved arguments.
+    (tmp_path / "online.png").unlink()
+    online.main(["--replot", "--out", str(tmp_path)])
+    assert (tmp_path / "online.png").stat().st_size > 0
