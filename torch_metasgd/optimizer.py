@@ -442,10 +442,13 @@ class MetaSGD(Optimizer):
         holds copies: they are tied again here).
         """
         if group["granularity"] != "group":
-            return [
-                self.state[p].setdefault("hypergrad_scale", s.new_zeros(()))
-                for p, s in zip(params, step_sizes, strict=True)
-            ]
+            scales = []
+            for p, s in zip(params, step_sizes, strict=True):
+                state = self.state[p]
+                if "hypergrad_scale" not in state:
+                    state["hypergrad_scale"] = s.new_zeros(())
+                scales.append(state["hypergrad_scale"])
+            return scales
         scale = self.state[params[0]].get("hypergrad_scale")
         if scale is None:
             scale = step_sizes[0].new_zeros(())
