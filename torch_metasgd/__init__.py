@@ -1,8 +1,8 @@
 """Meta-SGD for PyTorch: learnable per-parameter step sizes (arXiv:1707.09835)."""
 
+from .batched import adapt, meta_loss
 from .differentiable import DifferentiableMetaSGD, inner_loop
-from .func import adapt, meta_loss
-from .online import LookAhead
+from .lookahead import LookAhead
 from .optimizer import MetaSGD
 
 __all__ = ["MetaSGD", "DifferentiableMetaSGD", "inner_loop", "meta_loss", "adapt", "LookAhead"]

@@ -24,11 +24,11 @@ from typing import Any
 import higher
 import torch
 from higher.optim import DifferentiableOptimizer
-from higher.patch import _MonkeyPatchBase
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import _functional as F
-from .optimizer import MetaSGD, _describe
+from . import _kernels
+from ._checks import require_metasgd, require_no_hypergradient, require_params_of
+from .optimizer import MetaSGD, for_each_subclass
 
 __all__ = ["DifferentiableMetaSGD", "inner_loop"]
 
@@ -93,7 +93,7 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
         self,
         other: MetaSGD,
         reference_params: Iterable[Tensor],
-        fmodel: _MonkeyPatchBase | None = None,
+        fmodel: nn.Module | None = None,
         device: torch.device | None = None,
         override: dict[str, list[Any]] | None = None,
         grad_callback: Callable[[list[Tensor | None]], list[Tensor | None]] | None = None,
@@ -104,34 +104,23 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
         # DifferentiableOptimizer.__init__ is not called: it deep-copies every
         # parameter (inside param_groups) and clones the optimizer state, and
         # a cloned step size would silently never receive its meta-gradient.
-        if not isinstance(other, MetaSGD):
-            raise TypeError(
-                f"DifferentiableMetaSGD mirrors a torch_metasgd.MetaSGD, got {type(other).__name__}"
-            )
-        for g_idx, group in enumerate(other.param_groups):
-            if group.get("hypergrad_lr", 0) != 0:
-                raise ValueError(
-                    f"param group {g_idx} has hypergrad_lr={group['hypergrad_lr']}: online "
-                    "hypergradient step sizes are not differentiable; set hypergrad_lr=0 "
-                    "to meta-learn the step sizes through the inner loop"
-                )
+        require_metasgd(other, "DifferentiableMetaSGD")
+        require_no_hypergradient(other)
+        reference_params = list(reference_params)
+        require_params_of(other, reference_params, "the reference parameters")
         index_of = {id(p): i for i, p in enumerate(reference_params)}
         self.param_groups: list[dict[str, Any]] = []
         self.state: list[defaultdict[int, dict[str, Any]]] = []
         self._group_to_param_list: list[list[int]] = []
         self._step_sizes: list[list[Tensor]] = []
         moved: dict[int, Tensor] = {}
-        for group, step_sizes in zip(other.param_groups, other._step_sizes, strict=True):
+        for group in other.param_groups:
             state: defaultdict[int, dict[str, Any]] = defaultdict(dict)
             indices = []
+            step_sizes = []
             for p_idx, p in enumerate(group["params"]):
-                index = index_of.get(id(p))
-                if index is None:
-                    raise ValueError(
-                        f"Parameter {p_idx} of a MetaSGD param group ({_describe(p)}) "
-                        "is not among the reference parameters (the model's)"
-                    )
-                indices.append(index)
+                indices.append(index_of[id(p)])
+                step_sizes.append(other.step_size(p))
                 buf = other.state[p].get("momentum_buffer")
                 if buf is not None:
                     state[p_idx]["momentum_buffer"] = buf if device is None else buf.to(device)
@@ -140,7 +129,7 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
             self._group_to_param_list.append(indices)
             if device is not None:
                 step_sizes = [moved.setdefault(id(s), s.to(device)) for s in step_sizes]
-            self._step_sizes.append(list(step_sizes))
+            self._step_sizes.append(step_sizes)
         if override is not None:
             self._apply_override(override)
         self._grad_callback = grad_callback
@@ -222,72 +211,27 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
         return new_params
 
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
-        first_order = self._first_order
-        for group_idx, (group, grads, step_sizes, state) in enumerate(
-            zip(self.param_groups, grouped_grads, self._step_sizes, self.state, strict=True)
+        for group_idx, (group, grads, state) in enumerate(
+            zip(self.param_groups, grouped_grads, self.state, strict=True)
         ):
-            lr = group["lr"]
-            weight_decay = group["weight_decay"]
-            momentum = group["momentum"]
-            maximize = group["maximize"]
-            parametrization = group["parametrization"]
-            lr_min, lr_max = group["lr_min"], group["lr_max"]
-            plain = weight_decay == 0 and momentum == 0 and not maximize
-            # The in-place step's fast path: p - lr * s * d in one kernel.
-            unclamped_identity = (
-                parametrization == "identity"
-                and lr_min is None
-                and lr_max is None
-                and not isinstance(lr, Tensor)
-            )
+            alphas = self._effective_lrs[group_idx]
+            if alphas is None:
+                alphas = self._effective_lrs[group_idx] = _kernels.effective_lrs(
+                    group, self._step_sizes[group_idx]
+                )
+            options = _kernels.sgd_options(group)
             params = group["params"]
-            if not unclamped_identity:
-                effective_lrs = self._effective_lrs[group_idx]
-                if effective_lrs is None:
-                    effective_lrs = self._effective_lrs[group_idx] = self._compute_effective_lrs(
-                        group, step_sizes
-                    )
-            for i, (p, g, s) in enumerate(zip(params, grads, step_sizes, strict=True)):
+            for i, (p, g, alpha) in enumerate(zip(params, grads, alphas, strict=True)):
                 if g is None:
                     continue
-                if plain:
-                    d = g
-                else:
-                    buf = state[i].get("momentum_buffer") if momentum != 0 else None
-                    d, buf = F.sgd_direction(
-                        p.detach() if first_order else p,
-                        g,
-                        buf,
-                        weight_decay=weight_decay,
-                        momentum=momentum,
-                        dampening=group["dampening"],
-                        nesterov=group["nesterov"],
-                        maximize=maximize,
-                    )
-                    if buf is not None:
-                        state[i]["momentum_buffer"] = buf
-                if unclamped_identity:
-                    params[i] = torch.addcmul(p, d, s, value=-lr)
-                else:
-                    params[i] = torch.addcmul(p, d, effective_lrs[i], value=-1)
-
-    @staticmethod
-    def _compute_effective_lrs(group: dict[str, Any], step_sizes: list[Tensor]) -> list[Tensor]:
-        # A "group" step size is shared by every parameter: transform it once.
-        computed: dict[int, Tensor] = {}
-        for s in step_sizes:
-            if id(s) not in computed:
-                computed[id(s)] = F.effective_lr(
-                    s, group["lr"], group["parametrization"], group["lr_min"], group["lr_max"]
+                params[i], buf = _kernels.metasgd_update(
+                    p, g, state[i].get("momentum_buffer"), alpha, options, self._first_order
                 )
-        return [computed[id(s)] for s in step_sizes]
+                if buf is not None:
+                    state[i]["momentum_buffer"] = buf
 
 
-def _register(optim_type: type[MetaSGD]) -> None:
-    higher.register_optim(optim_type, DifferentiableMetaSGD)
-
-
-_register(MetaSGD)
+for_each_subclass(lambda cls: higher.register_optim(cls, DifferentiableMetaSGD))
 
 
 @contextmanager
@@ -298,7 +242,7 @@ def inner_loop(
     first_order: bool = False,
     copy_initial_weights: bool = False,
     track_higher_grads: bool = True,
-) -> Iterator[tuple[_MonkeyPatchBase, DifferentiableOptimizer]]:
+) -> Iterator[tuple[nn.Module, DifferentiableOptimizer]]:
     r"""A differentiable Meta-SGD inner loop: yields ``(fmodel, diffopt)`` as ``higher`` does.
 
     Each ``diffopt.step(loss)`` computes
@@ -336,19 +280,8 @@ def inner_loop(
         ...     torch.nn.functional.mse_loss(fmodel(x[5:]), y[5:]).backward()
         >>> meta_opt.step()
     """
-    if not isinstance(opt, MetaSGD):
-        raise TypeError(
-            f"inner_loop needs a torch_metasgd.MetaSGD optimizer, got {type(opt).__name__}; "
-            "use higher.innerloop_ctx for other optimizers"
-        )
-    model_params = {id(p) for p in model.parameters()}
-    for g_idx, group in enumerate(opt.param_groups):
-        for p_idx, p in enumerate(group["params"]):
-            if id(p) not in model_params:
-                raise ValueError(
-                    f"Parameter {p_idx} of param group {g_idx} of the optimizer "
-                    f"({_describe(p)}) is not a parameter of the {type(model).__name__} model"
-                )
+    require_metasgd(opt, "inner_loop")
+    require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
     fmodel = higher.monkeypatch(
         model, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
     )

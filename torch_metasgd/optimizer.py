@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
-from . import _functional as F
+from . import _kernels, hypergradient
+from ._parametrizations import parametrization
 
-__all__ = ["MetaSGD"]
+__all__ = ["MetaSGD", "for_each_subclass"]
 
-# Keys of a param group that MetaSGD adds to torch.optim.SGD's.
-_STEP_SIZE_KEYS = ("granularity", "parametrization", "lr_min", "lr_max", "hypergrad_lr")
+GRANULARITIES = ("element", "tensor", "group")
 
 
 class MetaSGD(Optimizer):
-    r"""Stochastic gradient descent with learnable step sizes (Meta-SGD).
+    r"""Stochastic gradient descent with learnable step sizes (Meta-SGD, arXiv:1707.09835).
 
     A drop-in for :class:`torch.optim.SGD`: same arguments, same update, with
     the scalar learning rate replaced by learnable step sizes. Each parameter
@@ -49,58 +49,14 @@ class MetaSGD(Optimizer):
     hand :meth:`meta_parameters` to an outer optimizer and differentiate
     through the inner steps with :func:`torch_metasgd.inner_loop`,
     ``higher.innerloop_ctx`` or :func:`torch_metasgd.meta_loss`, or let
-    :class:`torch_metasgd.LookAhead` do it against held-out data.
-
-    With ``hypergrad_lr`` :math:`\beta > 0` every :meth:`step` first learns
-    the step sizes online, by hypergradient descent (Baydin et al., 2018), at
-    no extra forward or backward: the last step was
-    :math:`\theta_{t-1} = \theta_{t-2} - \alpha \odot d_{t-1}`, so the current
-    gradient gives the derivative of the current loss in the step sizes,
-    :math:`\partial f(\theta_{t-1}) / \partial\alpha = -g_t \odot d_{t-1}`.
-    Summed over the elements of a tensor (over the group for ``"group"``)
-    it is :math:`p = \langle g_t, d_{t-1}\rangle`, which is measured against
-    its running magnitude :math:`v`, and the step sizes take a multiplicative
-    step before the update above:
-
-    .. math::
-        \begin{aligned}
-        v &\leftarrow 0.99\, v + 0.01\, \|g_t\|\,\|d_{t-1}\|
-            \quad (v = \|g_t\|\,\|d_{t-1}\| \text{ at first}) \\
-        h &= \operatorname{clamp}(p / v,\; -5,\; 1) \\
-        \log|\alpha| &\leftarrow \log|\alpha| + \beta\,\operatorname{sign}(\alpha)\,(h + \delta),
-            \qquad \delta = 0.02,
-        \end{aligned}
-
-    then :math:`\alpha \leftarrow \operatorname{clamp}(\alpha, \alpha_{\min}, \alpha_{\max})`
-    and :math:`s \leftarrow \phi^{-1}(\alpha / \gamma)`. At the first step
-    :math:`h = \cos(g_t, d_{t-1})`; while the gradients keep their size
-    :math:`h` is about that cosine, so a step size grows by at most
-    :math:`e^{1.02\beta}` per step, but when the loss blows up the gradients
-    outgrow :math:`v` and the step sizes shrink in proportion (by up to
-    :math:`e^{-4.98\beta}` per step, so that one outlier batch cannot wipe
-    out what was learned). The drift
-    :math:`\delta` offsets the bias of this greedy one-step hypergradient
-    under gradient noise (its expectation is negative at a noisy stationary
-    point whatever the step size, so without :math:`\delta` the step sizes
-    decay for ever). The update is free of the scale of the loss, so one
-    :math:`\beta` suits every model (the additive form
-    :math:`\alpha \leftarrow \alpha - \beta\,\partial f/\partial\alpha`
-    diverges or stalls depending on that scale; see ``benchmarks/online.py``).
-    For ``"element"`` the step sizes of a tensor move together by the
-    tensor's :math:`h + \delta`, each element also by the sign of its own
-    hypergradient at a fifth of the rate, and none may exceed :math:`e` times
-    the geometric mean of its tensor's:
-
-    .. math::
-        \log|\alpha_i| \leftarrow \min\Big(\log|\alpha_i| + \beta\operatorname{sign}(\alpha_i)
-            \big(h + \delta + \tfrac15\operatorname{sign}(g_{t,i}\,d_{t-1,i})\big),\;
-            \operatorname{mean}_j \log|\alpha_j| + 1\Big)
-
-    (the mean taken over the updated step sizes). Without the cap, the step
-    sizes of elements whose gradient keeps its sign, such as output weights
-    on separable data, grow until training diverges. The direction
-    :math:`d_{t-1}` and the magnitude :math:`v` are kept in the optimizer
-    state (per parameter, saved by :meth:`state_dict`).
+    :class:`torch_metasgd.LookAhead` do it against held-out data. With
+    ``hypergrad_lr`` :math:`\beta > 0`, every :meth:`step` first moves the
+    step sizes by hypergradient descent, at no extra forward or backward
+    pass: :math:`\log|\alpha|` follows the (clipped, scale-free) cosine
+    between the current gradient and the last direction, with a small upward
+    drift; per element, also each element's own sign, capped at :math:`e`
+    times its tensor's geometric mean. The rule, its constants and its state
+    are written out in :mod:`torch_metasgd.hypergradient`.
 
     Args:
         params: an iterable of tensors or of dicts defining parameter groups;
@@ -181,16 +137,15 @@ class MetaSGD(Optimizer):
             hypergrad_lr=hypergrad_lr,
         )
         _validate_group(defaults)
+        # step() reads each group's step sizes from this list: hashing every
+        # parameter into self.state costs as much as the update on small tensors.
         self._step_sizes: list[list[Tensor]] = []
         super().__init__(params, defaults)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # higher finds a differentiable twin by exact type, so every subclass
-        # is registered; imported here because differentiable imports this module.
-        from .differentiable import _register
-
-        _register(cls)
+        for hook in _SUBCLASS_HOOKS:
+            hook(cls)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -203,9 +158,7 @@ class MetaSGD(Optimizer):
             group.setdefault("lr_min", None)
             group.setdefault("lr_max", None)
             group.setdefault("hypergrad_lr", 0.0)
-        self._step_sizes = [
-            [self.state[p]["step_size"] for p in group["params"]] for group in self.param_groups
-        ]
+        self._list_step_sizes()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group and create its step-size parameters.
@@ -215,14 +168,13 @@ class MetaSGD(Optimizer):
         group = dict(param_group)
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        merged = {**self.defaults, **group}
-        _validate_group(merged)
+        _validate_group({**self.defaults, **group})
         seen = set()
         for p in params:
             if isinstance(p, Tensor) and not p.is_leaf:
-                raise ValueError(f"can't optimize a non-leaf Tensor: {_describe(p)}")
+                raise ValueError(f"can't optimize a non-leaf Tensor: {describe(p)}")
             if id(p) in seen:
-                raise ValueError(f"Parameter appears twice in a param group: {_describe(p)}")
+                raise ValueError(f"Parameter appears twice in a param group: {describe(p)}")
             seen.add(id(p))
         if isinstance(group["params"], Iterator):
             # Consumed above: hand torch the list, not an exhausted generator.
@@ -231,7 +183,7 @@ class MetaSGD(Optimizer):
         self._create_step_sizes(self.param_groups[-1])
 
     def _create_step_sizes(self, group: dict[str, Any]) -> None:
-        s0 = F.initial_step_size(group["parametrization"])
+        s0 = parametrization(group["parametrization"]).initial
         params = group["params"]
         if group["granularity"] == "group" and params:
             shared = _leaf(torch.full((), s0, dtype=params[0].dtype, device=params[0].device))
@@ -245,9 +197,12 @@ class MetaSGD(Optimizer):
                 s = shared
             self.state[p]["step_size"] = s
             step_sizes.append(s)
-        # step() reads the step sizes from this list: hashing every parameter
-        # into self.state costs as much as the update itself on small tensors.
         self._step_sizes.append(step_sizes)
+
+    def _list_step_sizes(self) -> None:
+        self._step_sizes = [
+            [self.state[p]["step_size"] for p in group["params"]] for group in self.param_groups
+        ]
 
     def meta_parameters(self) -> list[Tensor]:
         """The step-size parameters, in parameter order, each listed once.
@@ -256,9 +211,8 @@ class MetaSGD(Optimizer):
         ``torch.optim.Adam([*model.parameters(), *opt.meta_parameters()])``.
         """
         seen: dict[int, Tensor] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                s = self.state[p]["step_size"]
+        for step_sizes in self._step_sizes:
+            for s in step_sizes:
                 seen.setdefault(id(s), s)
         return list(seen.values())
 
@@ -272,13 +226,7 @@ class MetaSGD(Optimizer):
         Broadcastable to ``p`` and differentiable in the step-size parameter.
         """
         group = self._group_of(p)
-        return F.effective_lr(
-            self.step_size(p),
-            group["lr"],
-            group["parametrization"],
-            group["lr_min"],
-            group["lr_max"],
-        )
+        return _kernels.effective_lrs(group, [self.step_size(p)])[0]
 
     @torch.no_grad()
     def uniform_step_sizes_(
@@ -295,29 +243,24 @@ class MetaSGD(Optimizer):
         for group in self.param_groups:
             if group["lr"] <= 0:
                 raise ValueError(f"Invalid learning rate for uniform_step_sizes_: {group['lr']}")
-            if group["parametrization"] != "identity" and low <= 0:
+            if parametrization(group["parametrization"]).positive and low <= 0:
                 raise ValueError(
                     f"Invalid step-size range for {group['parametrization']!r}: "
                     f"[{low}, {high}] (step sizes are positive)"
                 )
-        for s in self.meta_parameters():
-            u = torch.rand(s.shape, generator=generator, dtype=s.dtype, device="cpu")
-            u = (low + (high - low) * u).to(s.device)
-            group = self._group_of_step_size(s)
-            s.copy_(F.inverse_transform(u / group["lr"], group["parametrization"]))
+        for group, step_sizes in zip(self.param_groups, self._step_sizes, strict=True):
+            phi = parametrization(group["parametrization"])
+            for s in {id(s): s for s in step_sizes}.values():
+                u = torch.rand(s.shape, generator=generator, dtype=s.dtype, device="cpu")
+                u = (low + (high - low) * u).to(s.device)
+                s.copy_(phi.inverse(u / group["lr"]))
         return self
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         for group in self.param_groups:
             if any(q is p for q in group["params"]):
                 return group
-        raise ValueError(f"Tensor is not a parameter of this optimizer: {_describe(p)}")
-
-    def _group_of_step_size(self, s: Tensor) -> dict[str, Any]:
-        for group in self.param_groups:
-            if any(self.state[p]["step_size"] is s for p in group["params"]):
-                return group
-        raise AssertionError("unreachable: step size without a group")
+        raise ValueError(f"Tensor is not a parameter of this optimizer: {describe(p)}")
 
     def _init_group(
         self,
@@ -341,7 +284,7 @@ class MetaSGD(Optimizer):
                 momentum_buffers.append(self.state[p].get("momentum_buffer"))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform a single optimization step.
 
         Args:
@@ -369,12 +312,12 @@ class MetaSGD(Optimizer):
             foreach = group["foreach"]
             if foreach is None:
                 _, foreach = _default_to_fused_or_foreach(params, differentiable=False)
-            # Everything hypergradient sits behind this check: plain step() stays SGD's cost.
-            directions: list[Tensor | None] | None = None
-            if group["hypergrad_lr"] != 0:
-                self._hypergradient_step(group, params, grads, step_sizes)
-                directions = [None] * len(params)
-            F.metasgd(
+            online = group["hypergrad_lr"] != 0
+            if online:
+                # Before the update: the last direction may be the momentum
+                # buffer, which the update advances in place.
+                hypergradient.hypergradient_step_(group, params, grads, step_sizes, self.state)
+            directions = _kernels.metasgd(
                 params,
                 grads,
                 momentum_buffers,
@@ -389,83 +332,14 @@ class MetaSGD(Optimizer):
                 lr_min=group["lr_min"],
                 lr_max=group["lr_max"],
                 foreach=foreach,
-                directions=directions,
+                keep_directions=online,
             )
             if group["momentum"] != 0:
                 for p, buf in zip(params, momentum_buffers, strict=True):
                     self.state[p]["momentum_buffer"] = buf
-            if directions is not None:
-                self._store_directions(group, params, directions)
+            if online:
+                hypergradient.remember_directions(group, params, directions, self.state)
         return loss
-
-    def _hypergradient_step(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        step_sizes: list[Tensor],
-    ) -> None:
-        # Parameters without a previous direction (first step, or no gradient
-        # last step, so the step sizes did not move them) contribute nothing.
-        kept = [
-            (p, g, s, self.state[p]["hypergrad_direction"])
-            for p, g, s in zip(params, grads, step_sizes, strict=True)
-            if "hypergrad_direction" in self.state[p]
-        ]
-        if not kept or group["lr"] == 0:
-            return
-        kept_params, kept_grads, kept_step_sizes, directions = map(list, zip(*kept, strict=True))
-        scales = self._hypergradient_scales(group, kept_params, kept_step_sizes)
-        F.hypergradient_step_(
-            kept_params,
-            kept_grads,
-            directions,
-            kept_step_sizes,
-            scales,
-            hypergrad_lr=group["hypergrad_lr"],
-            granularity=group["granularity"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            lr=group["lr"],
-            parametrization=group["parametrization"],
-            lr_min=group["lr_min"],
-            lr_max=group["lr_max"],
-        )
-
-    def _hypergradient_scales(
-        self, group: dict[str, Any], params: list[Tensor], step_sizes: list[Tensor]
-    ) -> list[Tensor]:
-        """The running magnitudes of the hypergradient: 0-dim, one per parameter or per group.
-
-        Created at 0 (no history). A group's one scale lives in the state of
-        every parameter of the group, as one tensor (a loaded state dict
-        holds copies: they are tied again here).
-        """
-        if group["granularity"] != "group":
-            scales = []
-            for p, s in zip(params, step_sizes, strict=True):
-                state = self.state[p]
-                if "hypergrad_scale" not in state:
-                    state["hypergrad_scale"] = s.new_zeros(())
-                scales.append(state["hypergrad_scale"])
-            return scales
-        scale = self.state[params[0]].get("hypergrad_scale")
-        if scale is None:
-            scale = step_sizes[0].new_zeros(())
-        for p in group["params"]:
-            self.state[p]["hypergrad_scale"] = scale
-        return [scale]
-
-    def _store_directions(
-        self, group: dict[str, Any], params: list[Tensor], directions: list[Tensor | None]
-    ) -> None:
-        for p, d in zip(params, directions, strict=True):
-            self.state[p]["hypergrad_direction"] = d
-        if len(params) < len(group["params"]):
-            stepped = {id(p) for p in params}
-            for p in group["params"]:
-                if id(p) not in stepped:
-                    self.state[p].pop("hypergrad_direction", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state; step sizes are written into the live tensors in place.
@@ -483,7 +357,7 @@ class MetaSGD(Optimizer):
                     f"loaded state dict has a group of {len(saved['params'])} parameters "
                     f"where this optimizer has {len(group['params'])}"
                 )
-            for key in _STEP_SIZE_KEYS[:2]:
+            for key in ("granularity", "parametrization"):
                 if saved.get(key, self.defaults[key]) != group[key]:
                     raise ValueError(
                         f"loaded state dict has {key}={saved.get(key)!r} "
@@ -506,9 +380,24 @@ class MetaSGD(Optimizer):
                     s.copy_(self.state[p]["step_size"])
                     self.state[p]["step_size"] = s
         # The load's __setstate__ listed the loaded copies: step() must read the live tensors.
-        self._step_sizes = [
-            [self.state[p]["step_size"] for p in group["params"]] for group in self.param_groups
-        ]
+        self._list_step_sizes()
+
+
+_SUBCLASS_HOOKS: list[Callable[[type[MetaSGD]], None]] = []
+
+
+def for_each_subclass(hook: Callable[[type[MetaSGD]], None]) -> None:
+    """Call ``hook(cls)`` for ``MetaSGD`` and each subclass, now and whenever one is defined.
+
+    The ``higher`` twin registers every class this way: higher looks an
+    optimizer's differentiable twin up by its exact type.
+    """
+    pending = [MetaSGD]
+    while pending:
+        cls = pending.pop()
+        hook(cls)
+        pending += cls.__subclasses__()
+    _SUBCLASS_HOOKS.append(hook)
 
 
 def _validate_group(group: dict[str, Any]) -> None:
@@ -525,15 +414,11 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid dampening value: {group['dampening']}")
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    if group["granularity"] not in F.GRANULARITIES:
+    if group["granularity"] not in GRANULARITIES:
         raise ValueError(
-            f"Invalid granularity: {group['granularity']!r} (expected one of {F.GRANULARITIES})"
+            f"Invalid granularity: {group['granularity']!r} (expected one of {GRANULARITIES})"
         )
-    if group["parametrization"] not in F.PARAMETRIZATIONS:
-        raise ValueError(
-            f"Invalid parametrization: {group['parametrization']!r} "
-            f"(expected one of {F.PARAMETRIZATIONS})"
-        )
+    parametrization(group["parametrization"])
     lr_min, lr_max = group["lr_min"], group["lr_max"]
     for name, bound in (("lr_min", lr_min), ("lr_max", lr_max)):
         if bound is not None and math.isnan(bound):
@@ -549,5 +434,6 @@ def _leaf(t: Tensor) -> Tensor:
     return t.detach().requires_grad_(True)
 
 
-def _describe(p: Tensor) -> str:
-    return f"Tensor of shape {tuple(p.shape)}"
+def describe(t: Tensor) -> str:
+    """How an error message names a tensor."""
+    return f"Tensor of shape {tuple(t.shape)}"

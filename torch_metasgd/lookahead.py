@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import require_metasgd
 from .differentiable import inner_loop
 from .optimizer import MetaSGD
 
@@ -89,8 +90,7 @@ class LookAhead:
         meta_optimizer: torch.optim.Optimizer | None = None,
         first_order: bool = False,
     ) -> None:
-        if not isinstance(opt, MetaSGD):
-            raise TypeError(f"LookAhead needs a torch_metasgd.MetaSGD, got {type(opt).__name__}")
+        require_metasgd(opt, "LookAhead")
         if every < 1:
             raise ValueError(f"Invalid every value: {every}")
         if unroll < 1:

@@ -3,8 +3,8 @@ r"""Batched Meta-SGD with ``torch.func``: every task of a meta-batch at once.
 :func:`meta_loss` runs the inner loops of ``T`` tasks together and returns the
 mean query loss, ready for ``.backward()``. For task :math:`t` and inner steps
 :math:`k = 1..K` it computes, with the optimizer's own update
-(:func:`torch_metasgd._functional.sgd_direction` and
-:func:`~torch_metasgd._functional.effective_lr`),
+(``torch_metasgd._kernels.metasgd_update``, the step of every differentiable
+path),
 
 .. math::
     \begin{aligned}
@@ -72,8 +72,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
-from . import _functional as F
-from . import _grouped
+from . import _grouped, _kernels
+from ._checks import require_metasgd, require_params_of
 from .optimizer import MetaSGD
 
 __all__ = ["meta_loss", "adapt"]
@@ -83,29 +83,6 @@ STRATEGIES = ("auto", "vmap", "loop", "grouped")
 LossFn = Callable[[Any, Tensor], Tensor]
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """The SGD hyperparameters of one parameter's group."""
-
-    weight_decay: float
-    momentum: float
-    dampening: float
-    nesterov: bool
-    maximize: bool
-
-    def direction(self, p: Tensor, g: Tensor, buf: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return F.sgd_direction(
-            p,
-            g,
-            buf,
-            weight_decay=self.weight_decay,
-            momentum=self.momentum,
-            dampening=self.dampening,
-            nesterov=self.nesterov,
-            maximize=self.maximize,
-        )
-
-
 @dataclass
 class _Plan:
     """What the inner loop needs to know about a (model, optimizer) pair."""
@@ -113,7 +90,7 @@ class _Plan:
     params: dict[str, Tensor]  # every parameter of the model, by name
     trainable: list[str]  # the names the optimizer updates in the inner loop
     alphas: dict[str, Tensor]  # effective step sizes, differentiable in the live s
-    rules: dict[str, _Rule]
+    options: dict[str, _kernels.SGDOptions]
     momentum: dict[str, Tensor]  # the optimizer's buffers at call time, detached
     buffers: dict[str, Tensor]
 
@@ -137,48 +114,35 @@ class _Plan:
                 if name in bufs:
                     new_bufs[name] = bufs[name]
                 continue
-            p = params[name].detach() if first_order else params[name]
-            d, buf = self.rules[name].direction(p, g, bufs.get(name))
-            params[name] = params[name] - self.alphas[name] * d
+            params[name], buf = _kernels.metasgd_update(
+                params[name], g, bufs.get(name), self.alphas[name], self.options[name], first_order
+            )
             if buf is not None:
                 new_bufs[name] = buf
         return params, new_bufs
 
 
-def _plan(model: nn.Module, opt: MetaSGD) -> _Plan:
-    if not isinstance(opt, MetaSGD):
-        raise TypeError(f"expected a torch_metasgd.MetaSGD optimizer, got {type(opt).__name__}")
-    held: dict[int, tuple[dict[str, Any], Tensor]] = {}
-    for group, step_sizes in zip(opt.param_groups, opt._step_sizes, strict=True):
-        for p, s in zip(group["params"], step_sizes, strict=True):
-            held[id(p)] = (group, s)
+def _plan(model: nn.Module, opt: MetaSGD, who: str) -> _Plan:
+    require_metasgd(opt, who)
+    require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
+    held: dict[int, tuple[_kernels.SGDOptions, Tensor]] = {}
+    for group in opt.param_groups:
+        step_sizes = [opt.step_size(p) for p in group["params"]]
+        alphas = _kernels.effective_lrs(group, step_sizes)
+        options = _kernels.sgd_options(group)
+        for p, alpha in zip(group["params"], alphas, strict=True):
+            held[id(p)] = (options, alpha)
+    trainable, alphas, options, momentum = [], {}, {}, {}
     params = dict(model.named_parameters())
-    missing = held.keys() - {id(p) for p in params.values()}
-    if missing:
-        raise ValueError(
-            f"{len(missing)} parameter(s) of the optimizer are not parameters of the "
-            f"{type(model).__name__} model"
-        )
-    trainable, alphas, rules, momentum = [], {}, {}, {}
     for name, p in params.items():
         if id(p) not in held or not p.requires_grad:
             continue
-        group, s = held[id(p)]
         trainable.append(name)
-        alphas[name] = F.effective_lr(
-            s, group["lr"], group["parametrization"], group["lr_min"], group["lr_max"]
-        )
-        rules[name] = _Rule(
-            group["weight_decay"],
-            group["momentum"],
-            group["dampening"],
-            group["nesterov"],
-            group["maximize"],
-        )
+        options[name], alphas[name] = held[id(p)]
         buf = opt.state[p].get("momentum_buffer")
-        if group["momentum"] != 0 and buf is not None:
+        if options[name].momentum != 0 and buf is not None:
             momentum[name] = buf.detach()
-    return _Plan(params, trainable, alphas, rules, momentum, dict(model.named_buffers()))
+    return _Plan(params, trainable, alphas, options, momentum, dict(model.named_buffers()))
 
 
 def _task_loss(
@@ -381,7 +345,7 @@ def meta_loss(
     if strategy not in STRATEGIES:
         raise ValueError(f"Invalid strategy: {strategy!r} (expected one of {STRATEGIES})")
     _check_tasks(support, query)
-    plan = _plan(model, opt)
+    plan = _plan(model, opt, "meta_loss")
     if strategy == "auto":
         strategy = _auto_strategy(model)
     if strategy == "grouped" and not _grouped.supports(model):
@@ -432,5 +396,5 @@ def adapt(
     """
     if steps < 1:
         raise ValueError(f"Invalid number of inner steps: {steps}")
-    plan = _plan(model, opt)
+    plan = _plan(model, opt, "adapt")
     return _adapt_autograd(model, plan, loss_fn, inputs, targets, steps, first_order)

@@ -1,4 +1,4 @@
-"""torch_metasgd.meta_loss / adapt against a hand-written per-task inner loop."""
+"""``meta_loss`` / ``adapt`` (``torch_metasgd.batched``) against a hand-written loop over tasks."""
 
 import copy
 import math

@@ -1,10 +1,10 @@
-"""The pure arithmetic of Meta-SGD (``torch_metasgd._functional``).
+"""The arithmetic of a Meta-SGD step (``torch_metasgd._kernels``).
 
 ``sgd_direction`` is checked against torch.optim.SGD itself (one SGD step with
 ``lr=1`` moves a parameter by exactly ``-d``) and against the algorithm as the
-torch.optim.SGD documentation writes it; the parametrizations against their
-closed forms written out here; ``effective_lr`` against a hand-written clamp
-and finite differences.
+torch.optim.SGD documentation writes it; ``effective_lr`` against a
+hand-written clamp and finite differences; the in-place step against the
+update rule written out.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from _reference import ref_phi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_metasgd import _functional as F
+from torch_metasgd._kernels import effective_lr, metasgd, sgd_direction
+from torch_metasgd._parametrizations import PARAMETRIZATIONS as PHI
 
 PARAMETRIZATIONS = ["identity", "log", "softplus"]
-
 
 
 @st.composite
@@ -55,7 +55,7 @@ def test_sgd_direction_is_torch_sgd_step_with_unit_lr(options, shape, seed):
         p.grad = grad.clone()
         before = p.detach().clone()
         sgd.step()
-        d, buf = F.sgd_direction(theta, grad, buf, **options)
+        d, buf = sgd_direction(theta, grad, buf, **options)
         torch.testing.assert_close(d, before - p.detach(), rtol=1e-12, atol=1e-12)
         if options["momentum"] != 0:
             torch.testing.assert_close(buf, sgd.state[p]["momentum_buffer"], rtol=1e-12, atol=1e-12)
@@ -82,7 +82,7 @@ def test_sgd_direction_matches_documented_algorithm(options, seed):
     buf = ref_buf = None
     for _ in range(3):
         grad = torch.randn(3, 2, generator=g, dtype=torch.float64)
-        d, buf = F.sgd_direction(param, grad, buf, **options)
+        d, buf = sgd_direction(param, grad, buf, **options)
         ref_d, ref_buf = ref_direction(param, grad, ref_buf, **options)
         torch.testing.assert_close(d, ref_d, rtol=1e-14, atol=1e-14)
         if ref_buf is None:
@@ -96,7 +96,7 @@ def test_sgd_direction_leaves_inputs_untouched():
     param, grad, buf = torch.randn(4), torch.randn(4), torch.randn(4)
     copies = param.clone(), grad.clone(), buf.clone()
     options = dict(weight_decay=0.1, momentum=0.9, dampening=0.0, nesterov=True, maximize=True)
-    F.sgd_direction(param, grad, buf, **options)
+    sgd_direction(param, grad, buf, **options)
     for tensor, copy in zip((param, grad, buf), copies, strict=True):
         assert torch.equal(tensor, copy)
 
@@ -114,67 +114,9 @@ def test_sgd_direction_gradient_matches_finite_differences(nesterov):
     )
 
     def direction_and_buffer(param, grad, buf):
-        return F.sgd_direction(param, grad, buf, **options)
+        return sgd_direction(param, grad, buf, **options)
 
     assert torch.autograd.gradcheck(direction_and_buffer, inputs)
-
-
-# --------------------------------------------------------------------------
-# Parametrizations
-# --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-def test_transform_of_initial_step_size_is_one(parametrization):
-    s0 = torch.tensor(F.initial_step_size(parametrization), dtype=torch.float64)
-    torch.testing.assert_close(
-        F.transform(s0, parametrization),
-        torch.tensor(1.0, dtype=torch.float64),
-        rtol=1e-15,
-        atol=0,
-    )
-
-
-@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@settings(max_examples=30, deadline=None)
-@given(s=st.lists(st.floats(-5.0, 5.0), min_size=1, max_size=8))
-def test_transform_is_closed_form_and_inverted_by_inverse_transform(parametrization, s):
-    s = torch.tensor(s, dtype=torch.float64)
-    x = F.transform(s, parametrization)
-    torch.testing.assert_close(x, ref_phi(s, parametrization), rtol=1e-13, atol=0)
-    torch.testing.assert_close(F.inverse_transform(x, parametrization), s, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@settings(max_examples=30, deadline=None)
-@given(x=st.lists(st.floats(1e-4, 1e3), min_size=1, max_size=8))
-def test_inverse_transform_is_inverted_by_transform(parametrization, x):
-    x = torch.tensor(x, dtype=torch.float64)
-    # torch's softplus is linear above s=20, off by up to exp(-20) / 20 relative.
-    rtol = 1e-10 if parametrization == "softplus" else 1e-12
-    torch.testing.assert_close(
-        F.transform(F.inverse_transform(x, parametrization), parametrization),
-        x,
-        rtol=rtol,
-        atol=0,
-    )
-
-
-@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_inverse_transform_is_finite_for_large_multipliers(parametrization, dtype):
-    # A step size of 2 with lr=1e-4 is a multiplier of 2e4; float32 exp overflows at 88.
-    x = torch.logspace(-6, 6, 121, dtype=dtype)
-    s = F.inverse_transform(x, parametrization)
-    assert torch.isfinite(s).all()
-    rtol = 1e-5 if dtype == torch.float32 else 1e-10
-    torch.testing.assert_close(F.transform(s, parametrization), x, rtol=rtol, atol=0)
-
-
-@pytest.mark.parametrize("parametrization", ["log", "softplus"])
-def test_positive_parametrizations_give_positive_multipliers(parametrization):
-    s = torch.linspace(-30, 30, 61, dtype=torch.float64)
-    assert (F.transform(s, parametrization) > 0).all()
 
 
 # --------------------------------------------------------------------------
@@ -194,7 +136,7 @@ def test_effective_lr_is_clamped_scaled_multiplier(parametrization, lr_min, lr_m
         expected = torch.where(expected < lr_min, torch.full_like(expected, lr_min), expected)
     if lr_max is not None:
         expected = torch.where(expected > lr_max, torch.full_like(expected, lr_max), expected)
-    got = F.effective_lr(s, lr, parametrization, lr_min, lr_max)
+    got = effective_lr(s, lr, PHI[parametrization], lr_min, lr_max)
     torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
     if lr_min is not None:
         assert got.min() >= lr_min
@@ -207,14 +149,14 @@ def test_effective_lr_gradient_matches_finite_differences(parametrization):
     # Unclamped points, bounds far from them: the clamp passes the gradient through.
     s = torch.tensor([0.3, 0.7, 1.1, 1.6], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda s: F.effective_lr(s, 0.25, parametrization, 1e-6, 1e3), (s,)
+        lambda s: effective_lr(s, 0.25, PHI[parametrization], 1e-6, 1e3), (s,)
     )
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_effective_lr_has_no_gradient_where_clamped(parametrization):
     s = torch.tensor([-4.0, 4.0], dtype=torch.float64, requires_grad=True)
-    eff = F.effective_lr(s, 1.0, parametrization, lr_min=0.5, lr_max=1.5)
+    eff = effective_lr(s, 1.0, PHI[parametrization], lr_min=0.5, lr_max=1.5)
     (grad,) = torch.autograd.grad(eff.sum(), s)
     assert torch.equal(grad, torch.zeros_like(grad))
 
@@ -243,7 +185,7 @@ def test_metasgd_step_is_minus_effective_lr_times_direction(foreach):
     for p, grad, s in zip(params, grads, steps, strict=True):
         d, _ = ref_direction(p, grad, None, **options)
         expected.append(p - (0.3 * torch.exp(s)).clamp(0.05, 0.4) * d)
-    F.metasgd(
+    metasgd(
         params,
         grads,
         buffers,

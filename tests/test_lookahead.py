@@ -1,0 +1,119 @@
+"""``LookAhead``: step sizes learned against held-out data in a training loop.
+
+Checked against an unroll written out by hand and differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from torch_metasgd import LookAhead, MetaSGD
+
+DTYPE = torch.float64
+
+
+def _lookahead_problem():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 3, generator=g, dtype=DTYPE)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=DTYPE) + 0.1 * torch.randn(
+        40, 1, generator=g, dtype=DTYPE
+    )
+    train = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
+    held_out = (x[24:], y[24:])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).to(DTYPE)
+    return model, train, held_out
+
+
+def _mse(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+def _unrolled_held_out_loss(model, log_alphas, train, held_out, lr):
+    """Hand-written unroll: theta_j = theta_{j-1} - lr * exp(s) * grad, from the model's weights."""
+    w, b = (p.detach().clone().requires_grad_() for p in model.parameters())
+    for x, y in train:
+        gw, gb = torch.autograd.grad(F.mse_loss(x @ w.T + b, y), [w, b], create_graph=True)
+        w = w - lr * log_alphas[0].exp() * gw
+        b = b - lr * log_alphas[1].exp() * gb
+    return F.mse_loss(held_out[0] @ w.T + b, held_out[1])
+
+
+def test_lookahead_moves_step_sizes_along_the_held_out_meta_gradient():
+    model, train, held_out = _lookahead_problem()
+    lr, meta_lr = 0.05, 0.5
+    opt = MetaSGD(model.parameters(), lr=lr, parametrization="log")
+    s_before = [s.detach().clone() for s in opt.meta_parameters()]
+    meta_opt = torch.optim.SGD(opt.meta_parameters(), lr=meta_lr)
+    lookahead = LookAhead(
+        model, opt, _mse, held_out, every=len(train), unroll=len(train), meta_optimizer=meta_opt
+    )
+    weights = [p.detach().clone() for p in model.parameters()]
+
+    log_alphas = [s.clone().requires_grad_() for s in s_before]
+    before = _unrolled_held_out_loss(model, log_alphas, train, held_out, lr)
+    expected_grads = torch.autograd.grad(before, log_alphas)
+
+    results = [lookahead.step(batch) for batch in train]
+    assert results[:-1] == [None] * (len(train) - 1)
+    torch.testing.assert_close(results[-1], before.detach())
+    for s, s0, g in zip(opt.meta_parameters(), s_before, expected_grads, strict=True):
+        torch.testing.assert_close(s.detach(), s0 - meta_lr * g)
+    after = _unrolled_held_out_loss(
+        model, [s.detach() for s in opt.meta_parameters()], train, held_out, lr
+    )
+    assert after < before
+    # The unroll ran on copies: the weights and their gradients are untouched.
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p.detach(), w)
+        assert p.grad is None
+
+
+def test_lookahead_adds_two_lines_to_a_training_loop_and_lowers_held_out_loss():
+    def train(with_lookahead: bool):
+        model, train, held_out = _lookahead_problem()
+        opt = MetaSGD(model.parameters(), lr=0.01, parametrization="log")
+        if with_lookahead:
+            lookahead = LookAhead(model, opt, _mse, held_out, every=2, unroll=2, meta_lr=0.1)
+        for _ in range(3):
+            for batch in train:
+                opt.zero_grad()
+                _mse(model, batch).backward()
+                opt.step()
+                if with_lookahead:
+                    lookahead.step(batch)
+        return _mse(model, held_out).item(), opt.meta_parameters()
+
+    plain_loss, _ = train(False)
+    loss, step_sizes = train(True)
+    assert all((s != 0).all() for s in step_sizes)
+    assert loss < 0.95 * plain_loss
+
+
+def test_lookahead_cycles_an_iterable_of_held_out_batches():
+    model, train, held_out = _lookahead_problem()
+    opt = MetaSGD(model.parameters(), lr=0.05, parametrization="log")
+    held_out_batches = [(held_out[0][:8], held_out[1][:8]), (held_out[0][8:], held_out[1][8:])]
+    frozen = torch.optim.SGD(opt.meta_parameters(), lr=0.0)
+    lookahead = LookAhead(
+        model, opt, _mse, held_out_batches, every=1, unroll=1, meta_optimizer=frozen
+    )
+    losses = [lookahead.step(train[0]) for _ in range(4)]
+    torch.testing.assert_close(losses[0], losses[2])
+    torch.testing.assert_close(losses[1], losses[3])
+    assert not torch.equal(losses[0], losses[1])
+
+
+def test_lookahead_rejects_invalid_arguments():
+    model, _, held_out = _lookahead_problem()
+    opt = MetaSGD(model.parameters())
+    with pytest.raises(ValueError, match="Invalid every value: 0"):
+        LookAhead(model, opt, _mse, held_out, every=0)
+    with pytest.raises(ValueError, match="Invalid unroll value: 0"):
+        LookAhead(model, opt, _mse, held_out, unroll=0)
+    with pytest.raises(ValueError, match="Invalid meta_lr value: -1"):
+        LookAhead(model, opt, _mse, held_out, meta_lr=-1)
+    with pytest.raises(TypeError, match="MetaSGD"):
+        LookAhead(model, torch.optim.SGD(model.parameters(), lr=0.1), _mse, held_out)

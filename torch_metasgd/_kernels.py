@@ -1,0 +1,309 @@
+r"""The arithmetic of a Meta-SGD step, written once and called by every path.
+
+.. math::
+    \theta \leftarrow \theta - \alpha \odot d, \qquad
+    \alpha = \operatorname{clamp}(\gamma\,\phi(s), \alpha_{\min}, \alpha_{\max})
+
+* :func:`sgd_direction`: SGD's direction :math:`d` (SGD's own step is
+  :math:`-\gamma d`): maximize, weight decay, momentum, dampening, nesterov.
+  One definition, run three ways (:class:`Arithmetic`): out of place and
+  differentiable, in place on one tensor, in place on a list of tensors.
+* :func:`effective_lr`: :math:`\alpha` from a step-size parameter.
+* :func:`metasgd_update`: the out-of-place step :math:`\theta - \alpha d` of the
+  differentiable paths (the ``higher`` twin and the ``torch.func`` path).
+* :func:`metasgd`: the in-place step of ``MetaSGD.step()``, single- or
+  multi-tensor, as ``torch.optim.sgd`` is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from . import _parametrizations
+from ._parametrizations import Parametrization
+
+__all__ = [
+    "SGDOptions",
+    "sgd_options",
+    "sgd_direction",
+    "effective_lr",
+    "effective_lrs",
+    "metasgd_update",
+    "metasgd",
+]
+
+
+class SGDOptions(NamedTuple):
+    """A param group's options that define SGD's direction, in :func:`sgd_direction`'s order."""
+
+    weight_decay: float
+    momentum: float
+    dampening: float
+    nesterov: bool
+    maximize: bool
+
+
+def sgd_options(group: dict[str, Any]) -> SGDOptions:
+    """A param group's :class:`SGDOptions`."""
+    return SGDOptions(*(group[key] for key in SGDOptions._fields))
+
+
+class Arithmetic(NamedTuple):
+    """The operations of :func:`sgd_direction`, on one tensor or on a list of tensors."""
+
+    neg: Callable
+    #: ``add(a, b, alpha=c)``: a new ``a + c * b``.
+    add: Callable
+    #: The first momentum buffer from the first direction.
+    first_buffer: Callable
+    #: ``accumulate(buf, d, momentum, dampening)``: ``momentum * buf + (1 - dampening) * d``.
+    accumulate: Callable
+
+
+def _accumulate(buf, d, momentum, dampening):
+    return torch.add(buf * momentum, d, alpha=1 - dampening)
+
+
+def _accumulate_(buf, d, momentum, dampening):
+    return buf.mul_(momentum).add_(d, alpha=1 - dampening)
+
+
+def _foreach_accumulate_(bufs, d, momentum, dampening):
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, d, alpha=1 - dampening)
+    return bufs
+
+
+#: Out of place, differentiable in every input (also under ``torch.func``).
+DIFFERENTIABLE = Arithmetic(torch.neg, torch.add, lambda d: d, _accumulate)
+#: In place on the momentum buffer, whose first value is a copy: the direction
+#: may be the gradient itself, which ``zero_grad`` or a backward overwrites.
+IN_PLACE = Arithmetic(torch.neg, torch.add, torch.clone, _accumulate_)
+#: :data:`IN_PLACE` on lists, one multi-tensor kernel per operation.
+FOREACH_IN_PLACE = Arithmetic(
+    torch._foreach_neg,
+    torch._foreach_add,
+    lambda ds: [d.clone() for d in ds],
+    _foreach_accumulate_,
+)
+
+
+def sgd_direction(
+    param,
+    grad,
+    momentum_buffer,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    arithmetic: Arithmetic = DIFFERENTIABLE,
+):
+    r"""SGD's direction :math:`d` and the new momentum buffer: ``(d, buffer)``.
+
+    .. math::
+        g \leftarrow \pm\nabla + \lambda\theta, \quad
+        b \leftarrow \mu b + (1 - \tau) g \;(b = g \text{ at first}), \quad
+        d = g + \mu b \text{ if nesterov, else } b \text{ (} g \text{ if } \mu = 0)
+
+    The buffer is ``None`` when ``momentum == 0``. With the default
+    :data:`DIFFERENTIABLE` arithmetic nothing is modified and the result is
+    differentiable in every input. The options may be passed in the order of
+    :class:`SGDOptions` (``*options``): the in-place step calls this once per
+    tensor.
+    """
+    d = arithmetic.neg(grad) if maximize else grad
+    if weight_decay != 0:
+        d = arithmetic.add(d, param, alpha=weight_decay)
+    if momentum == 0:
+        return d, None
+    if momentum_buffer is None:
+        buf = arithmetic.first_buffer(d)
+    else:
+        buf = arithmetic.accumulate(momentum_buffer, d, momentum, dampening)
+    return (arithmetic.add(d, buf, alpha=momentum) if nesterov else buf), buf
+
+
+def effective_lr(
+    s: Tensor,
+    lr: float | Tensor,
+    phi: Parametrization,
+    lr_min: float | None = None,
+    lr_max: float | None = None,
+) -> Tensor:
+    r"""The step size :math:`\operatorname{clamp}(\gamma\,\phi(s), \alpha_{\min}, \alpha_{\max})`.
+
+    Differentiable in ``s`` (and in ``lr`` when it is a tensor).
+    """
+    alpha = phi.forward(s) * lr
+    if lr_min is not None or lr_max is not None:
+        alpha = alpha.clamp(lr_min, lr_max)
+    return alpha
+
+
+def effective_lrs(group: dict[str, Any], step_sizes: list[Tensor]) -> list[Tensor]:
+    """:func:`effective_lr` of every step size of a group, computed once per tensor.
+
+    A ``"group"`` step size is shared by every parameter of the group: its
+    step size is one graph node, whatever the number of parameters.
+    """
+    phi = _parametrizations.parametrization(group["parametrization"])
+    computed: dict[int, Tensor] = {}
+    for s in step_sizes:
+        if id(s) not in computed:
+            computed[id(s)] = effective_lr(s, group["lr"], phi, group["lr_min"], group["lr_max"])
+    return [computed[id(s)] for s in step_sizes]
+
+
+def metasgd_update(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    alpha: Tensor,
+    options: SGDOptions,
+    first_order: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    r"""The differentiable step: ``(theta - alpha * d, new momentum buffer)``, out of place.
+
+    ``first_order`` treats the direction
+    as a constant (the caller computes ``grad`` without a graph; weight decay
+    then reads the detached weights): first-order MAML for :math:`\theta`,
+    the exact first-order gradient for :math:`\alpha`.
+    """
+    point = param.detach() if first_order else param
+    d, buf = sgd_direction(point, grad, momentum_buffer, *options)
+    return param - alpha * d, buf
+
+
+def _folds_into_lr(phi: Parametrization, lr: float | Tensor, lr_min, lr_max) -> bool:
+    # alpha = lr * s: one addcmul with a scalar, and no alpha tensor to build.
+    return phi.is_identity and lr_min is None and lr_max is None and not isinstance(lr, Tensor)
+
+
+def metasgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    step_sizes: list[Tensor],
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    parametrization: str,
+    lr_min: float | None,
+    lr_max: float | None,
+    foreach: bool,
+    keep_directions: bool = False,
+) -> list[Tensor] | None:
+    """One in-place Meta-SGD step on ``params``; see :class:`torch_metasgd.MetaSGD`.
+
+    ``momentum_buffers`` (empty when ``momentum == 0``) is updated in place,
+    its ``None`` entries filled, as ``torch.optim.sgd`` does. With
+    ``keep_directions``, returns every parameter's direction ``d``, for the
+    next step's hypergradient; a direction is never the gradient tensor
+    itself, which ``zero_grad`` or the next backward may overwrite, but it may
+    be the momentum buffer, which the next step updates in place. Must run
+    under ``torch.no_grad()``.
+    """
+    if not params:
+        return [] if keep_directions else None
+    phi = _parametrizations.parametrization(parametrization)
+    options = SGDOptions(weight_decay, momentum, dampening, nesterov, maximize)
+    # A buffer's first value is a copy of its direction: that step runs per
+    # tensor, every later one on the whole list at once.
+    first_buffers = momentum != 0 and any(b is None for b in momentum_buffers)
+    step = _multi_tensor_metasgd if foreach and not first_buffers else _single_tensor_metasgd
+    return step(
+        params,
+        grads,
+        momentum_buffers,
+        step_sizes,
+        lr=lr,
+        phi=phi,
+        lr_min=lr_min,
+        lr_max=lr_max,
+        keep_directions=keep_directions,
+        options=options,
+    )
+
+
+def _single_tensor_metasgd(
+    params,
+    grads,
+    momentum_buffers,
+    step_sizes,
+    *,
+    lr,
+    phi,
+    lr_min,
+    lr_max,
+    keep_directions,
+    options,
+) -> list[Tensor] | None:
+    folds = _folds_into_lr(phi, lr, lr_min, lr_max)
+    directions = [] if keep_directions else None
+    for i, (param, grad, s) in enumerate(zip(params, grads, step_sizes, strict=True)):
+        buf = momentum_buffers[i] if momentum_buffers else None
+        d, buf = sgd_direction(param, grad, buf, *options, IN_PLACE)
+        if buf is not None:
+            momentum_buffers[i] = buf
+        if keep_directions:
+            directions.append(d.clone() if d is grad else d)
+        if folds:
+            param.addcmul_(d, s, value=-lr)
+        else:
+            param.addcmul_(d, effective_lr(s, lr, phi, lr_min, lr_max), value=-1)
+    return directions
+
+
+def _multi_tensor_metasgd(
+    params,
+    grads,
+    momentum_buffers,
+    step_sizes,
+    *,
+    lr,
+    phi,
+    lr_min,
+    lr_max,
+    keep_directions,
+    options,
+) -> list[Tensor] | None:
+    folds = _folds_into_lr(phi, lr, lr_min, lr_max)
+    directions: list[Tensor | None] = [None] * len(params) if keep_directions else None
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, step_sizes, momentum_buffers], with_indices=True
+    )
+    for (dev_params, dev_grads, dev_steps, dev_bufs), indices in grouped.values():
+        d, _ = sgd_direction(dev_params, dev_grads, dev_bufs, *options, FOREACH_IN_PLACE)
+        if keep_directions:
+            kept = [g.clone() for g in d] if d is dev_grads else d
+            for j, index in enumerate(indices):
+                directions[index] = kept[j]
+        if folds:
+            torch._foreach_addcmul_(dev_params, d, dev_steps, value=-lr)
+        else:
+            alphas = _foreach_effective_lr(dev_steps, lr, phi, lr_min, lr_max)
+            torch._foreach_addcmul_(dev_params, d, alphas, value=-1)
+    return directions
+
+
+def _foreach_effective_lr(step_sizes, lr, phi, lr_min, lr_max) -> list[Tensor]:
+    alphas = phi.forward_all(step_sizes)
+    if alphas is step_sizes:  # the identity: never scale the step sizes themselves
+        alphas = torch._foreach_mul(alphas, lr)
+    else:
+        torch._foreach_mul_(alphas, lr)
+    if lr_min is not None:
+        torch._foreach_clamp_min_(alphas, lr_min)
+    if lr_max is not None:
+        torch._foreach_clamp_max_(alphas, lr_max)
+    return alphas
