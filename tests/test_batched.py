@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from _options import cases
+from _options import options as metasgd_options
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -17,18 +19,9 @@ STRATEGIES = ["vmap", "loop", "grouped"]
 # Each case: (MetaSGD keyword arguments, whether to split into two groups with a
 # frozen parameter, whether the optimizer holds momentum buffers at call time).
 OPTION_CASES = {
-    "plain": (dict(lr=0.05), False, False),
-    "momentum": (dict(lr=0.05, momentum=0.9), False, False),
-    "dampening": (dict(lr=0.05, momentum=0.8, dampening=0.3), False, False),
-    "nesterov_wd": (dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1), False, False),
-    "maximize_wd": (dict(lr=0.05, maximize=True, weight_decay=0.05), False, False),
-    "tensor_log": (dict(lr=0.05, granularity="tensor", parametrization="log"), False, False),
-    "group_softplus_clamped": (
-        dict(lr=0.05, granularity="group", parametrization="softplus", lr_min=0.03, lr_max=0.06),
-        False,
-        False,
-    ),
-    "element_clamped": (dict(lr=1.0, lr_min=0.02, lr_max=0.05), False, False),
+    **{name: (options, False, False) for name, options in cases(0.05, skip=("foreach",)).items()},
+    # The paper's setting: lr = 1, so the step size is s itself.
+    "lr=1+bounds": (dict(lr=1.0, lr_min=0.02, lr_max=0.05), False, False),
     "groups_and_frozen": (dict(lr=0.05, momentum=0.5), True, False),
     "momentum_state": (dict(lr=0.05, momentum=0.9, weight_decay=0.01), False, True),
 }
@@ -410,40 +403,24 @@ def test_optimizer_over_foreign_parameters_raises():
 
 @settings(max_examples=15, deadline=None)
 @given(
-    momentum=st.sampled_from([0.0, 0.5, 0.9]),
-    dampening=st.sampled_from([0.0, 0.3]),
-    nesterov=st.booleans(),
-    weight_decay=st.sampled_from([0.0, 0.1]),
-    maximize=st.booleans(),
-    granularity=st.sampled_from(["element", "tensor", "group"]),
-    parametrization=st.sampled_from(["identity", "log", "softplus"]),
+    options=metasgd_options(
+        lr=0.05,
+        keys=(
+            "momentum",
+            "dampening",
+            "nesterov",
+            "weight_decay",
+            "maximize",
+            "granularity",
+            "parametrization",
+            "bounds",
+        ),
+    ),
     steps=st.integers(1, 3),
     first_order=st.booleans(),
     strategy=st.sampled_from(STRATEGIES),
 )
-def test_any_option_combination_matches_hand_written_loop(
-    momentum,
-    dampening,
-    nesterov,
-    weight_decay,
-    maximize,
-    granularity,
-    parametrization,
-    steps,
-    first_order,
-    strategy,
-):
-    nesterov = nesterov and momentum > 0 and dampening == 0
-    options = dict(
-        lr=0.05,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        maximize=maximize,
-        granularity=granularity,
-        parametrization=parametrization,
-    )
+def test_any_option_combination_matches_hand_written_loop(options, steps, first_order, strategy):
     model, opt = _make(options, False, False)
     xs, ys = _tasks(2, seed=13)
     xq, yq = _tasks(2, seed=14)

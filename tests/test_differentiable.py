@@ -15,9 +15,10 @@ import weakref
 import higher
 import pytest
 import torch
+from _options import cases
+from _options import options as metasgd_options
 from _reference import ref_phi
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.func import functional_call
 
 from torch_metasgd import DifferentiableMetaSGD, MetaSGD, inner_loop
@@ -56,7 +57,6 @@ def randomize_step_sizes(opt: MetaSGD, seed: int = 2) -> None:
 # --------------------------------------------------------------------------
 # Independent reference: the unrolled inner loop, written out by hand.
 # --------------------------------------------------------------------------
-
 
 
 def ref_inner_loop(model, opt, support, steps, *, first_order=False):
@@ -148,22 +148,13 @@ def test_meta_gradients_match_hand_written_unrolled_loop(steps, granularity, mom
     assert all(torch.count_nonzero(g) > 0 for g in actual)
 
 
-OPTIONS = [
-    dict(weight_decay=0.1),
-    dict(maximize=True),
-    dict(momentum=0.8, dampening=0.3),
-    dict(momentum=0.9, nesterov=True, weight_decay=0.05),
-    dict(parametrization="log"),
-    dict(parametrization="softplus", momentum=0.5),
-    dict(lr_min=0.09, lr_max=0.11),
-    dict(parametrization="log", lr_max=0.11, granularity="tensor"),
-]
+OPTIONS = cases(lr=0.1, skip=("foreach",))
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o))
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 def test_meta_gradients_match_reference_for_every_option(options):
     model = make_model()
-    opt = MetaSGD(model.parameters(), lr=0.1, **options)
+    opt = MetaSGD(model.parameters(), **options)
     randomize_step_sizes(opt)
     support, query = make_task()
     expected = ref_meta_gradients(model, opt, support, query, 2)
@@ -342,33 +333,15 @@ def test_first_order_keeps_no_second_order_graph():
 # The differentiable step takes MetaSGD.step()'s numbers
 # --------------------------------------------------------------------------
 
-option_sets = st.fixed_dictionaries(
-    {
-        "momentum": st.sampled_from([0.0, 0.9]),
-        "dampening": st.sampled_from([0.0, 0.4]),
-        "weight_decay": st.sampled_from([0.0, 0.1]),
-        "maximize": st.booleans(),
-        "granularity": st.sampled_from(["element", "tensor", "group"]),
-        "parametrization": st.sampled_from(["identity", "log", "softplus"]),
-        "bounds": st.sampled_from([(None, None), (0.08, None), (None, 0.12), (0.09, 0.11)]),
-        "nesterov": st.booleans(),
-        "foreach": st.booleans(),
-    }
-)
-
 
 @settings(max_examples=40, deadline=None)
-@given(option_sets)
+@given(metasgd_options(lr=0.1))
 def test_differentiable_step_equals_metasgd_step(options):
-    options = dict(options)
-    lr_min, lr_max = options.pop("bounds")
-    if options["nesterov"] and (options["momentum"] == 0 or options["dampening"] != 0):
-        options["nesterov"] = False
     model = make_model()
     twin = copy.deepcopy(model)
-    opt = MetaSGD(model.parameters(), lr=0.1, lr_min=lr_min, lr_max=lr_max, **options)
+    opt = MetaSGD(model.parameters(), **options)
     randomize_step_sizes(opt)
-    twin_opt = MetaSGD(twin.parameters(), lr=0.1, lr_min=lr_min, lr_max=lr_max, **options)
+    twin_opt = MetaSGD(twin.parameters(), **options)
     twin_opt.load_state_dict(opt.state_dict())
     support, _ = make_task()
     with inner_loop(twin, twin_opt, track_higher_grads=False) as (fmodel, diffopt):

@@ -14,6 +14,8 @@ import math
 
 import pytest
 import torch
+from _options import GRANULARITIES, PARAMETRIZATIONS, SGD_KEYS, SGD_VALUES, sgd_cases
+from _options import options as metasgd_options
 from _reference import ref_phi
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,12 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 from torch_metasgd import MetaSGD
 
-GRANULARITIES = ["element", "tensor", "group"]
-PARAMETRIZATIONS = ["identity", "log", "softplus"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-13, atol=1e-13)}
-# The SGD options MetaSGD shares; the rest are MetaSGD's own.
-SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach")
-
 
 
 def ref_alpha(s, lr, parametrization, lr_min=None, lr_max=None):
@@ -79,19 +76,7 @@ def set_step_sizes(opt, seed=0, low=0.5, high=1.5):
 # Same trajectory as torch.optim.SGD
 # --------------------------------------------------------------------------
 
-SGD_CASES = [
-    dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx, foreach=fe)
-    for m, d, n in [
-        (0, 0, False),
-        (0, 0.5, False),
-        (0.9, 0, False),
-        (0.9, 0, True),
-        (0.9, 0.5, False),
-    ]
-    for wd in (0, 0.01)
-    for mx in (False, True)
-    for fe in (True, False, None)
-]
+SGD_CASES = sgd_cases()
 
 
 @pytest.mark.parametrize("options", SGD_CASES, ids=lambda o: "-".join(f"{v}" for v in o.values()))
@@ -142,20 +127,9 @@ def test_lr_scheduler_scales_step_like_torch_sgd(make_scheduler, parametrization
         )
 
 
-@st.composite
-def group_options(draw):
-    momentum = draw(st.sampled_from([0.0, 0.5, 0.9]))
-    nesterov = momentum > 0 and draw(st.booleans())
-    return dict(
-        lr=draw(st.floats(1e-3, 0.5)),
-        momentum=momentum,
-        dampening=0.0 if nesterov else draw(st.sampled_from([0.0, 0.1, 0.5])),
-        weight_decay=draw(st.sampled_from([0.0, 1e-3, 0.1])),
-        nesterov=nesterov,
-        maximize=draw(st.booleans()),
-        foreach=draw(st.sampled_from([True, False, None])),
-        granularity=draw(st.sampled_from(GRANULARITIES)),
-        parametrization=draw(st.sampled_from(PARAMETRIZATIONS)),
+def group_options():
+    return metasgd_options(
+        lr=st.floats(1e-3, 0.5), keys=(*SGD_VALUES, "granularity", "parametrization")
     )
 
 
