@@ -180,9 +180,24 @@ def metasgd_update(
     return param - alpha * d, buf
 
 
-def _folds_into_lr(phi: Parametrization, lr: float | Tensor, lr_min, lr_max) -> bool:
-    # alpha = lr * s: one addcmul with a scalar, and no alpha tensor to build.
-    return phi.is_identity and lr_min is None and lr_max is None and not isinstance(lr, Tensor)
+class _StepRule(NamedTuple):
+    """Everything an in-place step needs besides the tensors."""
+
+    lr: float | Tensor
+    phi: Parametrization
+    lr_min: float | None
+    lr_max: float | None
+    options: SGDOptions
+
+    @property
+    def folds_into_lr(self) -> bool:
+        # alpha = lr * s: one addcmul with a scalar, and no alpha tensor to build.
+        return (
+            self.phi.is_identity
+            and self.lr_min is None
+            and self.lr_max is None
+            and not isinstance(self.lr, Tensor)
+        )
 
 
 def metasgd(
@@ -215,95 +230,68 @@ def metasgd(
     """
     if not params:
         return [] if keep_directions else None
-    phi = _parametrizations.parametrization(parametrization)
-    options = SGDOptions(weight_decay, momentum, dampening, nesterov, maximize)
+    rule = _StepRule(
+        lr,
+        _parametrizations.parametrization(parametrization),
+        lr_min,
+        lr_max,
+        SGDOptions(weight_decay, momentum, dampening, nesterov, maximize),
+    )
     # A buffer's first value is a copy of its direction: that step runs per
     # tensor, every later one on the whole list at once.
     first_buffers = momentum != 0 and any(b is None for b in momentum_buffers)
     step = _multi_tensor_metasgd if foreach and not first_buffers else _single_tensor_metasgd
-    return step(
-        params,
-        grads,
-        momentum_buffers,
-        step_sizes,
-        lr=lr,
-        phi=phi,
-        lr_min=lr_min,
-        lr_max=lr_max,
-        keep_directions=keep_directions,
-        options=options,
-    )
+    return step(params, grads, momentum_buffers, step_sizes, rule, keep_directions)
 
 
 def _single_tensor_metasgd(
-    params,
-    grads,
-    momentum_buffers,
-    step_sizes,
-    *,
-    lr,
-    phi,
-    lr_min,
-    lr_max,
-    keep_directions,
-    options,
+    params, grads, momentum_buffers, step_sizes, rule: _StepRule, keep_directions: bool
 ) -> list[Tensor] | None:
-    folds = _folds_into_lr(phi, lr, lr_min, lr_max)
+    folds = rule.folds_into_lr
     directions = [] if keep_directions else None
     for i, (param, grad, s) in enumerate(zip(params, grads, step_sizes, strict=True)):
         buf = momentum_buffers[i] if momentum_buffers else None
-        d, buf = sgd_direction(param, grad, buf, *options, IN_PLACE)
+        d, buf = sgd_direction(param, grad, buf, *rule.options, IN_PLACE)
         if buf is not None:
             momentum_buffers[i] = buf
         if keep_directions:
             directions.append(d.clone() if d is grad else d)
         if folds:
-            param.addcmul_(d, s, value=-lr)
+            param.addcmul_(d, s, value=-rule.lr)
         else:
-            param.addcmul_(d, effective_lr(s, lr, phi, lr_min, lr_max), value=-1)
+            alpha = effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max)
+            param.addcmul_(d, alpha, value=-1)
     return directions
 
 
 def _multi_tensor_metasgd(
-    params,
-    grads,
-    momentum_buffers,
-    step_sizes,
-    *,
-    lr,
-    phi,
-    lr_min,
-    lr_max,
-    keep_directions,
-    options,
+    params, grads, momentum_buffers, step_sizes, rule: _StepRule, keep_directions: bool
 ) -> list[Tensor] | None:
-    folds = _folds_into_lr(phi, lr, lr_min, lr_max)
     directions: list[Tensor | None] = [None] * len(params) if keep_directions else None
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, step_sizes, momentum_buffers], with_indices=True
     )
     for (dev_params, dev_grads, dev_steps, dev_bufs), indices in grouped.values():
-        d, _ = sgd_direction(dev_params, dev_grads, dev_bufs, *options, FOREACH_IN_PLACE)
+        d, _ = sgd_direction(dev_params, dev_grads, dev_bufs, *rule.options, FOREACH_IN_PLACE)
         if keep_directions:
             kept = [g.clone() for g in d] if d is dev_grads else d
             for j, index in enumerate(indices):
                 directions[index] = kept[j]
-        if folds:
-            torch._foreach_addcmul_(dev_params, d, dev_steps, value=-lr)
+        if rule.folds_into_lr:
+            torch._foreach_addcmul_(dev_params, d, dev_steps, value=-rule.lr)
         else:
-            alphas = _foreach_effective_lr(dev_steps, lr, phi, lr_min, lr_max)
-            torch._foreach_addcmul_(dev_params, d, alphas, value=-1)
+            torch._foreach_addcmul_(dev_params, d, _foreach_effective_lr(dev_steps, rule), value=-1)
     return directions
 
 
-def _foreach_effective_lr(step_sizes, lr, phi, lr_min, lr_max) -> list[Tensor]:
-    alphas = phi.forward_all(step_sizes)
+def _foreach_effective_lr(step_sizes: list[Tensor], rule: _StepRule) -> list[Tensor]:
+    alphas = rule.phi.forward_all(step_sizes)
     if alphas is step_sizes:  # the identity: never scale the step sizes themselves
-        alphas = torch._foreach_mul(alphas, lr)
+        alphas = torch._foreach_mul(alphas, rule.lr)
     else:
-        torch._foreach_mul_(alphas, lr)
-    if lr_min is not None:
-        torch._foreach_clamp_min_(alphas, lr_min)
-    if lr_max is not None:
-        torch._foreach_clamp_max_(alphas, lr_max)
+        torch._foreach_mul_(alphas, rule.lr)
+    if rule.lr_min is not None:
+        torch._foreach_clamp_min_(alphas, rule.lr_min)
+    if rule.lr_max is not None:
+        torch._foreach_clamp_max_(alphas, rule.lr_max)
     return alphas
