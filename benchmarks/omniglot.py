@@ -54,6 +54,7 @@ from _common import (
     format_table,
     inner_optimizer,
     mean_ci95,
+    meta_train,
     outer_parameters,
     seed_everything,
     write_json,
@@ -63,7 +64,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from torch_metasgd import MetaSGD, adapt, meta_loss
+from torch_metasgd import MetaSGD, adapt
 
 # Meta-SGD arXiv:1707.09835, Table 2: accuracy (%) ± 95% CI.
 PAPER = {
@@ -241,28 +242,23 @@ def train(
     outer = torch.optim.Adam(outer_parameters(method, model, opt), lr=args.meta_lr)
     # Same episode stream for both methods at a given (N, K).
     gen = torch.Generator().manual_seed(args.seed * 1000 + ways * 10 + shots)
-    curve, running = [], []
-    start = time.perf_counter()
-    bar = tqdm(range(args.iterations), desc=f"{LABELS[method]:8s} {ways}w{shots}s", leave=False)
-    for it in bar:
+
+    def sample() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         (xs, ys), (xq, yq) = episodes.sample(args.meta_batch, ways, shots, args.query, gen)
-        loss = meta_loss(
-            model,
-            opt,
-            F.cross_entropy,
-            (xs.to(device), ys.to(device)),
-            (xq.to(device), yq.to(device)),
-            steps=args.steps,
-        )
-        outer.zero_grad()
-        loss.backward()
-        outer.step()
-        running.append(loss.item())
-        if len(running) == args.log_every or it == args.iterations - 1:
-            curve.append((it + 1, sum(running) / len(running)))
-            bar.set_postfix(meta_loss=f"{curve[-1][1]:.3f}")
-            running = []
-    return model, opt, {"train_seconds": time.perf_counter() - start, "curve": curve}
+        return (xs.to(device), ys.to(device)), (xq.to(device), yq.to(device))
+
+    log = meta_train(
+        model,
+        opt,
+        outer,
+        sample,
+        F.cross_entropy,
+        iterations=args.iterations,
+        steps=args.steps,
+        log_every=args.log_every,
+        desc=f"{LABELS[method]:8s} {ways}w{shots}s",
+    )
+    return model, opt, log
 
 
 def evaluate(

@@ -51,6 +51,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
+from _common import format_table
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -336,18 +337,19 @@ def time_iterations(problem: Problem, rounds: int, iters: int = 50) -> dict[str,
 
 def format_timing(timing: dict[str, dict], problem: str) -> str:
     base = timing["SGD"]
-    lines = [
-        f"\n## {problem}: cost per training iteration (1 thread, median)",
-        "| optimizer | iteration (us) | vs SGD | step() (us) | vs SGD |",
-        "| --- | --- | --- | --- | --- |",
+    rows = [
+        [
+            name,
+            f"{t['iteration_s'] * 1e6:.0f}",
+            f"{t['iteration_s'] / base['iteration_s']:.2f}x",
+            f"{t['step_s'] * 1e6:.0f}",
+            f"{t['step_s'] / base['step_s']:.2f}x",
+        ]
+        for name, t in timing.items()
     ]
-    for name, t in timing.items():
-        iteration, step = t["iteration_s"], t["step_s"]
-        lines.append(
-            f"| {name} | {iteration * 1e6:.0f} | {iteration / base['iteration_s']:.2f}x"
-            f" | {step * 1e6:.0f} | {step / base['step_s']:.2f}x |"
-        )
-    text = "\n".join(lines)
+    header = ["optimizer", "iteration (us)", "vs SGD", "step() (us)", "vs SGD"]
+    text = f"\n## {problem}: cost per training iteration (1 thread, median)\n"
+    text += format_table(header, rows)
     print(text)
     return text
 
@@ -391,8 +393,8 @@ def print_table(summary: dict, methods: list[str], lrs=LRS, seeds: int = 1) -> s
         lines.append(
             f"\n## {name}: final test loss (ratio to best-tuned SGD {best:.4f}) / accuracy"
         )
-        header = "| method | " + " | ".join(f"lr={lr:g}" for lr in lrs) + " |"
-        lines += [header, "|" + " --- |" * (len(lrs) + 1)]
+        header = ["method", *(f"lr={lr:g}" for lr in lrs)]
+        rows = []
         for method in methods:
             cells = []
             for lr in lrs:
@@ -408,15 +410,16 @@ def print_table(summary: dict, methods: list[str], lrs=LRS, seeds: int = 1) -> s
                 if row["test_acc"] is not None:
                     cell += f" {100 * row['test_acc']:.1f}%"
                 cells.append(cell)
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            rows.append([method, *cells])
+        lines.append(format_table(header, rows))
         lines.append(f"\n{name}: final train loss")
-        lines += [header, "|" + " --- |" * (len(lrs) + 1)]
+        rows = []
         for method in methods:
-            cells = []
-            for lr in lrs:
-                loss = s["rows"][(method, None if method == "adam" else lr)]["train_loss"]
-                cells.append(f"{loss:.4f}" if math.isfinite(loss) else "diverged")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            losses = [
+                s["rows"][(method, None if method == "adam" else lr)]["train_loss"] for lr in lrs
+            ]
+            rows.append([method, *(f"{x:.4f}" if math.isfinite(x) else "diverged" for x in losses)])
+        lines.append(format_table(header, rows))
     text = "\n".join(lines)
     print(text)
     return text

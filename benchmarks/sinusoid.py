@@ -40,6 +40,7 @@ from _common import (
     format_table,
     inner_optimizer,
     mean_ci95,
+    meta_train,
     outer_parameters,
     seed_everything,
     write_json,
@@ -47,9 +48,8 @@ from _common import (
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from torch_metasgd import MetaSGD, adapt, meta_loss
+from torch_metasgd import MetaSGD, adapt
 
 # Meta-SGD arXiv:1707.09835, Table 1: MSE ± 95% CI after one inner step.
 PAPER = {
@@ -111,25 +111,24 @@ def train(
     # Same task stream for both methods at a given K.
     gen = torch.Generator().manual_seed(args.seed * 1000 + k)
     n_query = args.train_query or k
-    curve, running = [], []
-    start = time.perf_counter()
-    bar = tqdm(range(args.iterations), desc=f"{LABELS[method]:8s} K={k:2d}", leave=False)
-    for it in bar:
+
+    def sample() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         xs, ys, amp_phase = sample_tasks(args.meta_batch, k, gen)
         xq, yq, _ = sample_tasks(args.meta_batch, n_query, gen, amp_phase=amp_phase)
-        loss = meta_loss(
-            model, opt, F.mse_loss, (xs.to(device), ys.to(device)), (xq.to(device), yq.to(device))
-        )
-        outer.zero_grad()
-        loss.backward()
-        outer.step()
-        running.append(loss.item())
-        if len(running) == args.log_every or it == args.iterations - 1:
-            curve.append((it + 1, sum(running) / len(running)))
-            bar.set_postfix(meta_loss=f"{curve[-1][1]:.3f}")
-            running = []
-    seconds = time.perf_counter() - start
-    return model, opt, {"train_seconds": seconds, "curve": curve}
+        return (xs.to(device), ys.to(device)), (xq.to(device), yq.to(device))
+
+    log = meta_train(
+        model,
+        opt,
+        outer,
+        sample,
+        F.mse_loss,
+        iterations=args.iterations,
+        steps=1,
+        log_every=args.log_every,
+        desc=f"{LABELS[method]:8s} K={k:2d}",
+    )
+    return model, opt, log
 
 
 def evaluate(

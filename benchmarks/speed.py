@@ -49,6 +49,7 @@ from pathlib import Path
 import higher
 import torch
 import torchopt
+from _common import environment, format_table
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
@@ -371,21 +372,6 @@ def measure_memory(workload: str, method: str, threads: int, seed: int) -> float
 # --------------------------------------------------------------------------- report
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join(
-        [
-            line(header),
-            "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-            *(line(r) for r in rows),
-        ]
-    )
-
-
 def targets(med: dict[str, dict[str, float]], step: dict[str, float]) -> list[dict]:
     """The issue's targets, as ratios of medians measured in this run."""
     out = []
@@ -584,13 +570,10 @@ def main() -> None:
     payload = {
         "command": " ".join(sys.argv),
         "environment": {
-            "torch": torch.__version__,
+            **environment(),
             "torch_metasgd": torch_metasgd.__version__,
-            "higher": higher.__version__ if hasattr(higher, "__version__") else None,
+            "higher": getattr(higher, "__version__", None),
             "torchopt": torchopt.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "threads": torch.get_num_threads(),
         },
         "workloads": WORKLOADS,
         "rounds": rounds_of,
