@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
 from . import _kernels, hypergradient
@@ -430,8 +430,10 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr}")
 
 
-def _leaf(t: Tensor) -> Tensor:
-    return t.detach().requires_grad_(True)
+def _leaf(t: Tensor) -> nn.Parameter:
+    # A Parameter, so that a module can register the step sizes themselves
+    # (e.g. for DistributedDataParallel to average their gradients).
+    return nn.Parameter(t.detach())
 
 
 def describe(t: Tensor) -> str:
