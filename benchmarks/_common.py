@@ -59,12 +59,16 @@ def meta_train(
     steps: int,
     log_every: int,
     desc: str,
+    first_order: bool = False,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Meta-train with :func:`torch_metasgd.meta_loss`; ``sample()`` gives a meta-batch.
 
-    Returns ``{"train_seconds", "curve"}``, the curve as ``(iteration, mean
-    meta-loss since the last point)``. The loss is read back once per curve
-    point, not every iteration: on a GPU a read is a synchronisation.
+    ``after_step(i)`` runs after the ``i``-th outer step (``i`` from 1): lr
+    schedules, validation. Returns ``{"train_seconds", "curve"}``, the curve
+    as ``(iteration, mean meta-loss since the last point)``. The loss is read
+    back once per curve point, not every iteration: on a GPU a read is a
+    synchronisation.
     """
     curve: list[tuple[int, float]] = []
     running, count = 0.0, 0
@@ -72,10 +76,12 @@ def meta_train(
     bar = tqdm(range(iterations), desc=desc, leave=False)
     for it in bar:
         support, query = sample()
-        loss = meta_loss(model, opt, loss_fn, support, query, steps=steps)
+        loss = meta_loss(model, opt, loss_fn, support, query, steps=steps, first_order=first_order)
         outer.zero_grad()
         loss.backward()
         outer.step()
+        if after_step is not None:
+            after_step(it + 1)
         running, count = running + loss.detach(), count + 1
         if count == log_every or it == iterations - 1:
             curve.append((it + 1, float(running) / count))
