@@ -1,23 +1,24 @@
 """Few-shot Omniglot classification (Meta-SGD paper, Section 4.2, Table 2): MAML vs Meta-SGD.
 
-Data: ``--data`` is a folder of Omniglot archives (zips, or the folders they
-extract to). Meta-training draws its classes from one set, testing from
-another, so no test character is seen in training:
+Data (``--data``, see ``_omniglot_data.py``; ``--download`` fetches them):
+the official Omniglot archives. Meta-training draws its classes from one or
+more sets (``--train-set``), testing from another (``--test-set``); by default
 
 * ``images_background`` -> ``images_evaluation`` (the full split) when both
   are there, else
 * ``images_background_small1`` -> ``images_background_small2`` (the official
-  minimal sets; 136 and 156 characters).
+  minimal sets).
 
-Images are resized to 28x28 (strokes bright) and every character's four
-rotations by multiples of 90 degrees are distinct classes, as in MAML and
-Meta-SGD. Decoding happens once: the uint8 tensor is cached in ``--cache``,
-keyed by the archive's name and size.
+A test character that a training set also holds is dropped from the test set
+(the minimal sets share Greek and Latin, 50 characters with identical
+images), so no test character is seen in training. Images are 28x28 and every
+character's four rotations by multiples of 90 degrees are distinct classes,
+as in MAML and Meta-SGD.
 
 Model: four blocks of 3x3 conv (64 channels), batch norm (batch statistics,
 as in MAML), ReLU and 2x2 max pooling, then a linear N-way classifier. Inner
-loop: ``--steps`` (default 1) step(s) of cross-entropy on the N*K support
-images, for training and testing alike.
+loop: ``--steps`` step(s) of cross-entropy on the N*K support images
+(``--test-steps`` at test time).
 
 * ``maml``: fixed scalar step ``--maml-alpha`` (MAML's 0.4 for 5-way, 0.1
   for 20-way): ``MetaSGD(lr=alpha, granularity="group")`` whose step size
@@ -25,23 +26,34 @@ images, for training and testing alike.
 * ``metasgd``: elementwise step sizes, ``MetaSGD(lr=1.0)`` with ``alpha``
   drawn from ``U[0.005, 0.1]`` and learned with the initialization.
 
-Meta-training: Adam (lr 1e-3) on :func:`torch_metasgd.meta_loss`, meta-batches
-of ``--meta-batch`` episodes with ``--query`` query images per class.
-Testing: ``--eval-episodes`` episodes (the same for every method), each with
-``--eval-query`` query images per class; the table gives the mean accuracy
-and its 95% confidence interval.
+Meta-training: Adam (lr ``--meta-lr``) on :func:`torch_metasgd.meta_loss`,
+meta-batches of ``--meta-batch`` episodes with ``--query`` query images per
+class, drawn on the training device. ``--val-fraction`` of the training
+characters (or the alphabets ``--val-alphabets``) are held out: every
+``--val-every`` iterations the model is tested on fixed validation episodes
+and the best one is kept. Regularisers against meta-overfitting, each an
+option: ``--augment`` (random small affine warps of the training images),
+``--meta-lr-schedule cosine``, ``--step-size-prior`` (pulls each per-element
+step size towards its tensor's mean), ``--first-order-warmup``.
 
-    python benchmarks/omniglot.py --quick
+Testing: ``--eval-episodes`` episodes (the same for every method), each with
+``--eval-query`` query images per class, with classes drawn from the whole
+test set ("mixed", the paper's protocol) and from one alphabet at a time
+("within-alphabet", Lake et al.'s harder one); mean accuracy, its 95%
+confidence interval, and the accuracy per alphabet.
+
+    python benchmarks/omniglot.py --download --quick
     python benchmarks/omniglot.py --ways 5 --shots 1 --iterations 800 --save results/o.pt
-    python benchmarks/omniglot.py --load results/o_5w1s_metasgd.pt --eval-only
+    python benchmarks/omniglot.py --load results/o.pt --eval-only --test-steps 3
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import copy
 import time
-import zipfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,10 +71,19 @@ from _common import (
     seed_everything,
     write_json,
 )
+from _omniglot_data import (
+    SHA256,
+    SPLITS,
+    Episodes,
+    alphabet_of,
+    augment,
+    default_split,
+    download,
+    load_set,
+)
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from torch_metasgd import MetaSGD, adapt
 
@@ -76,122 +97,84 @@ PAPER = {
         (20, 5): (98.97, 0.19),
     },
 }
-SPLITS = (
-    ("images_background", "images_evaluation"),
-    ("images_background_small1", "images_background_small2"),
-)
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "omniglot"
-SIZE = 28
+DEFAULT_DATA = REPO / "data" / "omniglot"
+PROTOCOLS = ("mixed", "within-alphabet")
 
 
 # --------------------------------------------------------------------------- data
 
 
-def _source(data: Path, name: str) -> Path | None:
-    for path in (data / f"{name}.zip", data / name):
-        if path.exists():
-            return path
-    return None
+@dataclass
+class Split:
+    """Episodes of the three splits on the training device, and their JSON record."""
+
+    train: Episodes
+    validation: Episodes | None
+    test: Episodes
+    record: dict
 
 
-def default_split(data: Path) -> tuple[str, str]:
-    """The first (train, test) pair of sets present in ``data``."""
-    for train, test in SPLITS:
-        if _source(data, train) and _source(data, test):
-            return train, test
-    wanted = " or ".join(f"{a}+{b}" for a, b in SPLITS)
-    raise FileNotFoundError(f"no Omniglot sets in {data} (expected {wanted}, as .zip or folders)")
+def _summary(characters: list[str]) -> dict:
+    return {"characters": len(characters), "alphabets": dict(Counter(map(alphabet_of, characters)))}
 
 
-def _decode(raw: bytes) -> Tensor:
-    from PIL import Image
+def load_split(args: argparse.Namespace, device: torch.device) -> Split:
+    """Training characters (the union of ``--train-set``), validation characters, test set."""
+    train_sets, test_set = args.train_set, args.test_set
+    if not (train_sets and test_set):
+        default_train, default_test = default_split(args.data)
+        train_sets, test_set = train_sets or [default_train], test_set or default_test
+    if test_set in train_sets:
+        raise ValueError(f"Invalid test set: {test_set!r} is also a training set")
+    images: dict[str, Tensor] = {}
+    for name in train_sets:
+        set_images, chars = load_set(args.data, name, args.cache)
+        for char, drawings in zip(chars, set_images, strict=True):
+            images.setdefault(char, drawings)
+    test_images, test_chars = load_set(args.data, test_set, args.cache)
+    seen = [c for c in test_chars if c in images]
+    if len(seen) == len(test_chars):
+        raise ValueError(f"Invalid test set: every character of {test_set!r} is a training one")
+    validation = validation_characters(sorted(images), args)
+    held_out = set(validation)
+    train = [c for c in sorted(images) if c not in held_out]
 
-    img = Image.open(io.BytesIO(raw)).convert("L").resize((SIZE, SIZE), Image.LANCZOS)
-    # Omniglot draws black strokes on white; invert so the background is 0.
-    return 255 - torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(SIZE, SIZE)
+    def episodes(chars: list[str], source: dict[str, Tensor]) -> Episodes:
+        stacked = torch.stack([source[c] for c in chars]).to(device)
+        return Episodes(stacked, chars, rotations=not args.no_rotations)
 
-
-def _read_drawings(path: Path) -> dict[str, list[tuple[str, bytes]]]:
-    """``{"alphabet/character": [(file name, png bytes), ...]}`` from a zip or a folder."""
-    chars: dict[str, list[tuple[str, bytes]]] = {}
-    if path.is_dir():
-        files = [(f.relative_to(path).as_posix(), f.read_bytes) for f in path.rglob("*.png")]
-    else:
-        archive = zipfile.ZipFile(path)
-        files = [(n, lambda n=n: archive.read(n)) for n in archive.namelist() if n.endswith(".png")]
-    for name, read in files:
-        parts = name.split("/")
-        chars.setdefault("/".join(parts[-3:-1]), []).append((parts[-1], read()))
-    return chars
-
-
-def load_set(data: Path, name: str, cache: Path) -> tuple[Tensor, list[str]]:
-    """``(images, characters)``: uint8 images ``(characters, drawings, 28, 28)``."""
-    path = _source(data, name)
-    if path is None:
-        raise FileNotFoundError(f"{name}.zip (or folder {name}/) not found in {data}")
-    size = path.stat().st_size if path.is_file() else sum(1 for _ in path.rglob("*.png"))
-    cached = cache / f"{name}-{size}-{SIZE}px.pt"
-    if cached.exists():
-        blob = torch.load(cached, weights_only=True)
-        return blob["images"], blob["characters"]
-    chars = _read_drawings(path)
-    names = sorted(chars)
-    drawings = {len(chars[c]) for c in names}
-    if len(drawings) != 1:
-        raise ValueError(
-            f"{path}: characters have different numbers of drawings: {sorted(drawings)}"
-        )
-    images = torch.stack(
-        [
-            torch.stack([_decode(raw) for _, raw in sorted(chars[c])])
-            for c in tqdm(names, desc=f"decoding {name}", leave=False)
-        ]
+    test = [c for c in test_chars if c not in images]
+    record = {
+        "train": {"sets": list(train_sets), **_summary(train)},
+        "validation": {
+            "held_out": "alphabets" if args.val_alphabets else "random characters",
+            **_summary(validation),
+            "names": validation,
+        },
+        "test": {
+            "set": test_set,
+            **_summary(test),
+            "dropped": {"why": "also in a training set", **_summary(seen)},
+        },
+    }
+    return Split(
+        train=episodes(train, images),
+        validation=episodes(validation, images) if validation else None,
+        test=episodes(test, dict(zip(test_chars, test_images, strict=True))),
+        record=record,
     )
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"images": images, "characters": names}, cached)
-    return images, names
 
 
-class Episodes:
-    """N-way K-shot episodes over a set's characters and their four rotations."""
-
-    def __init__(self, images: Tensor, rotations: bool = True) -> None:
-        self.images = images
-        self.n_rotations = 4 if rotations else 1
-        self.n_classes = images.shape[0] * self.n_rotations
-
-    def sample(
-        self, n_episodes: int, ways: int, shots: int, query: int, generator: torch.Generator
-    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """``support, query``: images ``(T, N*K or N*Q, 1, 28, 28)`` in [0, 1], labels ``(T, .)``.
-
-        Labels are ``0..N-1``, class by class.
-        """
-        n_drawings = self.images.shape[1]
-        if shots + query > n_drawings:
-            raise ValueError(
-                f"shots + query = {shots + query} exceeds {n_drawings} drawings per class"
-            )
-        if ways > self.n_classes:
-            raise ValueError(
-                f"{ways}-way episodes need {ways} classes, the set has {self.n_classes}"
-            )
-        xs, xq = [], []
-        for _ in range(n_episodes):
-            classes = torch.randperm(self.n_classes, generator=generator)[:ways]
-            per_class = []
-            for c in classes.tolist():
-                char, rot = divmod(c, self.n_rotations)
-                pick = torch.randperm(n_drawings, generator=generator)[: shots + query]
-                per_class.append(torch.rot90(self.images[char, pick], rot, dims=(1, 2)))
-            episode = torch.stack(per_class)  # (N, K+Q, 28, 28)
-            xs.append(episode[:, :shots].reshape(-1, 1, SIZE, SIZE))
-            xq.append(episode[:, shots:].reshape(-1, 1, SIZE, SIZE))
-        labels = torch.arange(ways)
-        ys = labels.repeat_interleave(shots).expand(n_episodes, -1)
-        yq = labels.repeat_interleave(query).expand(n_episodes, -1)
-        return (torch.stack(xs).float() / 255, ys), (torch.stack(xq).float() / 255, yq)
+def validation_characters(characters: list[str], args: argparse.Namespace) -> list[str]:
+    """The held-out characters: whole alphabets if named, else a seeded random fraction."""
+    if args.val_alphabets:
+        unknown = sorted(set(args.val_alphabets) - set(map(alphabet_of, characters)))
+        if unknown:
+            raise ValueError(f"Invalid validation alphabet: {unknown[0]!r} is not a training one")
+        return [c for c in characters if alphabet_of(c) in args.val_alphabets]
+    n = round(args.val_fraction * len(characters))
+    order = torch.randperm(len(characters), generator=torch.Generator().manual_seed(args.seed))
+    return sorted(characters[i] for i in order[:n].tolist())
 
 
 # --------------------------------------------------------------------------- model
@@ -218,83 +201,221 @@ def make_model(ways: int, hidden: int = 64) -> nn.Sequential:
 
 
 def make_learner(
-    method: str, ways: int, maml_alpha: float, seed: int
+    method: str, ways: int, maml_alpha: float, seed: int, device: torch.device
 ) -> tuple[nn.Sequential, MetaSGD]:
-    """The model and its inner-loop MetaSGD, from the same init for every method."""
+    """The model on ``device`` and its inner-loop MetaSGD, from the same init for every method."""
     torch.manual_seed(seed)
-    model = make_model(ways)
+    # On its device before the optimizer: its step sizes are created beside the parameters.
+    model = make_model(ways).to(device)
     return model, inner_optimizer(method, model, maml_alpha, seed)
 
 
-# --------------------------------------------------------------------------- train / test
+def pull_step_sizes_to_mean_(opt: MetaSGD, rate: float) -> None:
+    """``s <- s + rate (mean(s) - s)`` per tensor: a decoupled prior towards one step per tensor.
+
+    A no-op for a scalar step size (MAML's), which is its own mean.
+    """
+    with torch.no_grad():
+        for s in opt.meta_parameters():
+            s.lerp_(s.mean().expand_as(s), rate)
+
+
+# --------------------------------------------------------------------------- testing
+
+
+def fixed_episodes(
+    episodes: Episodes, n: int, ways: int, shots: int, query: int, seed: int, protocol: str
+) -> tuple[Tensor, Tensor]:
+    """Indices of ``n`` episodes drawn on the CPU from ``seed``: the same on every device."""
+    gen = torch.Generator().manual_seed(seed)
+    classes, drawings = episodes.draw(n, ways, shots, query, gen, protocol == "within-alphabet")
+    device = episodes.images.device
+    return classes.to(device), drawings.to(device)
+
+
+def query_correct(
+    model: nn.Module,
+    opt: MetaSGD,
+    episodes: Episodes,
+    draws: tuple[Tensor, Tensor],
+    shots: int,
+    steps: int,
+) -> Tensor:
+    """``(episodes, N*Q)`` bool on the device: the query images the adapted model gets right."""
+    classes, drawings = draws
+    correct = []
+    for t in range(classes.shape[0]):
+        (xs, ys), (xq, yq) = episodes.episodes(classes[t : t + 1], drawings[t : t + 1], shots)
+        # first_order only drops the graph: the adapted values are the same.
+        fast = adapt(model, opt, F.cross_entropy, xs[0], ys[0], steps=steps, first_order=True)
+        with torch.no_grad():
+            correct.append(functional_call(model, fast, (xq[0],)).argmax(1) == yq[0])
+    return torch.stack(correct)
+
+
+def accuracy(correct: Tensor) -> tuple[float, float]:
+    """Mean episode accuracy (%) and its 95% confidence interval."""
+    return mean_ci95(100.0 * correct.float().mean(1).cpu())
+
+
+def per_alphabet(correct: Tensor, episodes: Episodes, classes: Tensor) -> dict[str, dict]:
+    """Accuracy (%) on each alphabet's query images, as a mean over the episodes it is in."""
+    query = correct.shape[1] // classes.shape[1]
+    ids = episodes.alphabet[classes].repeat_interleave(query, dim=1).cpu()
+    correct = correct.cpu().float()
+    out = {}
+    for a, name in enumerate(episodes.alphabets):
+        mine = ids == a
+        present = mine.any(1)
+        if present.any():
+            acc = 100.0 * (correct * mine).sum(1)[present] / mine.sum(1)[present]
+            mean, ci = mean_ci95(acc)
+            out[name] = {"accuracy": mean, "ci95": ci, "episodes": int(present.sum())}
+    return out
+
+
+class Validation:
+    """Accuracy on fixed validation episodes after some iterations; keeps the best state."""
+
+    def __init__(
+        self, model: nn.Module, opt: MetaSGD, episodes: Episodes, draws, shots: int, steps: int
+    ):
+        self.model, self.opt, self.episodes, self.draws = model, opt, episodes, draws
+        self.shots, self.steps = shots, steps
+        self.curve: list[tuple[int, float, float]] = []
+        self.best, self.best_iteration, self.seconds = -1.0, 0, 0.0
+        self._state: tuple[dict, dict] | None = None
+
+    def __call__(self, iteration: int) -> None:
+        start = time.perf_counter()
+        acc, ci = accuracy(
+            query_correct(self.model, self.opt, self.episodes, self.draws, self.shots, self.steps)
+        )
+        self.curve.append((iteration, acc, ci))
+        if acc > self.best:
+            self.best, self.best_iteration = acc, iteration
+            self._state = copy.deepcopy((self.model.state_dict(), self.opt.state_dict()))
+        self.seconds += time.perf_counter() - start
+
+    def restore_best(self) -> None:
+        """Load the best state into the live model and step sizes."""
+        model_state, opt_state = self._state
+        self.model.load_state_dict(model_state)
+        self.opt.load_state_dict(opt_state)
+
+    def log(self) -> dict:
+        return {
+            "val_curve": self.curve,
+            "best_iteration": self.best_iteration,
+            "best_val_accuracy": self.best,
+            "val_seconds": self.seconds,
+        }
+
+
+# --------------------------------------------------------------------------- training
 
 
 def train(
-    method: str,
-    ways: int,
-    shots: int,
-    episodes: Episodes,
-    args: argparse.Namespace,
-    device: torch.device,
+    method: str, ways: int, shots: int, split: Split, args: argparse.Namespace, device
 ) -> tuple[nn.Module, MetaSGD, dict]:
-    model, opt = make_learner(method, ways, maml_alpha(args, ways), args.seed)
-    model.to(device)
+    model, opt = make_learner(method, ways, maml_alpha(args, ways), args.seed, device)
     outer = torch.optim.Adam(outer_parameters(method, model, opt), lr=args.meta_lr)
-    # Same episode stream for both methods at a given (N, K).
-    gen = torch.Generator().manual_seed(args.seed * 1000 + ways * 10 + shots)
-
-    def sample() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        (xs, ys), (xq, yq) = episodes.sample(args.meta_batch, ways, shots, args.query, gen)
-        return (xs.to(device), ys.to(device)), (xq.to(device), yq.to(device))
-
-    log = meta_train(
-        model,
-        opt,
-        outer,
-        sample,
-        F.cross_entropy,
-        iterations=args.iterations,
-        steps=args.steps,
-        log_every=args.log_every,
-        desc=f"{LABELS[method]:8s} {ways}w{shots}s",
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(outer, args.iterations)
+        if args.meta_lr_schedule == "cosine"
+        else None
     )
+    # Same episode stream for every method at a given (N, K).
+    gen = torch.Generator(device).manual_seed(args.seed * 1000 + ways * 10 + shots)
+    validation = None
+    if split.validation is not None:
+        draws = fixed_episodes(
+            split.validation, args.val_episodes, ways, shots, args.eval_query, args.seed, "mixed"
+        )
+        validation = Validation(model, opt, split.validation, draws, shots, eval_steps(args))
+
+    def sample():
+        support, query = split.train.sample(
+            args.meta_batch, ways, shots, args.query, gen, args.within_alphabet
+        )
+        if args.augment:
+            support, query = (
+                (augment(support[0], gen), support[1]),
+                (augment(query[0], gen), query[1]),
+            )
+        return support, query
+
+    def after_step(it: int) -> None:
+        if args.step_size_prior:
+            pull_step_sizes_to_mean_(opt, args.step_size_prior * outer.param_groups[0]["lr"])
+        if schedule is not None:
+            schedule.step()
+        if validation is not None and (it % args.val_every == 0 or it == args.iterations):
+            validation(it)
+
+    log: dict = {"train_seconds": 0.0, "curve": []}
+    done = 0
+    for iterations, first_order in (
+        (min(args.first_order_warmup, args.iterations), True),
+        (args.iterations - min(args.first_order_warmup, args.iterations), False),
+    ):
+        if iterations == 0:
+            continue
+        part = meta_train(
+            model,
+            opt,
+            outer,
+            sample,
+            F.cross_entropy,
+            iterations=iterations,
+            steps=args.steps,
+            log_every=args.log_every,
+            desc=f"{LABELS[method]:8s} {ways}w{shots}s" + (" (first order)" * first_order),
+            first_order=first_order,
+            after_step=lambda it, start=done: after_step(start + it),
+        )
+        log["train_seconds"] += part["train_seconds"]
+        log["curve"] += [(done + it, loss) for it, loss in part["curve"]]
+        done += iterations
+    if validation is not None:
+        validation.restore_best()
+        log |= validation.log()
+        # Meta-training time alone; the validations' is val_seconds.
+        log["train_seconds"] -= validation.seconds
     return model, opt, log
 
 
 def evaluate(
-    model: nn.Module,
-    opt: MetaSGD,
-    episodes: Episodes,
-    ways: int,
-    shots: int,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> Tensor:
-    """Per-episode query accuracy (%) on ``args.eval_episodes`` seeded test episodes."""
-    gen = torch.Generator().manual_seed(10_000_019 + args.seed * 1000 + ways * 10 + shots)
-    accs = []
-    for _ in tqdm(range(args.eval_episodes), desc="testing", leave=False):
-        (xs, ys), (xq, yq) = episodes.sample(1, ways, shots, args.eval_query, gen)
-        # first_order only drops the graph: the adapted values are the same.
-        fast = adapt(
-            model,
-            opt,
-            F.cross_entropy,
-            xs[0].to(device),
-            ys[0].to(device),
-            steps=args.steps,
-            first_order=True,
+    model: nn.Module, opt: MetaSGD, split: Split, ways: int, shots: int, args: argparse.Namespace
+) -> dict:
+    """Accuracy on the test set under each protocol, and per alphabet."""
+    out = {}
+    for i, protocol in enumerate(PROTOCOLS):
+        seed = 10_000_019 + args.seed * 1000 + ways * 10 + shots + i
+        draws = fixed_episodes(
+            split.test, args.eval_episodes, ways, shots, args.eval_query, seed, protocol
         )
-        with torch.no_grad():
-            pred = functional_call(model, fast, (xq[0].to(device),)).argmax(1)
-        accs.append(100.0 * (pred.cpu() == yq[0]).float().mean().item())
-    return torch.tensor(accs)
+        correct = query_correct(model, opt, split.test, draws, shots, eval_steps(args))
+        mean, ci = accuracy(correct)
+        out[protocol] = {
+            "accuracy": mean,
+            "ci95": ci,
+            "per_alphabet": per_alphabet(correct, split.test, draws[0]),
+        }
+    return out
 
 
 def maml_alpha(args: argparse.Namespace, ways: int) -> float:
     if args.maml_alpha is not None:
         return args.maml_alpha
     return 0.4 if ways <= 5 else 0.1
+
+
+def eval_steps(args: argparse.Namespace) -> int:
+    return args.test_steps or args.steps
+
+
+# --------------------------------------------------------------------------- files
 
 
 def save_path(base: Path, method: str, ways: int, shots: int, several: bool) -> Path:
@@ -314,12 +435,12 @@ def save_checkpoint(path: Path, model: nn.Module, opt: MetaSGD, config: dict) ->
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, MetaSGD, dict]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = torch.load(path, map_location=device, weights_only=True)
     config = blob["config"]
-    model, opt = make_learner(config["method"], config["ways"], config["alpha"], 0)
+    model, opt = make_learner(config["method"], config["ways"], config["alpha"], 0, device)
     model.load_state_dict(blob["model"])
     opt.load_state_dict(blob["metasgd"])
-    return model.to(device), opt, config
+    return model, opt, config
 
 
 def plot(results: dict, path: Path) -> None:
@@ -327,32 +448,47 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+    plt.rcParams.update({"font.size": 9})
     runs = results["runs"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
     for run in runs:
+        label = f"{LABELS[run['method']]} {run['ways']}-way {run['shots']}-shot"
         it, loss = zip(*run["curve"], strict=True)
-        axes[0].plot(
-            it, loss, label=f"{LABELS[run['method']]} {run['ways']}-way {run['shots']}-shot"
-        )
-    axes[0].set_xlabel("meta-iteration")
-    axes[0].set_ylabel("meta-training query loss")
-    axes[0].set_yscale("log")
-    axes[0].legend(fontsize=7)
+        (line,) = axes[0].plot(it, loss, label=label)
+        if run.get("val_curve"):
+            it, acc, _ = zip(*run["val_curve"], strict=True)
+            axes[1].plot(it, acc, "o-", ms=3, color=line.get_color(), label=label)
+            axes[1].plot(
+                run["best_iteration"], run["best_val_accuracy"], "*", ms=12, color=line.get_color()
+            )
+    axes[0].set(xlabel="meta-iteration", ylabel="meta-training query loss", yscale="log")
+    axes[0].set_title("meta-training loss")
+    axes[0].legend()
+    axes[1].set(xlabel="meta-iteration", ylabel="validation accuracy (%)")
+    axes[1].set_title("validation (star: the checkpoint kept)")
+    if any(run.get("val_curve") for run in runs):
+        axes[1].legend()
     for run in runs:
         if run["method"] == "metasgd":
             names = list(run["step_sizes"])
-            axes[1].plot(
+            axes[2].plot(
                 range(len(names)),
                 [run["step_sizes"][n]["mean"] for n in names],
                 "o-",
                 label=f"{run['ways']}-way {run['shots']}-shot",
             )
-            axes[1].set_xticks(range(len(names)), names, rotation=60, fontsize=6)
-    axes[1].set_yscale("log")
-    axes[1].set_title("Meta-SGD: mean |learned step size| per tensor")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
+            axes[2].set_xticks(range(len(names)), names, rotation=60)
+    axes[2].set(xlabel="parameter tensor", ylabel="mean |alpha|", yscale="log")
+    for ax in (axes[0], axes[2]):
+        # Plain numbers at 1, 2, 3 and 5 per decade: these axes often span less than one.
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    axes[2].set_title("Meta-SGD: learned step sizes per tensor")
+    if any(run["method"] == "metasgd" for run in runs):
+        axes[2].legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -371,182 +507,223 @@ def step_size_summary(model: nn.Module, opt: MetaSGD) -> dict[str, dict[str, flo
         return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data",
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--data", type=Path, default=DEFAULT_DATA, help="folder of the Omniglot zips (or folders)")
+    add(
+        "--download",
+        action="store_true",
+        help=f"first fetch the missing official archives into --data ({', '.join(SHA256)}, "
+        "SHA-256 checked; base URL from $OMNIGLOT_URL if set)",
+    )
+    add("--train-set", nargs="+", help="set(s) to meta-train on (default: see the docstring)")
+    add("--test-set", help="set to test on (default: see the docstring)")
+    add(
+        "--cache",
         type=Path,
-        default=DEFAULT_DATA,
-        help=f"folder of Omniglot zips (default: {DEFAULT_DATA})",
+        default=REPO / "results" / "omniglot_cache",
+        help="where decoded images are cached",
     )
-    parser.add_argument("--train-set", help="set to meta-train on (default: see above)")
-    parser.add_argument("--test-set", help="set to test on (default: see above)")
-    parser.add_argument("--cache", type=Path, default=REPO / "results" / "omniglot_cache")
-    parser.add_argument("--ways", type=int, nargs="+", default=[5, 20], help="N (default: 5 20)")
-    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="K (default: 1 5)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument(
-        "--iterations", type=int, default=2000, help="meta-iterations per model (default: 2000)"
+    add("--ways", type=int, nargs="+", default=[5, 20], help="N")
+    add("--shots", type=int, nargs="+", default=[1, 5], help="K")
+    add("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="learners")
+    add("--iterations", type=int, default=2000, help="meta-iterations per model")
+    add("--meta-batch", type=int, default=4, help="episodes per meta-iteration")
+    add("--query", type=int, default=1, help="query images per class in training")
+    add("--steps", type=int, default=1, help="inner steps in training")
+    add("--test-steps", type=int, help="inner steps in validation and testing (default: --steps)")
+    add("--meta-lr", type=float, default=1e-3, help="Adam's learning rate")
+    add(
+        "--meta-lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="cosine: anneal the meta learning rate to 0 over --iterations",
     )
-    parser.add_argument(
-        "--meta-batch", type=int, default=4, help="episodes per meta-iteration (default: 4)"
-    )
-    parser.add_argument(
-        "--query", type=int, default=1, help="query images per class in training (default: 1)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=1, help="inner steps, training and testing (default: 1)"
-    )
-    parser.add_argument("--meta-lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--maml-alpha",
+    add(
+        "--step-size-prior",
         type=float,
-        default=None,
-        help="MAML's step (default: 0.4 for 5-way, 0.1 above)",
+        default=0.0,
+        metavar="LAMBDA",
+        help="after each outer step, s += LAMBDA * meta_lr * (mean(s) - s) per tensor",
     )
-    parser.add_argument(
-        "--eval-episodes", type=int, default=600, help="test episodes (default: 600)"
-    )
-    parser.add_argument(
-        "--eval-query", type=int, default=5, help="query images per class in testing (default: 5)"
-    )
-    parser.add_argument("--no-rotations", action="store_true", help="no rotated classes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... or auto (default: cpu)")
-    parser.add_argument(
-        "--threads",
+    add(
+        "--first-order-warmup",
         type=int,
-        default=1,
-        help="torch CPU threads, 0 for torch's default (default: 1)",
+        default=0,
+        metavar="ITERATIONS",
+        help="first-order meta-gradients for the first ITERATIONS iterations",
     )
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--save", type=Path, help="checkpoint path (one file per run when several)")
-    parser.add_argument("--load", type=Path, help="checkpoint to evaluate (with --eval-only)")
-    parser.add_argument("--eval-only", action="store_true", help="only test the --load checkpoint")
-    parser.add_argument(
+    add(
+        "--augment",
+        action="store_true",
+        help="random affine warps of training images (shift <= 2 px, rotation <= 10 degrees, "
+        "scale 0.9-1.1, shear <= 0.1)",
+    )
+    add(
+        "--within-alphabet",
+        action="store_true",
+        help="draw each training episode's classes from one alphabet",
+    )
+    add("--maml-alpha", type=float, help="MAML's step (default: 0.4 for 5-way, 0.1 above)")
+    add(
+        "--val-fraction",
+        type=float,
+        default=0.15,
+        help="fraction of the training characters held out for validation (0: none)",
+    )
+    add("--val-alphabets", nargs="+", help="hold out these training alphabets instead")
+    add("--val-every", type=int, default=100, help="iterations between validations")
+    add("--val-episodes", type=int, default=200, help="validation episodes")
+    add("--eval-episodes", type=int, default=600, help="test episodes per protocol")
+    add("--eval-query", type=int, default=5, help="query images per class in validation and test")
+    add("--no-rotations", action="store_true", help="no rotated classes")
+    add("--seed", type=int, default=0, help="seed of the init, episodes and validation split")
+    add("--device", default="cpu", help="cpu, cuda, ... or auto")
+    add("--threads", type=int, default=1, help="torch CPU threads, 0 for torch's default")
+    add("--log-every", type=int, default=25, help="iterations per point of the loss curve")
+    add("--save", type=Path, help="checkpoint path (one file per run when several)")
+    add("--load", type=Path, help="checkpoint to evaluate (with --eval-only)")
+    add("--eval-only", action="store_true", help="only test the --load checkpoint")
+    add(
         "--quick",
         action="store_true",
-        help="about a minute: 5-way 1-shot, 60 iterations, 100 test episodes",
+        help="a smoke run: 5-way 1-shot, 60 iterations of 2 episodes, 100 test episodes",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "omniglot")
+    add("--out", type=Path, default=REPO / "results" / "omniglot", help="JSON and PNG folder")
     args = parser.parse_args(argv)
     if args.quick:
-        args.ways, args.shots, args.iterations, args.eval_episodes, args.meta_batch = (
-            [5],
-            [1],
-            60,
-            100,
-            2,
-        )
-        args.log_every = 10
+        args.ways, args.shots, args.iterations, args.meta_batch = [5], [1], 60, 2
+        args.eval_episodes, args.val_episodes, args.val_every, args.log_every = 100, 50, 20, 10
     if args.eval_only and args.load is None:
         parser.error("--eval-only needs --load PATH")
+    if not 0 <= args.val_fraction < 1:
+        parser.error(f"Invalid --val-fraction: {args.val_fraction} (expected 0 <= f < 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_of(args.device)
     seed_everything(args.seed)
-
-    train_name, test_name = (
-        default_split(args.data) if not (args.train_set and args.test_set) else (None, None)
-    )
-    train_name, test_name = args.train_set or train_name, args.test_set or test_name
-    test_set = Episodes(
-        load_set(args.data, test_name, args.cache)[0], rotations=not args.no_rotations
-    )
-    results: dict = {
-        "config": plain_config(args),
-        "environment": environment(),
-        "split": [train_name, test_name],
-        "runs": [],
-    }
+    if args.download:
+        wanted = [*(args.train_set or []), *filter(None, [args.test_set])] or list(SPLITS[-1])
+        for path in download(args.data, wanted):
+            print(f"downloaded {path}")
     start = time.perf_counter()
     if args.eval_only:
         model, opt, config = load_checkpoint(args.load, device)
-        runs = [
-            (
-                config["method"],
-                config["ways"],
-                config["shots"],
-                model,
-                opt,
-                {"train_seconds": 0.0, "curve": []},
-            )
-        ]
-    else:
-        train_set = Episodes(
-            load_set(args.data, train_name, args.cache)[0], rotations=not args.no_rotations
-        )
-        runs = []
+        args.train_set = args.train_set or config["train_set"]
+        trained = [(config["method"], config["ways"], config["shots"], model, opt, {})]
+    split = load_split(args, device)
+    results: dict = {
+        "config": plain_config(args),
+        "environment": environment(),
+        "split": {k: v for k, v in split.record.items() if k != "validation"},
+        "validation": split.record["validation"],
+        "runs": [],
+    }
+    if not args.eval_only:
+        trained = []
         several = len(args.ways) * len(args.shots) * len(args.methods) > 1
         for ways in args.ways:
             for shots in args.shots:
                 for method in args.methods:
-                    model, opt, log = train(method, ways, shots, train_set, args, device)
-                    runs.append((method, ways, shots, model, opt, log))
+                    model, opt, log = train(method, ways, shots, split, args, device)
+                    trained.append((method, ways, shots, model, opt, log))
                     if args.save:
                         config = {
                             **plain_config(args),
+                            "train_set": results["split"]["train"]["sets"],
                             "method": method,
                             "ways": ways,
                             "shots": shots,
                             "alpha": maml_alpha(args, ways),
                         }
-                        save_checkpoint(
-                            save_path(args.save, method, ways, shots, several), model, opt, config
-                        )
-    for method, ways, shots, model, opt, log in runs:
-        accs = evaluate(model, opt, test_set, ways, shots, args, device)
-        mean, ci = mean_ci95(accs)
-        results["runs"].append(
-            {
-                "method": method,
-                "ways": ways,
-                "shots": shots,
-                "accuracy": mean,
-                "ci95": ci,
-                "step_sizes": step_size_summary(model, opt),
-                **log,
-            }
+                        path = save_path(args.save, method, ways, shots, several)
+                        save_checkpoint(path, model, opt, config)
+    for method, ways, shots, model, opt, log in trained:
+        scores = evaluate(model, opt, split, ways, shots, args)
+        run = {"method": method, "ways": ways, "shots": shots, **scores["mixed"]}
+        run |= {"within_alphabet": scores["within-alphabet"]}
+        run |= {"step_sizes": step_size_summary(model, opt), **log}
+        results["runs"].append(run)
+        within = scores["within-alphabet"]
+        line = (
+            f"{LABELS[method]:8s} {ways}-way {shots}-shot: {run['accuracy']:.2f} ± "
+            f"{run['ci95']:.2f} % (within-alphabet {within['accuracy']:.2f} ± {within['ci95']:.2f})"
         )
-        print(
-            f"{LABELS[method]:8s} {ways}-way {shots}-shot: {mean:.2f} ± {ci:.2f} %  "
-            f"({log['train_seconds']:.0f} s training)"
-        )
+        if "best_iteration" in log:
+            line += f", validation best {log['best_val_accuracy']:.2f} % at {log['best_iteration']}"
+        if log:
+            line += f", {log['train_seconds']:.0f} s training"
+        print(line)
     results["wall_seconds"] = time.perf_counter() - start
-
-    configs = sorted({(r["ways"], r["shots"]) for r in results["runs"]})
-    header = ["Method", *(f"{n}-way {k}-shot" for n, k in configs)]
-    rows = []
-    for method in METHODS:
-        mine = {(r["ways"], r["shots"]): r for r in results["runs"] if r["method"] == method}
-        if not mine:
-            continue
-        paper = [
-            f"{PAPER[method][c][0]} ± {PAPER[method][c][1]}" if c in PAPER[method] else "-"
-            for c in configs
-        ]
-        ours = [
-            f"{mine[c]['accuracy']:.2f} ± {mine[c]['ci95']:.2f}" if c in mine else "-"
-            for c in configs
-        ]
-        rows += [[f"{LABELS[method]} (paper)", *paper], [f"{LABELS[method]} (this run)", *ours]]
-    results["table"] = format_table(header, rows)
+    results["table"], results["per_alphabet_table"] = tables(results["runs"])
     budget = (
         "checkpoint"
         if args.eval_only
         else f"{args.iterations} meta-iterations x {args.meta_batch} episodes per model"
     )
     print(
-        f"\nOmniglot ({train_name} -> {test_name}), accuracy % ± 95% CI over "
-        f"{args.eval_episodes} test episodes, {args.steps} inner step(s), {budget}, "
+        f"\nOmniglot ({' + '.join(results['split']['train']['sets'])} -> "
+        f"{results['split']['test']['set']}), accuracy % ± 95% CI over {args.eval_episodes} "
+        f"test episodes, {eval_steps(args)} inner step(s) at test, {budget}, "
         f"{results['wall_seconds']:.0f} s in all\n"
     )
     print(results["table"])
+    print("\nPer test alphabet (mixed episodes):\n")
+    print(results["per_alphabet_table"])
     write_json(args.out / "omniglot.json", results)
     if not args.eval_only:
         plot(results, args.out / "omniglot.png")
     print(f"\nwrote {args.out}/omniglot.json" + ("" if args.eval_only else " and omniglot.png"))
     return results
+
+
+def tables(runs: list[dict]) -> tuple[str, str]:
+    """The accuracy table (paper, this run, within-alphabet) and the per-alphabet one."""
+
+    def cell(score: dict) -> str:
+        return f"{score['accuracy']:.2f} ± {score['ci95']:.2f}"
+
+    configs = sorted({(r["ways"], r["shots"]) for r in runs})
+    rows = []
+    for method in METHODS:
+        mine = {(r["ways"], r["shots"]): r for r in runs if r["method"] == method}
+        if not mine:
+            continue
+        paper = PAPER.get(method, {})
+        rows += [
+            [
+                f"{LABELS[method]} (paper)",
+                *(f"{paper[c][0]} ± {paper[c][1]}" if c in paper else "-" for c in configs),
+            ],
+            [
+                f"{LABELS[method]} (this run)",
+                *(cell(mine[c]) if c in mine else "-" for c in configs),
+            ],
+            [
+                f"{LABELS[method]} (this run, within-alphabet)",
+                *(cell(mine[c]["within_alphabet"]) if c in mine else "-" for c in configs),
+            ],
+        ]
+    table = format_table(["Method", *(f"{n}-way {k}-shot" for n, k in configs)], rows)
+    alphabets = sorted({a for r in runs for a in r["per_alphabet"]})
+    header = ["Alphabet", *(f"{LABELS[r['method']]} {r['ways']}w{r['shots']}s" for r in runs)]
+    rows = [
+        [a, *(cell(r["per_alphabet"][a]) if a in r["per_alphabet"] else "-" for r in runs)]
+        for a in alphabets
+    ]
+    return table, format_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import statistics
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import torch_metasgd
 
@@ -22,7 +19,6 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import _common  # noqa: E402
-import omniglot  # noqa: E402
 import online  # noqa: E402
 import sinusoid  # noqa: E402
 
@@ -166,158 +162,6 @@ def test_sinusoid_tiny_run_writes_json_and_png(tmp_path):
         results["mse"]["metasgd"]["5"]["mean"]
     )
     assert (tmp_path / "sinusoid.png").stat().st_size > 1000
-
-
-# --------------------------------------------------------------------------- omniglot
-
-
-def _fake_omniglot(
-    root: Path, name: str, n_chars: int, drawings: int = 20, as_zip: bool = True
-) -> torch.Tensor:
-    """Writes a set in Omniglot's layout; returns the expected 28x28 uint8 images."""
-    rng = np.random.default_rng(len(name) + n_chars)
-    expected = torch.empty(n_chars, drawings, 28, 28, dtype=torch.uint8)
-    files = {}
-    for c in range(n_chars):
-        for d in range(drawings):
-            # Black strokes on white, as Omniglot.
-            pixels = np.where(rng.random((105, 105)) < 0.1, 0, 255).astype(np.uint8)
-            img = Image.fromarray(pixels, mode="L")
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            alphabet = f"Alphabet{c % 2}"
-            files[f"{name}/{alphabet}/character{c:02d}/{c:04d}_{d:02d}.png"] = buf.getvalue()
-            small = np.asarray(img.resize((28, 28), Image.LANCZOS))
-            expected[c, d] = torch.from_numpy(255 - small)
-    # Characters are sorted as "alphabet/character".
-    order = sorted(range(n_chars), key=lambda c: (f"Alphabet{c % 2}", c))
-    if as_zip:
-        with zipfile.ZipFile(root / f"{name}.zip", "w") as z:
-            for path, raw in files.items():
-                z.writestr(path, raw)
-    else:
-        for path, raw in files.items():
-            (root / path).parent.mkdir(parents=True, exist_ok=True)
-            (root / path).write_bytes(raw)
-    return expected[order]
-
-
-@pytest.mark.parametrize("as_zip", [True, False], ids=["zip", "folder"])
-def test_omniglot_set_decodes_inverted_28px_images_and_caches_them(tmp_path, as_zip, monkeypatch):
-    expected = _fake_omniglot(
-        tmp_path, "images_background_small1", n_chars=3, drawings=4, as_zip=as_zip
-    )
-    cache = tmp_path / "cache"
-    images, names = omniglot.load_set(tmp_path, "images_background_small1", cache)
-    assert images.dtype == torch.uint8 and images.shape == (3, 4, 28, 28)
-    torch.testing.assert_close(images, expected)
-    assert names == sorted(names) and len(list(cache.iterdir())) == 1
-
-    def no_decoding(raw):
-        raise AssertionError("decoded again despite the cache")
-
-    monkeypatch.setattr(omniglot, "_decode", no_decoding)
-    again, _ = omniglot.load_set(tmp_path, "images_background_small1", cache)
-    torch.testing.assert_close(again, images)
-
-
-def test_omniglot_default_split_prefers_the_full_sets(tmp_path):
-    for name in ("images_background_small1", "images_background_small2"):
-        (tmp_path / f"{name}.zip").write_bytes(b"")
-    assert omniglot.default_split(tmp_path) == (
-        "images_background_small1",
-        "images_background_small2",
-    )
-    for name in ("images_background", "images_evaluation"):
-        (tmp_path / name).mkdir()
-    assert omniglot.default_split(tmp_path) == ("images_background", "images_evaluation")
-    with pytest.raises(FileNotFoundError, match="no Omniglot sets"):
-        omniglot.default_split(tmp_path / "missing")
-
-
-def test_omniglot_episodes_draw_distinct_rotated_classes():
-    n_chars, drawings = 6, 20
-    # Every drawing is a distinct, asymmetric image: pixel (0, 0) marks it.
-    images = torch.zeros(n_chars, drawings, 28, 28, dtype=torch.uint8)
-    for c in range(n_chars):
-        for d in range(drawings):
-            images[c, d, 0, 0] = 1 + c * drawings + d
-    eps = omniglot.Episodes(images)
-    assert eps.n_classes == 4 * n_chars
-    (xs, ys), (xq, yq) = eps.sample(
-        3, ways=5, shots=2, query=3, generator=torch.Generator().manual_seed(0)
-    )
-    assert xs.shape == (3, 10, 1, 28, 28) and xq.shape == (3, 15, 1, 28, 28)
-    assert ys[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    assert yq[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
-    corners = {
-        (0, 0): 0,
-        (0, 27): 1,
-        (27, 27): 2,
-        (27, 0): 3,
-    }  # where rot90 k times sends pixel (0, 0)
-    for t in range(3):
-        seen = set()
-        for label in range(5):
-            both = torch.cat([xs[t][ys[t] == label], xq[t][yq[t] == label]])
-            marks = []
-            for img in (both[:, 0] * 255).round().to(torch.uint8):
-                (pos,) = [p for p in corners if img[p] != 0]
-                marks.append((int(img[pos]) - 1, corners[pos]))
-            chars = {m // drawings for m, _ in marks}
-            rots = {r for _, r in marks}
-            assert len(chars) == 1 and len(rots) == 1  # one class: one character, one rotation
-            assert len({m for m, _ in marks}) == 5  # support and query drawings all differ
-            seen.add((chars.pop(), rots.pop()))
-        assert len(seen) == 5
-
-
-def test_omniglot_checkpoint_loads_with_weights_only_and_evaluates(tmp_path):
-    _fake_omniglot(tmp_path, "images_background_small1", n_chars=3, drawings=20)
-    _fake_omniglot(tmp_path, "images_background_small2", n_chars=2, drawings=20)
-    common = [
-        "--data",
-        str(tmp_path),
-        "--cache",
-        str(tmp_path / "cache"),
-        "--eval-episodes",
-        "3",
-        "--out",
-        str(tmp_path / "out"),
-    ]
-    ckpt = tmp_path / "ckpt.pt"
-    trained = omniglot.main(
-        [
-            *common,
-            "--ways",
-            "5",
-            "--shots",
-            "1",
-            "--methods",
-            "metasgd",
-            "--iterations",
-            "2",
-            "--meta-batch",
-            "1",
-            "--save",
-            str(ckpt),
-        ]
-    )
-    blob = torch.load(ckpt, weights_only=True)
-    assert set(blob) == {"model", "metasgd", "config"}
-    assert blob["config"]["method"] == "metasgd" and blob["config"]["ways"] == 5
-    loaded = omniglot.main([*common, "--load", str(ckpt), "--eval-only"])
-    # Same weights, step sizes and test episodes: the same accuracy.
-    assert loaded["runs"][0]["accuracy"] == pytest.approx(trained["runs"][0]["accuracy"])
-    assert (tmp_path / "out" / "omniglot.json").exists()
-
-
-def test_omniglot_help_runs():
-    out = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "omniglot.py"), "--help"], capture_output=True, text=True
-    )
-    assert out.returncode == 0
-    assert "--eval-only" in out.stdout and "--data" in out.stdout
 
 
 @pytest.mark.slow
