@@ -59,7 +59,6 @@ def meta_train(
     steps: int,
     log_every: int,
     desc: str,
-    first_order: bool = False,
     after_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Meta-train with :func:`torch_metasgd.meta_loss`; ``sample()`` gives a meta-batch.
@@ -76,7 +75,7 @@ def meta_train(
     bar = tqdm(range(iterations), desc=desc, leave=False)
     for it in bar:
         support, query = sample()
-        loss = meta_loss(model, opt, loss_fn, support, query, steps=steps, first_order=first_order)
+        loss = meta_loss(model, opt, loss_fn, support, query, steps=steps)
         outer.zero_grad()
         loss.backward()
         outer.step()

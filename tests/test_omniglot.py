@@ -303,18 +303,6 @@ def test_augment_moves_each_image_a_little_and_keeps_the_background():
 # --------------------------------------------------------------------------- training
 
 
-def test_step_size_prior_pulls_each_tensor_towards_its_mean():
-    model = torch.nn.Linear(3, 2)
-    opt = _common.inner_optimizer("metasgd", model, 0.4, seed=0)
-    before = [s.detach().clone() for s in opt.meta_parameters()]
-    omniglot.pull_step_sizes_to_mean_(opt, 0.25)
-    for b, s in zip(before, opt.meta_parameters(), strict=True):
-        torch.testing.assert_close(s.detach(), 0.75 * b + 0.25 * b.mean())
-    maml = _common.inner_optimizer("maml", model, 0.4, seed=0)
-    omniglot.pull_step_sizes_to_mean_(maml, 0.25)
-    assert all(torch.equal(s, torch.ones_like(s)) for s in maml.meta_parameters())
-
-
 def test_validation_keeps_and_restores_the_best_state(monkeypatch):
     model = torch.nn.Linear(3, 2)
     opt = _common.inner_optimizer("metasgd", model, 0.4, seed=0)
@@ -339,46 +327,6 @@ def test_validation_keeps_and_restores_the_best_state(monkeypatch):
         (20, 80.0),
         (30, 60.0),
     ]
-
-
-def test_first_order_warmup_then_second_order_with_one_continuous_curve(tmp_path, monkeypatch):
-    fake_set(tmp_path, SMALL1, {"Greek": 8}, drawings=6)
-    fake_set(tmp_path, SMALL2, {"Tagalog": 2}, drawings=6)
-    calls = []
-    real = _common.meta_loss
-
-    def recording(*args, **kwargs):
-        calls.append(kwargs["first_order"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_common, "meta_loss", recording)
-    args = split_args(
-        tmp_path,
-        "--first-order-warmup",
-        "2",
-        "--iterations",
-        "5",
-        "--meta-batch",
-        "1",
-        "--log-every",
-        "1",
-        "--val-every",
-        "2",
-        "--val-episodes",
-        "2",
-        "--val-fraction",
-        "0.25",
-        "--meta-lr-schedule",
-        "cosine",
-        "--step-size-prior",
-        "10",
-        "--augment",
-    )
-    split = omniglot.load_split(args, torch.device("cpu"))
-    _, _, log = omniglot.train("metasgd", 5, 1, split, args, torch.device("cpu"))
-    assert calls == [True, True, False, False, False]
-    assert [it for it, _ in log["curve"]] == [1, 2, 3, 4, 5]
-    assert [it for it, *_ in log["val_curve"]] == [2, 4, 5]
 
 
 def test_tiny_run_records_validation_protocols_and_alphabets(tmp_path):
