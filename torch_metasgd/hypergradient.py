@@ -172,12 +172,15 @@ def hypergradient_step_(
     grads: list[Tensor],
     step_sizes: list[Tensor],
     state: dict[Tensor, dict[str, Any]],
+    grad_scale: Tensor | None = None,
 ) -> None:
     """Move the step sizes of ``params`` along the hypergradient of the current loss, in place.
 
     ``params`` and ``grads`` are those of the group that have a gradient now;
     a parameter without a direction from the last step (the first step, or
     no gradient last time, so the step sizes did not move it) is left out.
+    ``grad_scale``: ``GradScaler``'s scale, by which the gradients of a fused
+    step are still multiplied (a skipped step's infs skip this update too).
     Must run under ``torch.no_grad()``, before the step.
     """
     lr = group["lr"]
@@ -191,6 +194,8 @@ def hypergradient_step_(
     if not kept:
         return
     params, grads, step_sizes, directions = map(list, zip(*kept, strict=True))
+    if grad_scale is not None:
+        grads = torch._foreach_div(grads, grad_scale)
     if group["maximize"]:
         grads = torch._foreach_neg(grads)
     if group["weight_decay"] != 0:
