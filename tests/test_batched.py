@@ -7,6 +7,7 @@ import pytest
 import torch
 from _options import cases
 from _options import options as metasgd_options
+from _reference import ref_inward_clamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -77,9 +78,18 @@ def _reference_adapt(model, opt, loss_fn, x, y, steps, first_order):
     params = dict(model.named_parameters())
     rules = {}
     for group in opt.param_groups:
+        # One inner loop is one use of each step size (a "group" one is shared):
+        # at a bound, its outward gradient is blocked for this task as a whole.
+        alphas = {}
         for p in group["params"]:
+            s = opt.state[p]["step_size"]
+            if id(s) not in alphas:
+                alpha = group["lr"] * _phi(s, group["parametrization"])
+                if group["lr_min"] is not None or group["lr_max"] is not None:
+                    alpha = ref_inward_clamp(alpha, group["lr_min"], group["lr_max"])
+                alphas[id(s)] = alpha
             buf = opt.state[p].get("momentum_buffer")
-            rules[names[id(p)]] = (group, opt.state[p]["step_size"], buf)
+            rules[names[id(p)]] = (group, alphas[id(s)], buf)
     bufs = {n: (None if r[2] is None else r[2].detach()) for n, r in rules.items()}
     for _ in range(steps):
         loss = loss_fn(functional_call(work, params, (x,)), y)
@@ -89,7 +99,7 @@ def _reference_adapt(model, opt, loss_fn, x, y, steps, first_order):
         )
         new = dict(params)
         for n, g in zip(trained, grads, strict=True):
-            group, s, _ = rules[n]
+            group, alpha, _ = rules[n]
             p = params[n]
             d = -g if group["maximize"] else g
             d = d + group["weight_decay"] * (p.detach() if first_order else p)
@@ -99,9 +109,6 @@ def _reference_adapt(model, opt, loss_fn, x, y, steps, first_order):
                 else:
                     bufs[n] = group["momentum"] * bufs[n] + (1 - group["dampening"]) * d
                 d = d + group["momentum"] * bufs[n] if group["nesterov"] else bufs[n]
-            alpha = group["lr"] * _phi(s, group["parametrization"])
-            if group["lr_min"] is not None or group["lr_max"] is not None:
-                alpha = alpha.clamp(group["lr_min"], group["lr_max"])
             new[n] = p - alpha * d
         params = new
     return params

@@ -17,7 +17,7 @@ import pytest
 import torch
 from _options import cases
 from _options import options as metasgd_options
-from _reference import ref_phi
+from _reference import ref_inward_clamp, ref_phi
 from hypothesis import given, settings
 from torch.func import functional_call
 
@@ -70,8 +70,17 @@ def ref_inner_loop(model, opt, support, steps, *, first_order=False):
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     config = {}
     for group in opt.param_groups:
+        # The loop is one use of each step size (a "group" one is shared): at a
+        # bound its outward gradient is blocked for the loop as a whole.
+        alphas = {}
         for p in group["params"]:
-            config[id(p)] = (group, opt.step_size(p))
+            s = opt.step_size(p)
+            if id(s) not in alphas:
+                alpha = group["lr"] * ref_phi(s, group["parametrization"])
+                if group["lr_min"] is not None or group["lr_max"] is not None:
+                    alpha = ref_inward_clamp(alpha, group["lr_min"], group["lr_max"])
+                alphas[id(s)] = alpha
+            config[id(p)] = (group, alphas[id(s)])
     bufs: dict[int, torch.Tensor] = {}
     x, y = support
     for _ in range(steps):
@@ -82,7 +91,7 @@ def ref_inner_loop(model, opt, support, steps, *, first_order=False):
         )
         new = list(theta)
         for i, g in zip(targets, grads, strict=True):
-            group, s = config[id(list(model.parameters())[i])]
+            group, alpha = config[id(list(model.parameters())[i])]
             p = theta[i].detach() if first_order else theta[i]
             d = -g if group["maximize"] else g
             d = d + group["weight_decay"] * p
@@ -90,9 +99,6 @@ def ref_inner_loop(model, opt, support, steps, *, first_order=False):
             if mu != 0:
                 bufs[i] = d if i not in bufs else mu * bufs[i] + (1 - group["dampening"]) * d
                 d = d + mu * bufs[i] if group["nesterov"] else bufs[i]
-            alpha = group["lr"] * ref_phi(s, group["parametrization"])
-            if group["lr_min"] is not None or group["lr_max"] is not None:
-                alpha = torch.clamp(alpha, group["lr_min"], group["lr_max"])
             new[i] = theta[i] - alpha * d
         theta = new
     return names, theta, buffers
