@@ -7,15 +7,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
 from . import _kernels, hypergradient
 from ._parametrizations import parametrization
+from ._step_sizes import follow_params, moved, new_step_sizes
+from ._validation import describe, validate_group, validate_params
 
 __all__ = ["MetaSGD", "for_each_subclass"]
-
-GRANULARITIES = ("element", "tensor", "group")
 
 
 class MetaSGD(Optimizer):
@@ -154,7 +154,7 @@ class MetaSGD(Optimizer):
             lr_max=lr_max,
             hypergrad_lr=hypergrad_lr,
         )
-        _validate_group(defaults)
+        validate_group(defaults)
         # step() reads each group's step sizes from this list: hashing every
         # parameter into self.state costs as much as the update on small tensors.
         self._step_sizes: list[list[Tensor]] = []
@@ -188,9 +188,9 @@ class MetaSGD(Optimizer):
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         options = {**self.defaults, **group}
-        _validate_group(options)
-        _validate_params(params)
-        step_sizes = _new_step_sizes(params, options)
+        validate_group(options)
+        validate_params(params)
+        step_sizes = new_step_sizes(params, options)
         if isinstance(group["params"], Iterator):
             # Consumed above: hand torch the list, not an exhausted generator.
             group["params"] = params
@@ -245,29 +245,7 @@ class MetaSGD(Optimizer):
         return _kernels.effective_lrs(group, [self.step_size(p)])[0]
 
     def _follow_params(self) -> None:
-        """Move step sizes and state to their parameters' devices and dtypes, if one moved.
-
-        The step sizes stay the same Python objects (``.data`` is replaced, as
-        ``nn.Module.to`` does for parameters), so an outer optimizer that
-        holds them keeps training them. A step size follows its parameter (a
-        ``"group"`` one the group's first); state shaped like a parameter
-        (momentum buffer, last direction) takes the parameter's dtype, the
-        rest its step size's.
-        """
-        with torch.no_grad():
-            for group, step_sizes in zip(self.param_groups, self._step_sizes, strict=True):
-                for p, s in zip(group["params"], step_sizes, strict=True):
-                    owner = _owner(group, p)
-                    if _moved(owner, s):
-                        s.data = s.data.to(device=owner.device, dtype=step_size_dtype(owner.dtype))
-                    state = self.state[p]
-                    for key, value in state.items():
-                        like = p if value.shape == p.shape else s
-                        if value is not s and (value.device, value.dtype) != (
-                            like.device,
-                            like.dtype,
-                        ):
-                            state[key] = value.to(device=like.device, dtype=like.dtype)
+        follow_params(self.param_groups, self._step_sizes, self.state)
 
     def state_dict(self) -> dict[str, Any]:
         self._follow_params()
@@ -322,7 +300,7 @@ class MetaSGD(Optimizer):
         has_sparse_grad = False
         # A model is moved or cast as a whole: its group's first parameter
         # tells (checking every one would cost ~15% of a small step).
-        if group_step_sizes and _moved(group["params"][0], group_step_sizes[0]):
+        if group_step_sizes and moved(group["params"][0], group_step_sizes[0]):
             self._follow_params()
         for p, s in zip(group["params"], group_step_sizes, strict=True):
             grad = p.grad
@@ -485,133 +463,3 @@ def for_each_subclass(hook: Callable[[type[MetaSGD]], None]) -> None:
         hook(cls)
         pending += cls.__subclasses__()
     _SUBCLASS_HOOKS.append(hook)
-
-
-def _validate_group(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"Invalid learning rate: a tensor lr must have one element, got {lr}")
-    if not _is_real(lr) or not math.isfinite(lr) or lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not _is_real(group["momentum"]) or not math.isfinite(group["momentum"]):
-        raise ValueError(f"Invalid momentum value: {group['momentum']}")
-    if group["momentum"] < 0.0:
-        raise ValueError(f"Invalid momentum value: {group['momentum']}")
-    if not _is_real(group["weight_decay"]) or not math.isfinite(group["weight_decay"]):
-        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-    if group["weight_decay"] < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-    if not _is_real(group["dampening"]) or not math.isfinite(group["dampening"]):
-        raise ValueError(f"Invalid dampening value: {group['dampening']}")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    if group["granularity"] not in GRANULARITIES:
-        raise ValueError(
-            f"Invalid granularity: {group['granularity']!r} (expected one of {GRANULARITIES})"
-        )
-    phi = parametrization(group["parametrization"])
-    lr_min, lr_max = group["lr_min"], group["lr_max"]
-    for name, bound in (("lr_min", lr_min), ("lr_max", lr_max)):
-        if bound is None:
-            continue
-        if not _is_real(bound) or isinstance(bound, Tensor) or not math.isfinite(bound):
-            raise ValueError(f"Invalid {name} value: {bound}")
-        if phi.positive and bound < 0:
-            raise ValueError(
-                f"Invalid {name} value: {bound} ({phi.name!r} step sizes are positive)"
-            )
-    if lr_max is not None and lr_max <= 0:
-        raise ValueError(
-            f"Invalid lr_max value: {lr_max} (step sizes at most {lr_max} could only ascend)"
-        )
-    if lr_min is not None and lr_max is not None and lr_min > lr_max:
-        raise ValueError(f"Invalid step-size bounds: lr_min={lr_min} > lr_max={lr_max}")
-    hypergrad_lr = group["hypergrad_lr"]
-    if isinstance(hypergrad_lr, Tensor) or not _is_real(hypergrad_lr):
-        raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr}")
-    if not math.isfinite(hypergrad_lr) or hypergrad_lr < 0:
-        raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr}")
-
-
-def _validate_params(params: list[Any]) -> None:
-    seen = set()
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise TypeError(
-                f"optimizer can only optimize Tensors, but parameter {i} is {type(p).__name__}"
-            )
-        if not p.is_leaf:
-            raise ValueError(f"can't optimize a non-leaf Tensor: {describe(p)}")
-        if not (p.is_floating_point() or p.is_complex()):
-            raise ValueError(
-                f"Invalid parameter {i}: {describe(p)} (MetaSGD optimizes floating-point "
-                "and complex tensors)"
-            )
-        if id(p) in seen:
-            raise ValueError(f"Parameter appears twice in a param group: {describe(p)}")
-        seen.add(id(p))
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float, Tensor)) and not isinstance(x, bool)
-
-
-# Step sizes of half-precision parameters are float32, as mixed-precision
-# training keeps master weights: a learned change of 1e-3 to s = 1 is below
-# bfloat16's resolution. Those of complex parameters are real.
-_STEP_SIZE_DTYPES = {
-    torch.float16: torch.float32,
-    torch.bfloat16: torch.float32,
-    torch.complex32: torch.float32,
-    torch.complex64: torch.float32,
-    torch.complex128: torch.float64,
-}
-
-
-def step_size_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the step sizes of a parameter of ``dtype``."""
-    return _STEP_SIZE_DTYPES.get(dtype, dtype)
-
-
-def _new_step_sizes(params: list[Tensor], group: dict[str, Any]) -> list[nn.Parameter]:
-    s0 = parametrization(group["parametrization"]).initial
-    granularity = group["granularity"]
-    if granularity == "group":
-        if not params:
-            return []
-        first = params[0]
-        shared = _leaf(torch.full((), s0, dtype=step_size_dtype(first.dtype), device=first.device))
-        return [shared] * len(params)
-    if granularity == "tensor":
-        return [
-            _leaf(torch.full((), s0, dtype=step_size_dtype(p.dtype), device=p.device))
-            for p in params
-        ]
-    return [
-        _leaf(
-            torch.full_like(
-                p, s0, dtype=step_size_dtype(p.dtype), memory_format=torch.preserve_format
-            )
-        )
-        for p in params
-    ]
-
-
-def _owner(group: dict[str, Any], p: Tensor) -> Tensor:
-    """The parameter whose device and dtype ``p``'s step size follows."""
-    return group["params"][0] if group["granularity"] == "group" else p
-
-
-def _moved(owner: Tensor, s: Tensor) -> bool:
-    return s.device != owner.device or s.dtype is not step_size_dtype(owner.dtype)
-
-
-def _leaf(t: Tensor) -> nn.Parameter:
-    # A Parameter, so that a module can register the step sizes themselves
-    # (e.g. for DistributedDataParallel to average their gradients).
-    return nn.Parameter(t.detach())
-
-
-def describe(t: Tensor) -> str:
-    """How an error message names a tensor."""
-    return f"Tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
