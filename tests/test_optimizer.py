@@ -1093,6 +1093,60 @@ def test_step_sizes_follow_a_model_cast_after_construction(granularity, cast, dt
     del reference
 
 
+def _after_a_move(use, move):
+    """Build the model and MetaSGD in float32 on the CPU, ``move`` the model, then ``use`` them."""
+    from torch_metasgd import LookAhead, adapt, inner_loop, meta_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.9, parametrization="log")
+    live = opt.meta_parameters()
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    model.to(**move)
+    x, y = torch.randn(2, 6, 2, **move), torch.randn(2, 6, 1, **move)
+    mse = torch.nn.functional.mse_loss
+    if use == "meta_loss":
+        meta_loss(model, opt, mse, (x, y), (x, y)).backward()
+    elif use == "adapt":
+        fast = adapt(model, opt, mse, x[0], y[0])
+        mse(torch.func.functional_call(model, fast, (x[0],)), y[0]).backward()
+    elif use == "inner_loop":
+        with inner_loop(model, opt) as (fmodel, diffopt):
+            diffopt.step(mse(fmodel(x[0]), y[0]))
+            mse(fmodel(x[1]), y[1]).backward()
+    else:
+        lookahead = LookAhead(
+            model, opt, lambda m, b: mse(m(b[0]), b[1]), (x[1], y[1]), every=1, unroll=1
+        )
+        lookahead.step((x[0], y[0]))
+    return opt, live
+
+
+MOVES = {
+    "double": dict(dtype=torch.float64),
+    "cuda": pytest.param(
+        dict(device="cuda", dtype=torch.float32),
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ),
+}
+
+
+@pytest.mark.parametrize("move", MOVES.values(), ids=MOVES.keys())
+@pytest.mark.parametrize("use", ["meta_loss", "adapt", "inner_loop", "LookAhead"])
+def test_every_path_works_after_the_model_is_moved(use, move):
+    opt, live = _after_a_move(use, move)
+    device = torch.device(move.get("device", "cpu"))
+    assert all(s is t for s, t in zip(opt.meta_parameters(), live, strict=True))
+    for s in live:
+        assert s.dtype == move["dtype"] and s.device.type == device.type
+        if use != "LookAhead":  # LookAhead consumes the gradient it computes
+            assert s.grad is not None and s.grad.dtype == move["dtype"]
+    for p in opt.param_groups[0]["params"]:
+        buf = opt.state[p]["momentum_buffer"]
+        assert buf.dtype == move["dtype"] and buf.device.type == device.type
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_step_sizes_follow_a_model_moved_to_cuda_after_construction(granularity):

@@ -119,13 +119,11 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
         self._group_to_param_list: list[list[int]] = []
         self._step_sizes: list[list[Tensor]] = []
         moved: dict[int, Tensor] = {}
-        for group in other.param_groups:
+        for group, step_sizes in zip(other.param_groups, other.step_sizes_by_group(), strict=True):
             state: defaultdict[int, dict[str, Any]] = defaultdict(dict)
             indices = []
-            step_sizes = []
             for p_idx, p in enumerate(group["params"]):
                 indices.append(index_of[id(p)])
-                step_sizes.append(other.step_size(p))
                 buf = other.state[p].get("momentum_buffer")
                 if buf is not None:
                     state[p_idx]["momentum_buffer"] = buf if device is None else buf.to(device)
