@@ -581,3 +581,40 @@ def test_a_step_size_pushed_beyond_a_bound_does_not_drift_away():
         assert opt.step_size(model[0].weight).grad == 0
         outer.step()
     assert opt.step_size(model[0].weight).item() == 0.02
+
+
+@pytest.mark.parametrize(
+    "arch, device, expected",
+    [
+        ("conv_bn_train", "cpu", "loop"),
+        ("mlp_bn1d", "cpu", "grouped"),
+        ("residual", "cpu", "loop"),
+        ("conv_bn_train", "cuda", "grouped"),
+        ("mlp_bn1d", "cuda", "grouped"),
+        ("residual", "cuda", "vmap"),
+    ],
+)
+def test_auto_strategy_depends_on_the_model_and_the_device(arch, device, expected):
+    from torch_metasgd.batched import _auto_strategy
+
+    assert _auto_strategy(MODELS[arch](), torch.device(device)) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "auto"])
+def test_meta_loss_on_cuda_matches_the_cpu(strategy):
+    torch.manual_seed(0)
+    model = _bn_net().double()
+    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.5).uniform_step_sizes_(0.05, 0.2)
+    g = torch.Generator().manual_seed(7)
+    xs = torch.randn(3, 8, 1, 6, 6, generator=g, dtype=torch.double)
+    ys = torch.randint(0, 4, (3, 8), generator=g)
+    loss_fn = nn.functional.cross_entropy
+    expected = meta_loss(model, opt, loss_fn, (xs, ys), (xs, ys), steps=2, strategy=strategy)
+    expected_grads = torch.autograd.grad(expected, _wrt(model, opt))
+    model.cuda()
+    cuda = (xs.cuda(), ys.cuda())
+    loss = meta_loss(model, opt, loss_fn, cuda, cuda, steps=2, strategy=strategy)
+    grads = torch.autograd.grad(loss, _wrt(model, opt))
+    torch.testing.assert_close(loss.cpu(), expected, rtol=1e-9, atol=1e-12)
+    _assert_grads_close([g.cpu() for g in grads], expected_grads)

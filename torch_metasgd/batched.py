@@ -48,11 +48,13 @@ Three strategies compute the same numbers (``strategy=``):
   Linear and activation layers, run once as a network ``T`` times as wide
   (grouped convolutions, batched matrix products; see :mod:`._grouped`).
 
-``"auto"`` picks by structure, after measurements on CPU
-(``benchmarks/speed.py``): the loop for convolutional networks (vmap is about
-2.5x and grouped about 1.3x slower there), ``"grouped"`` for other supported
-Sequentials (MLPs: about 1.5x faster than vmap, 10x faster than the loop),
-``"vmap"`` for everything else.
+``"auto"`` picks by structure and by the device of the data, after
+measurements (``benchmarks/speed.py --device``): on a CPU the loop for
+convolutional networks (vmap is about 2.5x and grouped about 1.3x slower
+there), ``"grouped"`` for other supported Sequentials (MLPs: about 1.5x
+faster than vmap, 10x faster than the loop); on a GPU ``"grouped"`` for every
+supported Sequential (on an H100, conv4 meta-batches ran 6-16x faster than
+the loop, 1.3-1.6x faster than vmap); ``"vmap"`` for everything else.
 
 Memory: the returned loss holds the graphs of all ``T`` tasks until
 ``.backward()``, as a hand-written loop that averages the query losses does;
@@ -347,7 +349,7 @@ def meta_loss(
         raise ValueError(f"Invalid strategy: {strategy!r} (expected one of {STRATEGIES})")
     n_tasks = require_tasks(support, query)
     if strategy == "auto":
-        strategy = _auto_strategy(model)
+        strategy = _auto_strategy(model, support[0].device)
     if strategy == "grouped" and not _grouped.supports(model):
         raise ValueError(
             'strategy="grouped" needs an nn.Sequential of Conv2d, BatchNorm, pooling, '
@@ -371,14 +373,20 @@ def meta_loss(
     return loss.detach() if evaluation else loss
 
 
-def _auto_strategy(model: nn.Module) -> str:
-    # Measured on CPU (benchmarks/speed.py): on convolutional networks a loop
-    # over tasks beats both vmap (~2.5x slower) and grouped convolutions
-    # (~1.3x slower: the T-times-wider activations fall out of cache); on
-    # MLPs the task-stacked network beats vmap, which beats the loop.
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    if any(isinstance(m, convs) for m in model.modules()):
-        return "loop"
+def _auto_strategy(model: nn.Module, device: torch.device) -> str:
+    """The fastest strategy measured for this kind of model on this kind of device.
+
+    On a CPU (``benchmarks/speed.py``, 2 cores): for convolutional networks
+    a loop over tasks beats vmap (~2.5x slower) and grouped convolutions
+    (~1.3x slower: the T-times-wider activations fall out of cache); for
+    MLPs the task-stacked network beats vmap, which beats the loop. On a GPU
+    one wide kernel beats T small ones: grouped was 6-16x faster than the
+    loop and 1.3-1.6x faster than vmap on conv4 meta-batches on an H100
+    (issue 14's timings), and vmap serves the models grouped cannot run.
+    """
+    if device.type == "cpu":
+        if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules()):
+            return "loop"
     return "grouped" if _grouped.supports(model) else "vmap"
 
 
