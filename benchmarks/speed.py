@@ -4,7 +4,9 @@ One meta-iteration = the meta-loss of a meta-batch (every task's inner loop,
 second order, per-element step sizes) and its ``.backward()``. Methods:
 
 * ``meta_loss``   torch_metasgd.meta_loss (strategy "auto"); ``meta_loss[<s>]``
-                  forces a strategy (full runs only)
+                  forces a strategy, ``meta_loss[compiled]`` runs it under
+                  torch.compile (full runs only; the compile falls in the
+                  warm-up rounds)
 * ``inner_loop``  torch_metasgd.inner_loop (higher), one task at a time
 * ``hand_loop``   hand-written: functional_call + autograd.grad, a loop over tasks
 * ``hand_vmap``   hand-written: torch.func.grad inside torch.func.vmap over tasks
@@ -70,7 +72,12 @@ WORKLOADS = {
     "W4": dict(arch="conv4", ways=5, tasks=32, support=5, query=75, steps=1),
 }
 METHODS = ["meta_loss", "inner_loop", "hand_loop", "hand_vmap", "higher_min", "torchopt"]
-STRATEGY_METHODS = ["meta_loss[vmap]", "meta_loss[loop]", "meta_loss[grouped]"]
+STRATEGY_METHODS = [
+    "meta_loss[vmap]",
+    "meta_loss[loop]",
+    "meta_loss[grouped]",
+    "meta_loss[compiled]",
+]
 
 
 # --------------------------------------------------------------------------- workloads
@@ -247,7 +254,19 @@ def run_torchopt(c: Case) -> None:
         torchopt.recover_state_dict(opt, opt_state)
 
 
+def run_compiled_meta_loss(c: Case) -> None:
+    # Compiled once per case, in the first (warm-up) call; torch.compile runs
+    # meta_loss's vmap strategy (the one that compiles exactly).
+    if not hasattr(c, "compiled_meta_loss"):
+        c.compiled_meta_loss = torch.compile(
+            lambda: meta_loss(c.model, c.opt, c.loss_fn, (c.xs, c.ys), (c.xq, c.yq), steps=c.steps)
+        )
+    c.compiled_meta_loss().backward()
+
+
 def method_fn(name: str) -> Callable[[Case], None]:
+    if name == "meta_loss[compiled]":
+        return run_compiled_meta_loss
     if name.startswith("meta_loss["):
         strategy = name[len("meta_loss[") : -1]
         return lambda c: run_meta_loss(c, strategy)

@@ -618,3 +618,22 @@ def test_meta_loss_on_cuda_matches_the_cpu(strategy):
     grads = torch.autograd.grad(loss, _wrt(model, opt))
     torch.testing.assert_close(loss.cpu(), expected, rtol=1e-9, atol=1e-12)
     _assert_grads_close([g.cpu() for g in grads], expected_grads)
+
+
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "auto"])
+def test_compiled_meta_loss_has_the_eager_gradients_whatever_the_strategy(strategy):
+    # aot_eager runs aot_autograd (which has no double backward) without
+    # compiling kernels, so no C++ compiler is needed.
+    torch._dynamo.reset()
+    model, opt = _make(dict(lr=0.05, momentum=0.9), False, False)
+    xs, ys = _tasks(seed=30)
+    xq, yq = _tasks(seed=31)
+    wrt = _wrt(model, opt)
+
+    def loss(strategy):
+        return meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xq, yq), strategy=strategy)
+
+    expected = torch.autograd.grad(loss("vmap"), wrt)
+    compiled = torch.compile(loss, backend="aot_eager")
+    _assert_grads_close(torch.autograd.grad(compiled(strategy), wrt), expected)
+    torch._dynamo.reset()

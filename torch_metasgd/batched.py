@@ -56,6 +56,12 @@ faster than vmap, 10x faster than the loop); on a GPU ``"grouped"`` for every
 supported Sequential (on an H100, conv4 meta-batches ran 6-16x faster than
 the loop, 1.3-1.6x faster than vmap); ``"vmap"`` for everything else.
 
+Under ``torch.compile`` (``torch.compile(meta_loss)``, or a compiled function
+that calls it) every strategy runs as vmap, the only one that compiles with
+the same gradients: aot_autograd has no double backward for the loop, and the
+grouped strategy's second-order gradients come out wrong when compiled
+(torch 2.13). Compiling takes tens of seconds; see the README for what it gains.
+
 Memory: the returned loss holds the graphs of all ``T`` tasks until
 ``.backward()``, as a hand-written loop that averages the query losses does;
 a loop over :func:`torch_metasgd.inner_loop` that calls ``.backward()`` per
@@ -86,6 +92,8 @@ from ._checks import (
 from .optimizer import MetaSGD
 
 __all__ = ["meta_loss", "adapt"]
+
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never
 
 STRATEGIES = ("auto", "vmap", "loop", "grouped")
 
@@ -180,6 +188,8 @@ def _adapt_autograd(
 
 
 def _meta_loss_loop(model, plan, loss_fn, support, query, steps, first_order) -> Tensor:
+    if _is_compiling():
+        return _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order)
     losses = []
     for t in range(support[0].shape[0]):
         adapted = _adapt_autograd(
@@ -259,6 +269,8 @@ def _batch_norm(
 
 
 def _meta_loss_grouped(model, plan, loss_fn, support, query, steps, first_order) -> Tensor:
+    if _is_compiling():
+        return _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order)
     n_tasks = support[0].shape[0]
     trainable = plan.trainable
     # Every task starts from the same weights: expanded views, so the
