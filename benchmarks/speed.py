@@ -534,7 +534,7 @@ def plot(path: Path, med: dict[str, dict[str, float]], step: dict[str, float], c
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -589,12 +589,12 @@ def main() -> None:
         "--out", type=Path, default=Path("results/speed"), help="(default: results/speed)"
     )
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args._child:
         child_memory(*args._child, iters=3, seed=args.seed)
-        return
+        return {}
 
     device = device_of(args.device)
     methods = args.methods or (METHODS if args.quick else METHODS + STRATEGY_METHODS)
@@ -703,6 +703,7 @@ def main() -> None:
     (args.out / "speed.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(args.out / "speed.png", med, step, args.clock)
     print(f"\nwrote {args.out / 'speed.json'} and {args.out / 'speed.png'}")
+    return payload
 
 
 if __name__ == "__main__":
