@@ -72,7 +72,7 @@ that step: its step sizes and :math:`v` stay as they were, and the parameters
 take the step SGD would. Any mix of dtypes and devices may share a group:
 half-precision gradients are reduced in float32, and a complex parameter
 uses the real inner product :math:`\operatorname{Re}\langle g, d\rangle` (the
-derivative in a real step size) and learns the real part of its step sizes.
+derivative in its real step size).
 
 The update is a fixed number of multi-tensor (``torch._foreach_*``)
 operations per device and dtype, and reads no value back to the host. At
@@ -162,7 +162,6 @@ class _Part(NamedTuple):
         if paired:
             grads = [torch.view_as_real(g) for g in grads]
             directions = [torch.view_as_real(d) for d in directions]
-            step_sizes = [_real_part(s) for s in step_sizes]
         return cls(grads, directions, step_sizes, scales, paired)
 
 
@@ -265,12 +264,7 @@ def _scales(group, params, step_sizes, state) -> list[Tensor]:
 
 
 def _new_scale(s: Tensor) -> Tensor:
-    dtype = torch.promote_types(_real_part(s).dtype, torch.float32)
-    return torch.zeros((), dtype=dtype, device=s.device)
-
-
-def _real_part(s: Tensor) -> Tensor:
-    return torch.view_as_real(s)[..., 0] if s.is_complex() else s
+    return torch.zeros((), dtype=torch.promote_types(s.dtype, torch.float32), device=s.device)
 
 
 def _sums(tensors: list[Tensor]) -> Tensor:
@@ -356,7 +350,7 @@ def _group_step_(parts: list[_Part], s: Tensor, scale: Tensor, rule: _Rule) -> N
     changes, _ = _tensor_changes(
         dot[None], g_square.sqrt()[None], d_square.sqrt()[None], [scale], rule.beta
     )
-    _vector_step_(_real_part(s).view(1), changes, rule)
+    _vector_step_(s.view(1), changes, rule)
 
 
 def _vector_step_(s: Tensor, changes: Tensor, rule: _Rule) -> None:
