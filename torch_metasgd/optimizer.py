@@ -55,8 +55,9 @@ class MetaSGD(Optimizer):
     pass: :math:`\log|\alpha|` follows the (clipped, scale-free) cosine
     between the current gradient and the last direction, with a small upward
     drift; per element, also each element's own sign, capped at :math:`e`
-    times its tensor's geometric mean. The rule, its constants and its state
-    are written out in :mod:`torch_metasgd.hypergradient`.
+    times its tensor's geometric mean; never below ``lr / 1000``, and a
+    tensor whose gradient is not finite skips the update. The rule, its
+    constants and its state are written out in :mod:`torch_metasgd.hypergradient`.
 
     Args:
         params: an iterable of tensors or of dicts defining parameter groups;
