@@ -71,17 +71,18 @@ class MetaSGD(Optimizer):
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor (``torch._foreach_*``) implementation;
             ``None`` picks it where torch.optim would (default: None).
-        fused: run the step as one compiled kernel per device and dtype
-            (``torch.compile``; floating-point parameters on CPU, CUDA or
-            XPU), as ``torch.optim.SGD(fused=True)`` runs one; with
+        fused: run the parameter update as one compiled kernel per device and
+            dtype (``torch.compile``; floating-point parameters on CPU, CUDA
+            or XPU), as ``torch.optim.SGD(fused=True)`` runs one; with
             ``GradScaler`` it unscales the gradients and skips a step with
             infs without reading anything back to the host. The first step
-            runs uncompiled, the second compiles (about 30 s for 100
-            parameter tensors on a 2-core CPU, 1-2 s for a few; cached
-            across runs), and a change of ``lr`` does not recompile. Where
+            runs uncompiled, the second compiles (30-40 s for 100 parameter
+            tensors on a 2-core CPU, 5 s with inductor's cache warm, 1-6 s
+            for a few), and a change of ``lr`` does not recompile. Where
             ``torch.compile`` cannot build the step (no C++ compiler), a
-            warning says so and the same step runs uncompiled. Not with
-            ``foreach=True`` (default: None, not fused).
+            warning says so and the same step runs uncompiled. On CPU it is
+            slower than ``foreach`` (call overhead; see the README's cost
+            table). Not with ``foreach=True`` (default: None, not fused).
         granularity: ``"element"`` (one step size per parameter element, the
             paper's :math:`\alpha`), ``"tensor"`` (one per parameter tensor) or
             ``"group"`` (one shared by the param group) (default: "element").
