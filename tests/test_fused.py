@@ -1,4 +1,4 @@
-"""``MetaSGD(fused=True)``: the step compiled into one kernel (``_kernels.metasgd_fused``).
+"""``MetaSGD(fused=True)``: the step compiled into one kernel (``_fused.metasgd_fused``).
 
 Each distinct group (options, shapes, dtypes) compiles once, 1-3 s here: the
 default run compiles a few; ``-m slow`` runs every option.
@@ -14,7 +14,7 @@ import torch
 from _options import GRANULARITIES, PARAMETRIZATIONS, sgd_cases
 from torch.nn import functional as F
 
-from torch_metasgd import MetaSGD, _kernels
+from torch_metasgd import MetaSGD, _fused
 
 
 @functools.cache
@@ -163,8 +163,8 @@ def test_fused_rejects_foreach_and_non_floating_parameters_before_any_change():
 def test_fused_without_a_compiler_warns_once_and_steps_uncompiled(monkeypatch):
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
     monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
-    monkeypatch.setattr(_kernels, "_compiled_fused_step", None)
-    monkeypatch.setattr(_kernels, "_compile_failure", None)
+    monkeypatch.setattr(_fused, "_compiled_fused_step", None)
+    monkeypatch.setattr(_fused, "_compile_failure", None)
     torch._dynamo.reset()
     model, reference = _mlp(), _mlp()
     opt = MetaSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01, fused=True)

@@ -225,14 +225,20 @@ def test_foreach_and_single_tensor_trajectories_agree(granularity, hyper):
             opt.param_groups[0]["lr"] = 0.01
         _run(model, opt, 15, seed=1)
         runs.append((model, opt))
-    (m1, o1), (m2, o2) = runs
+    _assert_same_runs(*runs)
+    model, opt = runs[0]
+    assert any(
+        not torch.allclose(opt.effective_lr(p), torch.tensor(0.05, dtype=DTYPE))
+        for p in model.parameters()
+    )
+
+
+def _assert_same_runs(run_a, run_b) -> None:
+    """Two (model, optimizer) runs reached the same weights and step sizes."""
+    (m1, o1), (m2, o2) = run_a, run_b
     for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(p, q)
         torch.testing.assert_close(o1.effective_lr(p), o2.effective_lr(q))
-    assert any(
-        not torch.allclose(o1.effective_lr(p), torch.tensor(0.05, dtype=DTYPE))
-        for p in m1.parameters()
-    )
 
 
 def _quadratic_reference(lr: float, beta: float, steps: int) -> list[tuple[float, float]]:
@@ -658,7 +664,4 @@ def test_a_tensor_lr_learns_the_step_sizes_a_float_lr_does(granularity, options)
         )
         _run(model, opt, 10, seed=1)
         runs.append((model, opt))
-    (m1, o1), (m2, o2) = runs
-    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
-        torch.testing.assert_close(p, q)
-        torch.testing.assert_close(o1.effective_lr(p), o2.effective_lr(q))
+    _assert_same_runs(*runs)

@@ -13,13 +13,10 @@ r"""The arithmetic of a Meta-SGD step, written once and called by every path.
   differentiable paths (the ``higher`` twin and the ``torch.func`` path).
 * :func:`metasgd`: the in-place step of ``MetaSGD.step()``, single- or
   multi-tensor, as ``torch.optim.sgd`` is.
-  With ``fused``, the same step compiled into one kernel per device and
-  dtype, with ``GradScaler``'s unscaling and skipping.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,8 +35,6 @@ __all__ = [
     "effective_lrs",
     "metasgd_update",
     "metasgd",
-    "fusable",
-    "FUSED_DEVICES",
 ]
 
 
@@ -265,9 +260,6 @@ def metasgd(
     lr_max: float | None,
     foreach: bool,
     keep_directions: bool = False,
-    fused: bool = False,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
 ) -> list[Tensor] | None:
     """One in-place Meta-SGD step on ``params``; see :class:`torch_metasgd.MetaSGD`.
 
@@ -278,11 +270,6 @@ def metasgd(
     itself, which ``zero_grad`` or the next backward may overwrite, but it may
     be the momentum buffer, which the next step updates in place. Must run
     under ``torch.no_grad()``.
-
-    ``fused``: the step compiled into one kernel per device and dtype
-    (:func:`_fused_metasgd`). ``grad_scale`` and ``found_inf`` are
-    ``GradScaler``'s, for a step that unscales and skips by itself: they
-    take the fused step (uncompiled unless ``fused``).
     """
     if not params:
         return [] if keep_directions else None
@@ -293,18 +280,6 @@ def metasgd(
         lr_max,
         SGDOptions(weight_decay, momentum, dampening, nesterov, maximize),
     )
-    if fused or grad_scale is not None or found_inf is not None:
-        return _fused_metasgd(
-            params,
-            grads,
-            momentum_buffers,
-            step_sizes,
-            rule,
-            grad_scale,
-            found_inf,
-            compiled=fused,
-            keep_directions=keep_directions,
-        )
     # A buffer's first value is a copy of its direction: that step runs per
     # tensor, every later one on the whole list at once.
     first_buffers = momentum != 0 and any(b is None for b in momentum_buffers)
@@ -369,143 +344,3 @@ def _foreach_effective_lr(step_sizes: list[Tensor], rule: _StepRule) -> list[Ten
     if rule.lr_max is not None:
         torch._foreach_clamp_max_(alphas, rule.lr_max)
     return alphas
-
-
-#: The device types whose step ``torch.compile`` can fuse.
-FUSED_DEVICES = ("cpu", "cuda", "xpu")
-
-
-def fusable(p: Tensor) -> bool:
-    """Whether a fused step can take ``p``: floating point, on one of :data:`FUSED_DEVICES`."""
-    return torch.is_floating_point(p) and p.device.type in FUSED_DEVICES
-
-
-def _fused_metasgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    step_sizes: list[Tensor],
-    rule: _StepRule,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    *,
-    compiled: bool,
-    keep_directions: bool,
-) -> list[Tensor] | None:
-    """:func:`metasgd` as one ``torch.compile``-d kernel per device and dtype.
-
-    The step is written per tensor (:func:`sgd_direction` and
-    :func:`effective_lr`, as every other path) and inductor fuses it: one
-    C++ loop on CPU, a few Triton kernels on CUDA. ``grad_scale`` divides
-    the gradients and a nonzero ``found_inf`` skips the step, with no read
-    back to the host (``GradScaler``'s contract with fused optimizers). The
-    first step (momentum buffers to create) and a process where compiling
-    fails (no C++ compiler, an unsupported Python) run the same function
-    uncompiled, the latter after a warning. A float ``lr`` is passed as a
-    tensor, so that a scheduler does not recompile.
-    """
-    momentum, nesterov = rule.options.momentum, rule.options.nesterov
-    fresh = [momentum != 0 and b is None for b in momentum_buffers] or [False] * len(params)
-    for i, new in enumerate(fresh):
-        if new:
-            momentum_buffers[i] = torch.zeros_like(params[i])
-    lr = rule.lr if isinstance(rule.lr, Tensor) else torch.tensor(rule.lr, dtype=torch.float64)
-    directions: list[Tensor | None] = [None] * len(params)
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, step_sizes, momentum_buffers], with_indices=True
-    )
-    for (device, _), ((dev_params, dev_grads, dev_steps, dev_bufs), indices) in grouped.items():
-        args = (
-            dev_params,
-            dev_grads,
-            dev_bufs if momentum != 0 else [],
-            dev_steps,
-            lr,
-            None if grad_scale is None else grad_scale.to(device),
-            None if found_inf is None else found_inf.to(device),
-            rule.options,
-            rule.phi.name,
-            rule.lr_min,
-            rule.lr_max,
-            keep_directions and (momentum == 0 or nesterov),
-        )
-        first = tuple(fresh[i] for i in indices) if any(fresh) else ()
-        kept = _run_fused_step(args, first, compiled and not first)
-        if momentum != 0 and not nesterov:
-            kept = dev_bufs  # the direction is the buffer itself
-        if keep_directions:
-            for j, index in enumerate(indices):
-                directions[index] = kept[j]
-    return directions if keep_directions else None
-
-
-_compiled_fused_step: Callable | None = None
-_compile_failure: str | None = None
-
-
-def _run_fused_step(args: tuple, first: tuple[bool, ...], compiled: bool) -> list[Tensor]:
-    global _compiled_fused_step, _compile_failure
-    if compiled and _compile_failure is None:
-        try:
-            if _compiled_fused_step is None:
-                # A RuntimeError here: this platform has no torch.compile. Not
-                # fullgraph: past the recompile limit (8 distinct groups in a
-                # process), dynamo runs a new group uncompiled rather than fail.
-                _compiled_fused_step = torch.compile(_fused_step)
-            return _compiled_fused_step(*args, first)
-        except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as error:
-            if (
-                not isinstance(error, torch._dynamo.exc.TorchDynamoException)
-                and _compiled_fused_step
-            ):
-                raise
-            # Raised while compiling, before the step runs: nothing has moved yet.
-            _compile_failure = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-            warnings.warn(
-                f"MetaSGD(fused=True) could not compile its step ({_compile_failure}); "
-                "it runs the same step uncompiled, which is slower than fused=False",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-    return _fused_step(*args, first)
-
-
-def _fused_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    step_sizes: list[Tensor],
-    lr: Tensor,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    options: SGDOptions,
-    parametrization: str,
-    lr_min: float | None,
-    lr_max: float | None,
-    keep_directions: bool,
-    first: tuple[bool, ...],
-) -> list[Tensor]:
-    """One device's and dtype's step, per tensor, for the compiler to fuse.
-
-    ``first[i]``: buffer ``i`` is new and takes the first direction itself
-    (empty: no buffer is new, the only case that is compiled).
-    """
-    phi = _parametrizations.parametrization(parametrization)
-    directions = []
-    for i, (param, grad, s) in enumerate(zip(params, grads, step_sizes, strict=True)):
-        if grad_scale is not None:
-            grad = grad / grad_scale
-        buf = bufs[i] if bufs else None
-        d, new_buf = sgd_direction(param, grad, None if first and first[i] else buf, *options)
-        new_param = param - effective_lr(s, lr, phi, lr_min, lr_max) * d
-        if found_inf is not None:
-            skip = found_inf != 0
-            new_param = torch.where(skip, param, new_param)
-            if buf is not None:
-                new_buf = torch.where(skip, buf, new_buf)
-        param.copy_(new_param)
-        if buf is not None:
-            buf.copy_(new_buf)
-        if keep_directions:
-            directions.append(d.clone())
-    return directions

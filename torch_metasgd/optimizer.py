@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
-from . import _kernels, hypergradient
+from . import _fused, _kernels, hypergradient
 from ._parametrizations import parametrization
 from ._step_sizes import follow_params, moved, new_step_sizes
 from ._validation import describe, validate_group, validate_params
@@ -71,18 +71,14 @@ class MetaSGD(Optimizer):
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor (``torch._foreach_*``) implementation;
             ``None`` picks it where torch.optim would (default: None).
-        fused: run the parameter update as one compiled kernel per device and
-            dtype (``torch.compile``; floating-point parameters on CPU, CUDA
-            or XPU), as ``torch.optim.SGD(fused=True)`` runs one; with
-            ``GradScaler`` it unscales the gradients and skips a step with
-            infs without reading anything back to the host. The first step
-            runs uncompiled, the second compiles (30-40 s for 100 parameter
-            tensors on a 2-core CPU, 5 s with inductor's cache warm, 1-6 s
-            for a few), and a change of ``lr`` does not recompile. Where
-            ``torch.compile`` cannot build the step (no C++ compiler), a
-            warning says so and the same step runs uncompiled. On CPU it is
-            slower than ``foreach`` (call overhead; see the README's cost
-            table). Not with ``foreach=True`` (default: None, not fused).
+        fused: run the parameter update as one ``torch.compile``-d kernel per
+            device and dtype (floating-point parameters on CPU, CUDA or XPU),
+            as ``torch.optim.SGD(fused=True)``; with ``GradScaler`` it
+            unscales and skips inside the kernel. The second step compiles
+            (30-40 s for 100 parameter tensors on a 2-core CPU, 1-6 s for a
+            few); without a C++ compiler it warns and runs uncompiled. On CPU
+            it is slower than ``foreach``. Not with ``foreach=True``
+            (default: None, not fused).
         granularity: ``"element"`` (one step size per parameter element, the
             paper's :math:`\alpha`), ``"tensor"`` (one per parameter tensor) or
             ``"group"`` (one shared by the param group) (default: "element").
@@ -326,11 +322,11 @@ class MetaSGD(Optimizer):
             if grad is None:
                 continue
             has_sparse_grad |= grad.is_sparse
-            if group["fused"] and (grad.is_sparse or not _kernels.fusable(p)):
+            if group["fused"] and (grad.is_sparse or not _fused.fusable(p)):
                 raise ValueError(
                     f"Invalid parameter for fused=True: {describe(p)} on {p.device}"
                     f"{' with a sparse gradient' if grad.is_sparse else ''} (fused steps take "
-                    f"dense floating-point tensors on {_kernels.FUSED_DEVICES})"
+                    f"dense floating-point tensors on {_fused.FUSED_DEVICES})"
                 )
             params.append(p)
             grads.append(grad)
@@ -391,25 +387,35 @@ class MetaSGD(Optimizer):
                 hypergradient.hypergradient_step_(
                     group, params, grads, step_sizes, self.state, amp["grad_scale"]
                 )
-            directions = _kernels.metasgd(
-                params,
-                grads,
-                momentum_buffers,
-                step_sizes,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                parametrization=group["parametrization"],
-                lr_min=group["lr_min"],
-                lr_max=group["lr_max"],
-                foreach=foreach,
-                keep_directions=online,
-                fused=bool(group["fused"]),
-                **amp,
-            )
+            if group["fused"] or amp["grad_scale"] is not None or amp["found_inf"] is not None:
+                directions = _fused.metasgd_fused(
+                    params,
+                    grads,
+                    momentum_buffers,
+                    step_sizes,
+                    group,
+                    compiled=bool(group["fused"]),
+                    keep_directions=online,
+                    **amp,
+                )
+            else:
+                directions = _kernels.metasgd(
+                    params,
+                    grads,
+                    momentum_buffers,
+                    step_sizes,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    momentum=group["momentum"],
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    maximize=group["maximize"],
+                    parametrization=group["parametrization"],
+                    lr_min=group["lr_min"],
+                    lr_max=group["lr_max"],
+                    foreach=foreach,
+                    keep_directions=online,
+                )
             if group["momentum"] != 0:
                 for p, buf in zip(params, momentum_buffers, strict=True):
                     self.state[p]["momentum_buffer"] = buf
