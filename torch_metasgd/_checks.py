@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .optimizer import MetaSGD, describe
 
-__all__ = ["require_metasgd", "require_params_of", "require_no_hypergradient"]
+__all__ = ["require_metasgd", "require_params_of", "require_no_hypergradient", "require_bare_model"]
 
 
 def require_metasgd(opt: object, who: str) -> None:
@@ -47,3 +47,21 @@ def require_no_hypergradient(opt: MetaSGD) -> None:
                 "hypergradient step sizes are not differentiable; set hypergrad_lr=0 "
                 "to meta-learn the step sizes through the inner loop"
             )
+
+
+def require_bare_model(model: nn.Module, who: str) -> None:
+    """``TypeError`` if ``model`` is wrapped in (Distributed)DataParallel, naming the supported way.
+
+    Their forward replicates or synchronizes the module, which a differentiable
+    inner loop cannot run through: higher fails on the wrapper's class, and
+    ``torch.func.functional_call`` on storage-less tensors after one step.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError(
+            f"{who} got a model wrapped in {type(model).__name__}, which cannot run a "
+            "differentiable inner loop; pass the bare model (its .module). To meta-train "
+            "data-parallel, wrap the learner instead: "
+            "DistributedDataParallel(torch_metasgd.MetaLearner(model, opt, loss_fn)) for "
+            "meta_loss, or call torch_metasgd.average_gradients(meta_parameters) after "
+            "backward() for inner_loop and higher"
+        )

@@ -73,7 +73,7 @@ from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
 from . import _grouped, _kernels
-from ._checks import require_metasgd, require_params_of
+from ._checks import require_bare_model, require_metasgd, require_params_of
 from .optimizer import MetaSGD
 
 __all__ = ["meta_loss", "adapt"]
@@ -123,6 +123,7 @@ class _Plan:
 
 
 def _plan(model: nn.Module, opt: MetaSGD, who: str) -> _Plan:
+    require_bare_model(model, who)
     require_metasgd(opt, who)
     require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
     held: dict[int, tuple[_kernels.SGDOptions, Tensor]] = {}
@@ -327,7 +328,9 @@ def meta_loss(
         ValueError: the four tensors do not share a leading task dimension,
             ``steps < 1``, an unknown strategy, ``"grouped"`` for a model it
             cannot run, or an optimizer parameter that is not the model's.
-        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`.
+        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`, or ``model``
+            is wrapped in ``DistributedDataParallel``/``DataParallel``: wrap a
+            :class:`~torch_metasgd.MetaLearner` instead.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(),

@@ -27,7 +27,12 @@ from higher.optim import DifferentiableOptimizer
 from torch import Tensor, nn
 
 from . import _kernels
-from ._checks import require_metasgd, require_no_hypergradient, require_params_of
+from ._checks import (
+    require_bare_model,
+    require_metasgd,
+    require_no_hypergradient,
+    require_params_of,
+)
 from .optimizer import MetaSGD, for_each_subclass
 
 __all__ = ["DifferentiableMetaSGD", "inner_loop"]
@@ -267,7 +272,9 @@ def inner_loop(
             memory does not grow with the number of inner steps.
 
     Raises:
-        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`.
+        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`, or ``model``
+            is wrapped in ``DistributedDataParallel``/``DataParallel`` (see
+            :mod:`torch_metasgd.distributed` for data-parallel meta-training).
         ValueError: a parameter of ``opt`` is not a parameter of ``model``.
 
     Example:
@@ -280,6 +287,7 @@ def inner_loop(
         ...     torch.nn.functional.mse_loss(fmodel(x[5:]), y[5:]).backward()
         >>> meta_opt.step()
     """
+    require_bare_model(model, "inner_loop")
     require_metasgd(opt, "inner_loop")
     require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
     fmodel = higher.monkeypatch(
