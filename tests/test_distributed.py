@@ -3,10 +3,17 @@
 The reference is one process with the whole meta-batch (or, for ``LookAhead``,
 an unroll written out by hand). The 2-rank runs all happen in one spawn of 2
 processes (the ``two_ranks`` fixture, a ``file://`` rendezvous in a temporary
-folder), which returns what each rank computed; the tests compare.
+folder), which returns what each rank computed; the tests compare. The
+benchmarks run under torchrun on 127.0.0.1.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +25,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from torch_metasgd import LookAhead, MetaLearner, MetaSGD, adapt, average_gradients, inner_loop
 from torch_metasgd import meta_loss as metasgd_meta_loss
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _common  # noqa: E402
+import sinusoid  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed, gloo"
@@ -413,3 +426,74 @@ def test_meta_learner_validates_before_wrapping():
         MetaLearner(nn.Linear(1, 1), opt, F.mse_loss)
     with pytest.raises(TypeError, match="needs a torch_metasgd.MetaSGD"):
         MetaLearner(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def test_shards_partition_the_meta_batch_and_weigh_to_its_mean_loss(monkeypatch):
+    world, n_tasks = 3, 7
+    losses = torch.rand(n_tasks, dtype=DTYPE)
+    tasks = torch.arange(n_tasks)
+    monkeypatch.setattr(_common, "world_size", lambda: world)
+    seen, total = [], 0.0
+    for r in range(world):
+        monkeypatch.setattr(_common, "rank", lambda r=r: r)
+        (xs, _), (xq, _), weight = _common.shard((tasks, tasks), (tasks, tasks))
+        assert torch.equal(xs, xq)
+        seen += xs.tolist()
+        total += weight * losses[xs].mean() / world
+    assert seen == tasks.tolist()
+    torch.testing.assert_close(total, losses.mean(), rtol=1e-14, atol=0)
+
+
+def _torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--local-addr", "127.0.0.1", "--nproc-per-node", str(WORLD)]
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [*command, str(REPO / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def test_sinusoid_under_torchrun_trains_as_one_process_and_reports_identical_ranks(tmp_path):
+    # 5 tasks: shards of 3 and 2.
+    args = ["--iterations", "20", "--meta-batch", "5", "--eval-tasks", "10", "--shots", "5"]
+    args += ["--methods", "metasgd", "--log-every", "5", "--no-plot"]
+    run = _torchrun("sinusoid.py", *args, "--out", str(tmp_path / "two"))
+    alone = sinusoid.main([*args, "--out", str(tmp_path / "one")])
+    two = json.loads((tmp_path / "two" / "sinusoid.json").read_text())
+    assert run.stdout.count("wrote") == 1  # rank 0 alone prints
+    assert (two["world_size"], two["ranks_identical"]) == (2, True)
+    assert (alone["world_size"], alone["ranks_identical"]) == (1, True)
+    curve_two = two["train"]["metasgd"]["5"]["curve"]
+    curve_one = alone["train"]["metasgd"]["5"]["curve"]
+    assert [i for i, _ in curve_two] == [i for i, _ in curve_one] == [5, 10, 15, 20]
+    assert [v for _, v in curve_two] == pytest.approx([v for _, v in curve_one], rel=1e-5)
+    mse = two["mse"]["metasgd"]["5"]["mean"]
+    assert mse == pytest.approx(alone["mse"]["metasgd"]["5"]["mean"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_omniglot_under_torchrun_trains_as_one_process_and_saves_on_rank_0(tmp_path):
+    import omniglot
+    from test_benchmarks import _fake_omniglot
+
+    _fake_omniglot(tmp_path, "images_background_small1", n_chars=3, drawings=20)
+    _fake_omniglot(tmp_path, "images_background_small2", n_chars=2, drawings=20)
+    args = ["--data", str(tmp_path), "--cache", str(tmp_path / "cache"), "--ways", "5"]
+    args += ["--shots", "1", "--methods", "metasgd", "--iterations", "4", "--meta-batch", "2"]
+    args += ["--log-every", "2", "--eval-episodes", "3"]
+    _torchrun("omniglot.py", *args, "--out", str(tmp_path / "two"), "--save", str(tmp_path / "c"))
+    alone = omniglot.main([*args, "--out", str(tmp_path / "one")])
+    two = json.loads((tmp_path / "two" / "omniglot.json").read_text())
+    assert (two["world_size"], two["ranks_identical"]) == (2, True)
+    curve_two, curve_one = two["runs"][0]["curve"], alone["runs"][0]["curve"]
+    assert [v for _, v in curve_two] == pytest.approx([v for _, v in curve_one], rel=1e-5)
+    assert set(torch.load(tmp_path / "c", weights_only=True)) == {"model", "metasgd", "config"}
