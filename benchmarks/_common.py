@@ -170,8 +170,15 @@ def launch(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(dist.destroy_process_group)
+    atexit.register(_leave)
     return device
+
+
+def _leave() -> None:
+    # Every rank arrives (the others wait for rank 0's evaluation) before any
+    # tears the group down: gloo aborts a process whose peer left first, at random.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def rank() -> int:

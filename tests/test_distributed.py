@@ -219,6 +219,7 @@ def _worker(rank: int, folder: str) -> None:
     )
     try:
         out = _rank_runs(rank)
+        dist.barrier()  # no rank leaves while another still talks: gloo would abort it
     finally:
         dist.destroy_process_group()
     torch.save(out, f"{folder}/rank{rank}.pt")
@@ -497,3 +498,4 @@ def test_omniglot_under_torchrun_trains_as_one_process_and_saves_on_rank_0(tmp_p
     curve_two, curve_one = two["runs"][0]["curve"], alone["runs"][0]["curve"]
     assert [v for _, v in curve_two] == pytest.approx([v for _, v in curve_one], rel=1e-5)
     assert set(torch.load(tmp_path / "c", weights_only=True)) == {"model", "metasgd", "config"}
+
