@@ -499,3 +499,36 @@ def test_omniglot_under_torchrun_trains_as_one_process_and_saves_on_rank_0(tmp_p
     assert [v for _, v in curve_two] == pytest.approx([v for _, v in curve_one], rel=1e-5)
     assert set(torch.load(tmp_path / "c", weights_only=True)) == {"model", "metasgd", "config"}
 
+
+def test_ddp_benchmark_help_shows_every_default():
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "ddp.py"), "--help"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0
+    for option in ("--quick", "--device", "--processes", "--repeats", "--rounds", "--out"):
+        assert option in run.stdout
+    assert run.stdout.count("(default:") >= 8
+
+
+@pytest.mark.slow
+def test_ddp_benchmark_ways_agree_with_one_process_and_write_json_and_png(tmp_path):
+    args = ["--workloads", "W1", "--repeats", "1", "--rounds", "1", "--warmup", "0"]
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "ddp.py"), *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    payload = json.loads((tmp_path / "ddp.json").read_text())
+    for processes in ("1", "2"):
+        assert max(payload["agreement"][processes]["W1"].values()) < 1e-5
+    assert set(payload["seconds_per_iteration"]["wall"]["2"]["W1"]) == {
+        "meta_loss ddp",
+        "meta_loss avg",
+        "inner_loop avg",
+        "inner_loop ddp",
+    }
+    assert (tmp_path / "ddp.png").stat().st_size > 1000
