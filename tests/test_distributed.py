@@ -39,13 +39,22 @@ pytestmark = pytest.mark.skipif(
 DTYPE = torch.float64
 WORLD = 2
 TASKS = 4  # a meta-batch: TASKS // WORLD per rank
-# name: (model, MetaLearner options)
+# name: (model, MetaLearner options, DistributedDataParallel options)
 META_LOSS_CASES = {
-    "mlp-vmap": ("mlp", dict(strategy="vmap")),
-    "mlp-loop": ("mlp", dict(strategy="loop")),
-    "mlp-grouped-2-steps": ("mlp", dict(strategy="grouped", steps=2)),
-    "mlp-first-order": ("mlp", dict(strategy="vmap", first_order=True)),
-    "conv-loop": ("conv", dict(strategy="loop")),
+    "mlp-vmap": ("mlp", dict(strategy="vmap"), {}),
+    "mlp-loop": ("mlp", dict(strategy="loop"), {}),
+    "mlp-grouped-2-steps-static-graph": (
+        "mlp",
+        dict(strategy="grouped", steps=2),
+        dict(static_graph=True),
+    ),
+    "mlp-first-order-find-unused": (
+        "mlp",
+        dict(strategy="vmap", first_order=True),
+        dict(find_unused_parameters=True),
+    ),
+    "mlp-first-layer-held": ("mlp-first-layer", dict(strategy="vmap"), {}),
+    "conv-loop": ("conv", dict(strategy="loop"), {}),
 }
 
 
@@ -54,7 +63,7 @@ META_LOSS_CASES = {
 
 def _model(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    if kind == "mlp":
+    if kind.startswith("mlp"):
         model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
     else:
         model = nn.Sequential(
@@ -69,7 +78,9 @@ def _model(kind: str, seed: int = 0) -> nn.Module:
 
 def _learner(kind: str, seed: int = 0) -> tuple[nn.Module, MetaSGD]:
     model = _model(kind, seed)
-    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.5)
+    # "mlp-first-layer": the optimizer leaves the last layer fixed in the inner loop.
+    held = model[0].parameters() if kind == "mlp-first-layer" else model.parameters()
+    opt = MetaSGD(held, lr=0.1, momentum=0.5)
     opt.uniform_step_sizes_(0.05, 0.2, generator=torch.Generator().manual_seed(seed))
     return model, opt
 
@@ -77,7 +88,7 @@ def _learner(kind: str, seed: int = 0) -> tuple[nn.Module, MetaSGD]:
 def _tasks(kind: str, n_tasks: int, seed: int):
     """``support, query, loss_fn``: ``n_tasks`` tasks of regression (mlp) or 3-way images (conv)."""
     g = torch.Generator().manual_seed(seed)
-    if kind == "mlp":
+    if kind.startswith("mlp"):
         xs, ys, xq, yq = (torch.randn(n_tasks, 5, 1, generator=g, dtype=DTYPE) for _ in range(4))
         return (xs, ys), (xq, yq), F.mse_loss
     xs, xq = (torch.randn(n_tasks, 6, 1, 5, 5, generator=g, dtype=DTYPE) for _ in range(2))
@@ -126,10 +137,12 @@ def _rank_runs(rank: int) -> dict:
     torch.set_num_threads(1)
     out: dict = {}
 
-    for name, (kind, options) in META_LOSS_CASES.items():
+    for name, (kind, options, ddp_options) in META_LOSS_CASES.items():
         model, opt = _learner(kind)
         support, query, loss_fn = _tasks(kind, TASKS, seed=1)
-        learner = DistributedDataParallel(MetaLearner(model, opt, loss_fn, **options))
+        learner = DistributedDataParallel(
+            MetaLearner(model, opt, loss_fn, **options), **ddp_options
+        )
         learner(_shard(support, rank), _shard(query, rank)).backward()
         out[f"meta_loss/{name}"] = _grads(model, opt)
 
@@ -243,7 +256,7 @@ def _assert_bitwise_equal(xs, ys) -> None:
 
 @pytest.mark.parametrize("case", list(META_LOSS_CASES))
 def test_meta_loss_gradients_of_two_ranks_match_one_process_with_all_tasks(two_ranks, case):
-    kind, options = META_LOSS_CASES[case]
+    kind, options, _ = META_LOSS_CASES[case]
     model, opt = _learner(kind)
     support, query, loss_fn = _tasks(kind, TASKS, seed=1)
     metasgd_meta_loss(model, opt, loss_fn, support, query, **options).backward()
