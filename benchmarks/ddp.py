@@ -237,6 +237,7 @@ def plot(wall: dict, workloads: list[str], processes: list[int], path: Path) -> 
             ax.bar(xs, speeds, width, label=f"{n} process(es)")
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8, ha="right")
         ax.set_ylabel("meta-iterations per second")
+        ax.set_yscale("log")
         ax.set_title(w)
         ax.legend(fontsize=8)
     fig.tight_layout()
