@@ -90,16 +90,6 @@ class _InnerLoopLearner(MetaLearner):
         return _inner_loop_losses(self.model, self.opt, self.loss_fn, support, query)
 
 
-def _case(workload: str, seed: int, device: torch.device) -> Case:
-    c = Case(workload, seed)
-    c.model.to(device)
-    with torch.no_grad():
-        for s in c.opt.meta_parameters():  # as Module.to moves parameters: the same objects
-            s.data = s.data.to(device)
-    c.xs, c.ys, c.xq, c.yq = (t.to(device) for t in (c.xs, c.ys, c.xq, c.yq))
-    return c
-
-
 def _way(name: str, c: Case) -> Callable[[], None]:
     """The function that runs one meta-iteration of way ``name`` on ``c``."""
     tasks = ((c.xs, c.ys), (c.xq, c.yq))
@@ -151,9 +141,9 @@ def worker(args: argparse.Namespace) -> None:
     names = [*BASELINES, *WAYS] if world_size() == 1 else WAYS
     payload: dict = {"world_size": world_size(), "seconds": {}, "agreement": {}}
     for workload in args.workloads:
-        cases = {name: _case(workload, args.seed, device) for name in names}
+        cases = {name: Case(workload, args.seed, device) for name in names}
         ways = {name: (c, _way(name, c)) for name, c in cases.items()}
-        payload["agreement"][workload] = _agreement(ways, _case(workload, args.seed, device))
+        payload["agreement"][workload] = _agreement(ways, Case(workload, args.seed, device))
         times = {clock: {name: [] for name in names} for clock in CLOCKS}
         order = random.Random(args.seed)  # the same order on every rank
         for r in range(args.warmup + args.rounds):

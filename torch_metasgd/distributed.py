@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._checks import require_bare_model, require_metasgd, require_params_of
+from ._checks import require_bare_model, require_metasgd, require_params_of, require_steps
 from .batched import LossFn, meta_loss
 from .optimizer import MetaSGD
 
@@ -99,8 +99,7 @@ class MetaLearner(nn.Module):
         require_bare_model(model, "MetaLearner")
         require_metasgd(opt, "MetaLearner")
         require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
-        if steps < 1:
-            raise ValueError(f"Invalid number of inner steps: {steps}")
+        require_steps(steps)
         super().__init__()
         self.model = model
         self.step_sizes = nn.ParameterList(opt.meta_parameters())
