@@ -31,7 +31,13 @@ Testing: ``--eval-episodes`` episodes (the same for every method), each with
 ``--eval-query`` query images per class; the table gives the mean accuracy
 and its 95% confidence interval.
 
+Under torchrun every meta-batch's episodes are split over the processes (DDP,
+gloo on CPU, NCCL on CUDA): the same training as one process, up to float
+rounding. Rank 0 tests, prints and writes; the JSON records ``world_size``
+and ``ranks_identical``.
+
     python benchmarks/omniglot.py --quick
+    torchrun --standalone --nproc_per_node=2 benchmarks/omniglot.py --quick
     python benchmarks/omniglot.py --ways 5 --shots 1 --iterations 800 --save results/o.pt
     python benchmarks/omniglot.py --load results/o_5w1s_metasgd.pt --eval-only
 """
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -53,10 +60,13 @@ from _common import (
     environment,
     format_table,
     inner_optimizer,
+    launch,
     mean_ci95,
     meta_train,
     outer_parameters,
+    rank,
     seed_everything,
+    world_size,
     write_json,
 )
 from torch import Tensor, nn
@@ -149,7 +159,10 @@ def load_set(data: Path, name: str, cache: Path) -> tuple[Tensor, list[str]]:
         ]
     )
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"images": images, "characters": names}, cached)
+    # Written whole, then renamed: torchrun's ranks may fill the cache at once.
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}")
+    torch.save({"images": images, "characters": names}, partial)
+    partial.replace(cached)
     return images, names
 
 
@@ -443,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--eval-only needs --load PATH")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = device_of(args.device)
+    device = launch(device_of(args.device))
     seed_everything(args.seed)
 
     train_name, test_name = (
@@ -458,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment(),
         "split": [train_name, test_name],
         "runs": [],
+        "world_size": world_size(),
+        "ranks_identical": True,
     }
     start = time.perf_counter()
     if args.eval_only:
@@ -482,6 +497,9 @@ def main(argv: list[str] | None = None) -> dict:
             for shots in args.shots:
                 for method in args.methods:
                     model, opt, log = train(method, ways, shots, train_set, args, device)
+                    results["ranks_identical"] &= log["ranks_identical"]
+                    if rank() != 0:
+                        continue  # testing, printing and files: rank 0 only
                     runs.append((method, ways, shots, model, opt, log))
                     if args.save:
                         config = {
@@ -494,6 +512,8 @@ def main(argv: list[str] | None = None) -> dict:
                         save_checkpoint(
                             save_path(args.save, method, ways, shots, several), model, opt, config
                         )
+    if rank() != 0:
+        return results
     for method, ways, shots, model, opt, log in runs:
         accs = evaluate(model, opt, test_set, ways, shots, args, device)
         mean, ci = mean_ci95(accs)

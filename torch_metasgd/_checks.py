@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._validation import describe
 from .optimizer import MetaSGD
@@ -21,6 +21,7 @@ __all__ = [
     "require_tasks",
     "require_scalar_loss",
     "scalar_loss",
+    "require_bare_model",
 ]
 
 
@@ -108,3 +109,21 @@ def scalar_loss(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         return loss
 
     return checked
+
+
+def require_bare_model(model: nn.Module, who: str) -> None:
+    """``TypeError`` if ``model`` is wrapped in (Distributed)DataParallel, naming the supported way.
+
+    Their forward replicates or synchronizes the module, which a differentiable
+    inner loop cannot run through: higher fails on the wrapper's class, and
+    ``torch.func.functional_call`` on storage-less tensors after one step.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError(
+            f"{who} got a model wrapped in {type(model).__name__}, which cannot run a "
+            "differentiable inner loop; pass the bare model (its .module). To meta-train "
+            "data-parallel, wrap the learner instead: "
+            "DistributedDataParallel(torch_metasgd.MetaLearner(model, opt, loss_fn)) for "
+            "meta_loss, or call torch_metasgd.average_gradients(meta_parameters) after "
+            "backward() for inner_loop and higher"
+        )

@@ -82,6 +82,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _grouped, _kernels
 from ._checks import (
+    require_bare_model,
     require_metasgd,
     require_no_hypergradient,
     require_params_of,
@@ -143,6 +144,7 @@ class _Plan:
 
 
 def _plan(model: nn.Module, opt: MetaSGD, who: str, n_tasks: int) -> _Plan:
+    require_bare_model(model, who)
     require_metasgd(opt, who)
     require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
     require_no_hypergradient(opt)
@@ -343,7 +345,9 @@ def meta_loss(
             strategy, ``"grouped"`` for a model it cannot run, an optimizer
             parameter that is not the model's, a group with
             ``hypergrad_lr > 0``, or ``loss_fn`` returns a non-scalar.
-        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`.
+        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`, or ``model``
+            is wrapped in ``DistributedDataParallel``/``DataParallel``: wrap a
+            :class:`~torch_metasgd.MetaLearner` instead.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(),

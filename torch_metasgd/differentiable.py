@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from . import _kernels
 from ._checks import (
+    require_bare_model,
     require_metasgd,
     require_no_hypergradient,
     require_params_of,
@@ -273,7 +274,9 @@ def inner_loop(
             loop's block runs with gradients enabled (the inner steps need them).
 
     Raises:
-        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`.
+        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`, or ``model``
+            is wrapped in ``DistributedDataParallel``/``DataParallel`` (see
+            :mod:`torch_metasgd.distributed` for data-parallel meta-training).
         ValueError: a parameter of ``opt`` is not a parameter of ``model``.
 
     Example:
@@ -286,6 +289,7 @@ def inner_loop(
         ...     torch.nn.functional.mse_loss(fmodel(x[5:]), y[5:]).backward()
         >>> meta_opt.step()
     """
+    require_bare_model(model, "inner_loop")
     require_metasgd(opt, "inner_loop")
     require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
     # Inside torch.no_grad() (evaluation) the inner steps still need their

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ._checks import require_metasgd, require_no_hypergradient, require_params_of
 from .differentiable import inner_loop
+from .distributed import average_gradients
 from .optimizer import MetaSGD
 
 __all__ = ["LookAhead"]
@@ -45,7 +46,10 @@ class LookAhead:
     buffers are untouched, and only the step sizes change.
 
     Args:
-        model: the module that ``opt`` trains.
+        model: the module that ``opt`` trains, or its ``DistributedDataParallel``
+            wrapper: then the unroll runs on its module and the held-out
+            meta-gradient is averaged over its ranks, which all take the same
+            step (each unrolls on its own batches and held-out data).
         opt: its :class:`~torch_metasgd.MetaSGD`; ``parametrization="log"``
             suits this use best (the outer steps are then relative changes of
             the step sizes).
@@ -110,7 +114,10 @@ class LookAhead:
                     f"{len(opt.meta_parameters())} step sizes (opt.meta_parameters())"
                 )
         _check_held_out(held_out)
-        self.model = model
+        self._process_group = (
+            model.process_group if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        )
+        self.model = model if self._process_group is None else model.module
         self.opt = opt
         self.loss_fn = loss_fn
         self.every = every
@@ -156,6 +163,8 @@ class LookAhead:
         self.meta_optimizer.zero_grad()
         for s, g in zip(meta_params, grads, strict=True):
             s.grad = g
+        if self._process_group is not None:
+            average_gradients(meta_params, group=self._process_group)
         self.meta_optimizer.step()
         return held_out_loss.detach()
 
