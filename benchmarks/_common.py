@@ -1,21 +1,30 @@
-"""Helpers shared by the benchmarks: the meta-training loop, seeds, statistics, tables, files."""
+"""Helpers shared by the benchmarks: the meta-training loop, seeds, statistics, tables, files.
+
+Under torchrun (``torchrun --nproc_per_node=2 benchmarks/sinusoid.py``) the
+scripts call :func:`launch` and :func:`meta_train` splits every meta-batch's
+tasks over the ranks; everything else (testing, printing, files) is rank 0's.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import os
 import platform
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from torch_metasgd import MetaSGD, meta_loss
+from torch_metasgd import MetaLearner, MetaSGD
 
 Batch = tuple[Tensor, Tensor]
 
@@ -63,19 +72,29 @@ def meta_train(
 ) -> dict[str, Any]:
     """Meta-train with :func:`torch_metasgd.meta_loss`; ``sample()`` gives a meta-batch.
 
+    Under torchrun every rank samples the same meta-batch and meta-trains on
+    its share of the tasks (:func:`shard`) in ``DistributedDataParallel``, which
+    averages the gradients of the weights and the step sizes: the outer step is
+    that of one process with the whole meta-batch.
+
     ``after_step(i)`` runs after the ``i``-th outer step (``i`` from 1): lr
-    schedules, validation. Returns ``{"train_seconds", "curve"}``, the curve
-    as ``(iteration, mean meta-loss since the last point)``. The loss is read
-    back once per curve point, not every iteration: on a GPU a read is a
-    synchronisation.
+    schedules, validation. Returns ``{"train_seconds", "curve",
+    "ranks_identical"}``, the curve as ``(iteration, mean meta-loss since the
+    last point)``. The loss is read back once per curve point, not every
+    iteration: on a GPU a read is a synchronisation.
     """
+    learner: nn.Module = MetaLearner(model, opt, loss_fn, steps=steps)
+    if dist.is_initialized():
+        learner = DistributedDataParallel(learner)
     curve: list[tuple[int, float]] = []
     running, count = 0.0, 0
     start = time.perf_counter()
-    bar = tqdm(range(iterations), desc=desc, leave=False)
+    bar = tqdm(range(iterations), desc=desc, leave=False, disable=rank() != 0)
     for it in bar:
-        support, query = sample()
-        loss = meta_loss(model, opt, loss_fn, support, query, steps=steps)
+        support, query, weight = shard(*sample())
+        loss = learner(support, query)
+        if weight != 1:
+            loss = loss * weight
         outer.zero_grad()
         loss.backward()
         outer.step()
@@ -83,10 +102,12 @@ def meta_train(
             after_step(it + 1)
         running, count = running + loss.detach(), count + 1
         if count == log_every or it == iterations - 1:
-            curve.append((it + 1, float(running) / count))
+            curve.append((it + 1, mean_over_ranks(running) / count))
             bar.set_postfix(meta_loss=f"{curve[-1][1]:.3f}")
             running, count = 0.0, 0
-    return {"train_seconds": time.perf_counter() - start, "curve": curve}
+    seconds = time.perf_counter() - start
+    identical = ranks_identical([*model.parameters(), *opt.meta_parameters()])
+    return {"train_seconds": seconds, "curve": curve, "ranks_identical": identical}
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -136,3 +157,75 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def launch(device: torch.device) -> torch.device:
+    """Join torchrun's process group if torchrun started this process; the device to train on.
+
+    gloo on CPU, NCCL on CUDA, each rank on GPU ``LOCAL_RANK``. Without torchrun
+    nothing happens and ``device`` is returned.
+    """
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(_leave)
+    return device
+
+
+def _leave() -> None:
+    # Every rank arrives (the others wait for rank 0's evaluation) before any
+    # tears the group down: gloo aborts a process whose peer left first, at random.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shard(support: Batch, query: Batch) -> tuple[Batch, Batch, float]:
+    """This rank's tasks of a meta-batch, and the weight of their mean loss.
+
+    Rank ``r`` of ``R`` takes the ``r``-th of ``R`` contiguous slices of the
+    ``T`` tasks (sizes ``T_r`` differing by at most one) and weighs its mean
+    loss by ``R * T_r / T``: DDP's mean over ranks is then the mean over all
+    ``T`` tasks.
+    """
+    world, n_tasks = world_size(), support[0].shape[0]
+    if world == 1:
+        return support, query, 1.0
+    if n_tasks < world:
+        raise ValueError(f"Invalid meta-batch: {n_tasks} tasks for {world} processes")
+    xs, ys, xq, yq = (t.tensor_split(world)[rank()] for t in (*support, *query))
+    return (xs, ys), (xq, yq), world * xs.shape[0] / n_tasks
+
+
+def mean_over_ranks(value: Tensor) -> float:
+    """The mean of a scalar ``value`` over the ranks (a collective under torchrun)."""
+    if not dist.is_initialized():
+        return float(value)
+    total = value.to(torch.float64, copy=True)
+    dist.all_reduce(total)
+    return float(total) / world_size()
+
+
+def ranks_identical(tensors: Iterable[Tensor]) -> bool:
+    """Whether every rank holds bitwise the same ``tensors`` (a collective; True alone)."""
+    if not dist.is_initialized():
+        return True
+    mine = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
+    rank_0s = mine.clone()
+    dist.broadcast(rank_0s, src=0)
+    same = torch.tensor(int(torch.equal(mine, rank_0s)), device=mine.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same)

@@ -151,7 +151,10 @@ def load_set(data: Path, name: str, cache: Path) -> tuple[Tensor, list[str]]:
         ]
     )
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"images": images, "characters": names}, cached)
+    # Written whole, then renamed: torchrun's ranks may fill the cache at once.
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}")
+    torch.save({"images": images, "characters": names}, partial)
+    partial.replace(cached)
     return images, names
 
 

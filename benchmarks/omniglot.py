@@ -43,7 +43,14 @@ test set ("mixed", the paper's protocol) and from one alphabet at a time
 ("within-alphabet", Lake et al.'s harder one); mean accuracy, its 95%
 confidence interval, and the accuracy per alphabet.
 
+Under torchrun every meta-batch's episodes are split over the processes (DDP,
+gloo on CPU, NCCL on CUDA): the same training as one process, up to float
+rounding. Every rank validates (on the same episodes, so they keep the same
+checkpoint); rank 0 tests, prints and writes; the JSON records ``world_size``
+and ``ranks_identical``.
+
     python benchmarks/omniglot.py --download --quick
+    torchrun --standalone --nproc_per_node=2 benchmarks/omniglot.py --quick
     python benchmarks/omniglot.py --ways 5 --shots 1 --iterations 800 --save results/o.pt
     python benchmarks/omniglot.py --load results/o.pt --eval-only --test-steps 3
 """
@@ -66,10 +73,13 @@ from _common import (
     environment,
     format_table,
     inner_optimizer,
+    launch,
     mean_ci95,
     meta_train,
     outer_parameters,
+    rank,
     seed_everything,
+    world_size,
     write_json,
 )
 from _omniglot_data import (
@@ -588,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = device_of(args.device)
+    device = launch(device_of(args.device))
     seed_everything(args.seed)
     if args.download:
         wanted = [*(args.train_set or []), *filter(None, [args.test_set])] or list(SPLITS[-1])
@@ -606,6 +616,8 @@ def main(argv: list[str] | None = None) -> dict:
         "split": {k: v for k, v in split.record.items() if k != "validation"},
         "validation": split.record["validation"],
         "runs": [],
+        "world_size": world_size(),
+        "ranks_identical": True,
     }
     if not args.eval_only:
         trained = []
@@ -614,6 +626,9 @@ def main(argv: list[str] | None = None) -> dict:
             for shots in args.shots:
                 for method in args.methods:
                     model, opt, log = train(method, ways, shots, split, args, device)
+                    results["ranks_identical"] &= log["ranks_identical"]
+                    if rank() != 0:
+                        continue  # testing, printing and files: rank 0 only
                     trained.append((method, ways, shots, model, opt, log))
                     if args.save:
                         config = {
@@ -626,6 +641,8 @@ def main(argv: list[str] | None = None) -> dict:
                         }
                         path = save_path(args.save, method, ways, shots, several)
                         save_checkpoint(path, model, opt, config)
+    if rank() != 0:
+        return results
     for method, ways, shots, model, opt, log in trained:
         scores = evaluate(model, opt, split, ways, shots, args)
         run = {"method": method, "ways": ways, "shots": shots, **scores["mixed"]}

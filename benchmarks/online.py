@@ -15,7 +15,9 @@ Two problems, one task each:
   batches of 32; ``lstsq-steep`` (not run by default) has 10x larger features,
   so SGD diverges above lr = 0.02 and the gradients are 10x larger.
 * ``digits-wide`` (not run by default): ``digits`` with a 64-1024-1024-10 MLP
-  (1.1M parameters), to measure the cost of a step on a larger model.
+  (1.1M parameters), to measure the cost of a step on a larger model;
+  ``digits-deep``: with 49 hidden layers of 64 (50 ``Linear(64, 64)``-sized
+  layers, 100 parameter tensors, 0.2M parameters), the cost on many small tensors.
 
 Methods, on the same step budget, seeds and batches:
 
@@ -32,12 +34,13 @@ Methods, on the same step budget, seeds and batches:
 Reports the final train loss (the data loss on the full training set,
 without the penalty), test loss and accuracy per initial lr, plots the loss
 curves and the learned step sizes over time, and measures the cost of a
-training iteration and of ``step()`` for each optimizer.
+training iteration and of ``step()`` for each optimizer, as ratios to
+``torch.optim.SGD``'s foreach and fused steps measured in the same run.
 
     python benchmarks/online.py --quick                      # ~40 s
     python benchmarks/online.py --problems digits            # 3000 steps x 3 seeds, ~5 min
     python benchmarks/online.py --problems digits --lrs 1 --seeds 16   # one lr, more seeds
-    python benchmarks/online.py --timing-only --problems digits lstsq
+    python benchmarks/online.py --timing-only --problems digits-deep --momentum 0.9 --device cuda
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from _common import format_table
+from _common import device_of, environment, format_table
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -68,7 +71,8 @@ METHODS = (
     "metasgd-hd-tensor",
     "lookahead",
 )
-PROBLEMS = ("digits", "lstsq", "digits-noreg", "lstsq-steep", "digits-wide")
+PROBLEMS = ("digits", "lstsq", "digits-noreg", "lstsq-steep", "digits-wide", "digits-deep")
+HIDDEN = {"digits-wide": (1024, 1024), "digits-deep": (64,) * 49}
 L2 = 1e-3  # digits: the weight matrices' L2 penalty
 DIVERGED = 1e6  # a train loss above this (or not finite) ends the run as diverged
 
@@ -79,11 +83,12 @@ DIVERGED = 1e6  # a train loss above this (or not finite) ends the run as diverg
 class Problem:
     """Data, a model factory and a loss; batches drawn from a seeded generator."""
 
-    def __init__(self, name: str, batch_size: int = 32) -> None:
+    def __init__(self, name: str, batch_size: int = 32, device: str | torch.device = "cpu") -> None:
         self.name = name
         self.batch_size = batch_size
-        self.l2 = L2 if name in ("digits", "digits-wide") else 0.0
-        self.hidden = (1024, 1024) if name == "digits-wide" else (128,)
+        self.device = torch.device(device)
+        self.l2 = L2 if name in ("digits", "digits-wide", "digits-deep") else 0.0
+        self.hidden = HIDDEN.get(name, (128,))
         if name.startswith("digits"):
             from sklearn.datasets import load_digits
             from sklearn.model_selection import train_test_split
@@ -115,6 +120,8 @@ class Problem:
             self.x_train, self.y_train = sample(n_train)
             self.x_test, self.y_test = sample(n_test)
             self.classification = False
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            setattr(self, key, getattr(self, key).to(self.device))
         # Look-ahead's held-out batches come from the last 10% of the training set.
         n_held = len(self.x_train) // 10
         self.held_out = (self.x_train[-n_held:], self.y_train[-n_held:])
@@ -124,9 +131,8 @@ class Problem:
         if self.classification:
             widths = (64, *self.hidden)
             layers = [m for a, b in pairwise(widths) for m in (nn.Linear(a, b), nn.ReLU())]
-            return nn.Sequential(*layers, nn.Linear(widths[-1], 10))
-        model = nn.Linear(self.x_train.shape[1], 1)
-        return model
+            return nn.Sequential(*layers, nn.Linear(widths[-1], 10)).to(self.device)
+        return nn.Linear(self.x_train.shape[1], 1).to(self.device)
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The training objective: the data loss plus the L2 penalty, if any."""
@@ -148,7 +154,7 @@ class Problem:
         g = torch.Generator().manual_seed(seed)
         n = len(self.x_train)
         while True:
-            for idx in torch.randperm(n, generator=g).split(self.batch_size):
+            for idx in torch.randperm(n, generator=g).to(self.device).split(self.batch_size):
                 if len(idx) == self.batch_size:
                     yield self.x_train[idx], self.y_train[idx]
 
@@ -286,70 +292,123 @@ def _step_sizes(opt, method: str) -> list[float]:
 # --------------------------------------------------------------------------- cost
 
 
+def _metasgd(**options):
+    return lambda ps, lr, momentum: MetaSGD(ps, lr=lr, momentum=momentum, **options)
+
+
+def _hd(granularity: str, parametrization: str, **options):
+    return _metasgd(
+        hypergrad_lr=0.1, granularity=granularity, parametrization=parametrization, **options
+    )
+
+
+#: The optimizers whose cost is measured; the first two are the baselines of the ratios.
 TIMED = {
-    "SGD": lambda ps, lr: torch.optim.SGD(ps, lr=lr),
-    "SGD-HD (scalar)": lambda ps, lr: AdditiveHD(ps, lr, 1e-3, "global"),
-    "MetaSGD": lambda ps, lr: MetaSGD(ps, lr=lr),
-    "MetaSGD HD, element": lambda ps, lr: MetaSGD(ps, lr=lr, hypergrad_lr=0.1),
-    "MetaSGD HD, element, log": lambda ps, lr: MetaSGD(
-        ps, lr=lr, hypergrad_lr=0.1, parametrization="log"
+    "SGD (foreach)": lambda ps, lr, momentum: torch.optim.SGD(
+        ps, lr=lr, momentum=momentum, foreach=True
     ),
-    "MetaSGD HD, tensor": lambda ps, lr: MetaSGD(ps, lr=lr, hypergrad_lr=0.1, granularity="tensor"),
-    "MetaSGD HD, tensor, log": lambda ps, lr: MetaSGD(
-        ps, lr=lr, hypergrad_lr=0.1, granularity="tensor", parametrization="log"
+    "SGD (fused)": lambda ps, lr, momentum: torch.optim.SGD(
+        ps, lr=lr, momentum=momentum, fused=True
     ),
+    "SGD-HD (scalar, no momentum)": lambda ps, lr, momentum: AdditiveHD(ps, lr, 1e-3, "global"),
+    "MetaSGD": _metasgd(foreach=True),
+    "MetaSGD (fused)": _metasgd(fused=True),
+    "MetaSGD HD, element": _hd("element", "identity", foreach=True),
+    "MetaSGD HD, element, log": _hd("element", "log", foreach=True),
+    "MetaSGD HD, element, log (fused)": _hd("element", "log", fused=True),
+    "MetaSGD HD, tensor": _hd("tensor", "identity", foreach=True),
+    "MetaSGD HD, tensor, log": _hd("tensor", "log", foreach=True),
 }
 
 
-def time_iterations(problem: Problem, rounds: int, iters: int = 50) -> dict[str, dict]:
-    """Median seconds per training iteration and per ``step()``, per optimizer.
+def _synchronize(device: torch.device) -> None:
+    # Kernels run asynchronously on a GPU: a clock read must wait for them.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_iterations(
+    problem: Problem, rounds: int, momentum: float = 0.0, iters: int = 50
+) -> dict[str, dict]:
+    """Seconds per training iteration and per ``step()``, per optimizer: the fastest round's.
 
     One iteration is ``zero_grad``, forward, backward and ``step``, on the
-    benchmark's model and batches; the optimizers take turns, round by round.
+    benchmark's model and batches, on ``problem.device``; the optimizers take
+    turns, round by round. On a shared machine the fastest round is the one
+    least disturbed by other work (the medians are kept too). Round 0 warms
+    up (a fused step compiles there): its seconds are ``first_round_s``.
     """
+    device = problem.device
     batches = problem.batches(0)
     fixed = [next(batches) for _ in range(iters)]
     models = {name: problem.model(0) for name in TIMED}
-    opts = {name: make(models[name].parameters(), 0.01) for name, make in TIMED.items()}
+    opts = {name: make(models[name].parameters(), 0.01, momentum) for name, make in TIMED.items()}
     iteration: dict[str, list[float]] = {name: [] for name in TIMED}
     step: dict[str, list[float]] = {name: [] for name in TIMED}
-    for r in range(rounds + 1):  # round 0 warms up
+    first_round: dict[str, float] = {}
+    for r in range(rounds + 1):
         for name, opt in opts.items():
             model, in_step = models[name], 0.0
+            _synchronize(device)
             start = time.perf_counter()
             for batch in fixed:
                 opt.zero_grad()
                 problem.loss(model, batch).backward()
+                _synchronize(device)
                 t = time.perf_counter()
                 opt.step()
+                _synchronize(device)
                 in_step += time.perf_counter() - t
-            if r > 0:
-                iteration[name].append((time.perf_counter() - start) / iters)
+            elapsed = time.perf_counter() - start
+            if r == 0:
+                first_round[name] = elapsed
+            else:
+                iteration[name].append(elapsed / iters)
                 step[name].append(in_step / iters)
     return {
         name: {
-            "iteration_s": statistics.median(iteration[name]),
-            "step_s": statistics.median(step[name]),
+            "iteration_s": min(iteration[name]),
+            "step_s": min(step[name]),
+            "median_iteration_s": statistics.median(iteration[name]),
+            "median_step_s": statistics.median(step[name]),
+            "first_round_s": first_round[name],
         }
         for name in TIMED
     }
 
 
-def format_timing(timing: dict[str, dict], problem: str) -> str:
-    base = timing["SGD"]
+def format_timing(timing: dict[str, dict], problem: Problem, momentum: float) -> str:
+    foreach, fused = timing["SGD (foreach)"], timing["SGD (fused)"]
     rows = [
         [
             name,
             f"{t['iteration_s'] * 1e6:.0f}",
-            f"{t['iteration_s'] / base['iteration_s']:.2f}x",
+            f"{t['iteration_s'] / foreach['iteration_s']:.2f}x",
             f"{t['step_s'] * 1e6:.0f}",
-            f"{t['step_s'] / base['step_s']:.2f}x",
+            f"{t['step_s'] / foreach['step_s']:.2f}x",
+            f"{t['step_s'] / fused['step_s']:.2f}x",
         ]
         for name, t in timing.items()
     ]
-    header = ["optimizer", "iteration (us)", "vs SGD", "step() (us)", "vs SGD"]
-    text = f"\n## {problem}: cost per training iteration (1 thread, median)\n"
+    header = [
+        "optimizer",
+        "iteration (us)",
+        "vs SGD foreach",
+        "step() (us)",
+        "vs SGD foreach",
+        "vs SGD fused",
+    ]
+    tensors = sum(1 for _ in problem.model(0).parameters())
+    text = (
+        f"\n## {problem.name}: cost per training iteration ({tensors} parameter tensors, "
+        f"{problem.device}, {torch.get_num_threads()} thread(s), momentum {momentum:g}, "
+        "fastest round)\n"
+    )
     text += format_table(header, rows)
+    compiled = [
+        f"{name} {t['first_round_s']:.1f} s" for name, t in timing.items() if "fused" in name
+    ]
+    text += "\nfirst round, compiling included: " + ", ".join(compiled) + "\n"
     print(text)
     return text
 
@@ -478,7 +537,10 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int =
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
@@ -520,6 +582,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="only measure the cost per iteration (on a quiet machine)",
     )
     parser.add_argument(
+        "--momentum",
+        type=float,
+        default=0.0,
+        help="momentum of every optimizer in the cost measurement (SGD-HD has none)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="where to train and measure: cpu, cuda or auto"
+    )
+    parser.add_argument(
         "--replot",
         action="store_true",
         help="only redraw online.png from the online.json already in --out",
@@ -540,14 +611,18 @@ def main(argv: list[str] | None = None) -> dict:
         plot(saved["runs"], list(saved["runs"]), args.out / "online.png", lrs)
         print(f"wrote {args.out / 'online.png'}")
         return saved
-    problems = {name: Problem(name) for name in args.problems}
+    device = device_of(args.device)
+    problems = {name: Problem(name, device=device) for name in args.problems}
     if args.timing_only:
         timing = {
-            name: time_iterations(problems[name], max(args.timing_rounds, 1)) for name in problems
+            name: time_iterations(problems[name], max(args.timing_rounds, 1), args.momentum)
+            for name in problems
         }
-        text = "".join(format_timing(t, name) for name, t in timing.items())
+        text = "".join(
+            format_timing(t, problems[name], args.momentum) for name, t in timing.items()
+        )
         (args.out / "timing.json").write_text(
-            json.dumps({"timing": timing, "table": text}, indent=1)
+            json.dumps({"timing": timing, "table": text, "environment": environment()}, indent=1)
         )
         print(f"wrote {args.out / 'timing.json'}")
         return {"timing": timing}
@@ -570,8 +645,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{len(jobs)} runs of {args.steps} steps in {elapsed:.0f} s")
     timing = {}
     for name in args.problems if args.timing_rounds > 0 else []:
-        timing[name] = time_iterations(problems[name], args.timing_rounds)
-        table += format_timing(timing[name], name)
+        timing[name] = time_iterations(problems[name], args.timing_rounds, args.momentum)
+        table += format_timing(timing[name], problems[name], args.momentum)
     payload = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "summary": {
@@ -584,6 +659,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": results,
         "table": table,
         "timing": timing,
+        "environment": environment(),
         "seconds": elapsed,
     }
     (args.out / "online.json").write_text(json.dumps(payload, indent=1))

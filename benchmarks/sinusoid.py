@@ -19,8 +19,14 @@ held-out tasks (the same for every method and K), each adapted with one step on
 K support points and scored by the MSE on 100 points drawn uniformly from
 [-5, 5]; the table gives the mean MSE and its 95% confidence interval.
 
+Under torchrun every meta-batch's tasks are split over the processes (DDP,
+gloo on CPU, NCCL on CUDA): the same training as one process, up to float
+rounding. Rank 0 evaluates, prints and writes; the JSON records
+``world_size`` and ``ranks_identical``.
+
     python benchmarks/sinusoid.py --quick
     python benchmarks/sinusoid.py              # 6000 meta-iterations per model
+    torchrun --standalone --nproc_per_node=2 benchmarks/sinusoid.py --quick
 """
 
 from __future__ import annotations
@@ -39,10 +45,13 @@ from _common import (
     environment,
     format_table,
     inner_optimizer,
+    launch,
     mean_ci95,
     meta_train,
     outer_parameters,
+    rank,
     seed_everything,
+    world_size,
     write_json,
 )
 from torch import Tensor, nn
@@ -278,19 +287,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.iterations, args.eval_tasks = 700, 300
     torch.set_num_threads(args.threads)
-    device = device_of(args.device)
+    device = launch(device_of(args.device))
     seed_everything(args.seed)
 
     results: dict = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     }
     results.update(environment=environment(), mse={}, train={}, step_sizes={})
+    results.update(world_size=world_size(), ranks_identical=True)
     learners = {}
     start = time.perf_counter()
     for k in args.shots:
         tasks = eval_tasks(args.eval_tasks, k, args.eval_points, args.seed)
         for method in args.methods:
             model, opt, log = train(method, k, args, device)
+            results["ranks_identical"] &= log["ranks_identical"]
+            if rank() != 0:
+                continue  # evaluation, printing and files: rank 0 only
             losses = evaluate(model, opt, tasks, device)
             mean, ci = mean_ci95(losses)
             results["mse"].setdefault(method, {})[str(k)] = {"mean": mean, "ci95": ci}
@@ -303,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"({log['train_seconds']:.0f} s training)"
             )
     results["wall_seconds"] = time.perf_counter() - start
+    if rank() != 0:
+        return results
 
     header = ["Method", *(f"{k}-shot" for k in args.shots)]
     rows = []

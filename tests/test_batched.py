@@ -7,6 +7,7 @@ import pytest
 import torch
 from _options import cases
 from _options import options as metasgd_options
+from _reference import ref_inward_clamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -77,9 +78,18 @@ def _reference_adapt(model, opt, loss_fn, x, y, steps, first_order):
     params = dict(model.named_parameters())
     rules = {}
     for group in opt.param_groups:
+        # One inner loop is one use of each step size (a "group" one is shared):
+        # at a bound, its outward gradient is blocked for this task as a whole.
+        alphas = {}
         for p in group["params"]:
+            s = opt.state[p]["step_size"]
+            if id(s) not in alphas:
+                alpha = group["lr"] * _phi(s, group["parametrization"])
+                if group["lr_min"] is not None or group["lr_max"] is not None:
+                    alpha = ref_inward_clamp(alpha, group["lr_min"], group["lr_max"])
+                alphas[id(s)] = alpha
             buf = opt.state[p].get("momentum_buffer")
-            rules[names[id(p)]] = (group, opt.state[p]["step_size"], buf)
+            rules[names[id(p)]] = (group, alphas[id(s)], buf)
     bufs = {n: (None if r[2] is None else r[2].detach()) for n, r in rules.items()}
     for _ in range(steps):
         loss = loss_fn(functional_call(work, params, (x,)), y)
@@ -89,7 +99,7 @@ def _reference_adapt(model, opt, loss_fn, x, y, steps, first_order):
         )
         new = dict(params)
         for n, g in zip(trained, grads, strict=True):
-            group, s, _ = rules[n]
+            group, alpha, _ = rules[n]
             p = params[n]
             d = -g if group["maximize"] else g
             d = d + group["weight_decay"] * (p.detach() if first_order else p)
@@ -99,9 +109,6 @@ def _reference_adapt(model, opt, loss_fn, x, y, steps, first_order):
                 else:
                     bufs[n] = group["momentum"] * bufs[n] + (1 - group["dampening"]) * d
                 d = d + group["momentum"] * bufs[n] if group["nesterov"] else bufs[n]
-            alpha = group["lr"] * _phi(s, group["parametrization"])
-            if group["lr_min"] is not None or group["lr_max"] is not None:
-                alpha = alpha.clamp(group["lr_min"], group["lr_max"])
             new[n] = p - alpha * d
         params = new
     return params
@@ -439,3 +446,194 @@ def test_any_option_combination_matches_hand_written_loop(options, steps, first_
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
     wrt = _wrt(model, opt)
     _assert_grads_close(torch.autograd.grad(loss, wrt), torch.autograd.grad(expected, wrt))
+
+
+# --------------------------------------------------------------------------
+# Bad input: a clear error, whatever the strategy
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "auto"])
+def test_a_loss_that_is_not_a_scalar_is_rejected_by_every_strategy(strategy):
+    model, opt = _make(dict(lr=0.05), False, False)
+    xs, ys = _tasks()
+
+    def per_example(out, y):
+        return nn.functional.mse_loss(out, y, reduction="none")
+
+    with pytest.raises(ValueError, match=r"Invalid loss: got shape \(6, 1\)"):
+        meta_loss(model, opt, per_example, (xs, ys), (xs, ys), strategy=strategy)
+    with pytest.raises(ValueError, match=r"Invalid loss: got shape \(6, 1\)"):
+        adapt(model, opt, per_example, xs[0], ys[0])
+
+
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "auto"])
+def test_zero_tasks_are_rejected(strategy):
+    model, opt = _make(dict(lr=0.05), False, False)
+    xs, ys = (t[:0] for t in _tasks())
+    with pytest.raises(ValueError, match="Invalid number of tasks: 0"):
+        meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xs, ys), strategy=strategy)
+
+
+@pytest.mark.parametrize("steps", [2.5, True, "2"])
+def test_steps_must_be_a_positive_integer(steps):
+    model, opt = _make(dict(lr=0.05), False, False)
+    xs, ys = _tasks()
+    with pytest.raises(ValueError, match="Invalid number of inner steps"):
+        meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xs, ys), steps=steps)
+    with pytest.raises(ValueError, match="Invalid number of inner steps"):
+        adapt(model, opt, nn.functional.mse_loss, xs[0], ys[0], steps=steps)
+
+
+def test_online_step_sizes_are_rejected_as_by_inner_loop():
+    model = _mlp()
+    opt = MetaSGD(model.parameters(), lr=0.1, hypergrad_lr=0.05)
+    xs, ys = _tasks(dtype=torch.float32)
+    for call in (
+        lambda: meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xs, ys)),
+        lambda: adapt(model, opt, nn.functional.mse_loss, xs[0], ys[0]),
+    ):
+        with pytest.raises(ValueError, match="hypergrad_lr=0.05"):
+            call()
+    with pytest.raises(ValueError, match="hypergrad_lr=0.05"):
+        with inner_loop(model, opt):
+            pass
+
+
+# --------------------------------------------------------------------------
+# Evaluation inside torch.no_grad()
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_meta_loss_inside_no_grad_is_the_first_order_loss_without_graph(strategy):
+    model, opt = _make(dict(lr=0.05, momentum=0.9), False, True)
+    xs, ys = _tasks(seed=20)
+    xq, yq = _tasks(seed=21)
+    loss_fn = nn.functional.mse_loss
+    with torch.no_grad():
+        loss = meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), steps=2, strategy=strategy)
+    assert loss.grad_fn is None and not loss.requires_grad
+    expected = _reference_meta_loss(model, opt, loss_fn, (xs, ys), (xq, yq), 2, True)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-10, atol=0)
+    assert all(p.grad is None for p in _wrt(model, opt))
+
+
+def test_adapt_inside_no_grad_returns_the_adapted_values_without_graph():
+    model, opt = _make(dict(lr=0.05, momentum=0.9, nesterov=True), True, False)
+    xs, ys = _tasks(1, seed=22)
+    with torch.no_grad():
+        fast = adapt(model, opt, nn.functional.mse_loss, xs[0], ys[0], steps=3)
+    expected = _reference_adapt(model, opt, nn.functional.mse_loss, xs[0], ys[0], 3, True)
+    for name, value in fast.items():
+        assert not value.requires_grad
+        torch.testing.assert_close(value, expected[name].detach(), rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# Bounds: a step size beyond a bound comes back, one pushed outward stays
+# --------------------------------------------------------------------------
+
+
+def _regression_tasks(n_tasks, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_tasks, 1, 3, generator=g, dtype=torch.double)
+    x = torch.randn(n_tasks, 16, 3, generator=g, dtype=torch.double)
+    return (x[:, :8], (x[:, :8] * w).sum(-1, keepdim=True)), (
+        x[:, 8:],
+        (x[:, 8:] * w).sum(-1, keepdim=True),
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_step_sizes_clamped_at_a_bound_are_not_pinned_for_good(strategy):
+    # One linear layer, identity step sizes (alpha = s), bounds [0, 0.3]: the
+    # best single step on these tasks is well inside. Start with every step
+    # size beyond a bound: half below 0, half above 0.3.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 1, bias=False)).double()
+    opt = MetaSGD(model.parameters(), lr=1.0, lr_min=0.0, lr_max=0.3)
+    with torch.no_grad():
+        opt.step_size(model[0].weight).copy_(torch.tensor([[-0.2, 0.6, 0.9]]))
+    outer = torch.optim.Adam(opt.meta_parameters(), lr=0.02)
+    for it in range(150):
+        support, query = _regression_tasks(4, seed=it)
+        outer.zero_grad()
+        meta_loss(model, opt, nn.functional.mse_loss, support, query, strategy=strategy).backward()
+        outer.step()
+    alpha = opt.effective_lr(model[0].weight).detach()
+    assert ((alpha > 0.01) & (alpha < 0.29)).all(), alpha
+
+
+def test_a_step_size_pushed_beyond_a_bound_does_not_drift_away():
+    # The meta-gradient keeps asking for a larger step than lr_max allows:
+    # the step size stays where it is rather than running off.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 1, bias=False)).double()
+    opt = MetaSGD(model.parameters(), lr=1.0, lr_max=0.01, granularity="tensor")
+    with torch.no_grad():
+        opt.step_size(model[0].weight).fill_(0.02)
+    outer = torch.optim.SGD(opt.meta_parameters(), lr=0.1)
+    for it in range(20):
+        support, query = _regression_tasks(4, seed=it)
+        outer.zero_grad()
+        meta_loss(model, opt, nn.functional.mse_loss, support, query).backward()
+        assert opt.step_size(model[0].weight).grad == 0
+        outer.step()
+    assert opt.step_size(model[0].weight).item() == 0.02
+
+
+@pytest.mark.parametrize(
+    "arch, device, expected",
+    [
+        ("conv_bn_train", "cpu", "loop"),
+        ("mlp_bn1d", "cpu", "grouped"),
+        ("residual", "cpu", "loop"),
+        ("conv_bn_train", "cuda", "grouped"),
+        ("mlp_bn1d", "cuda", "grouped"),
+        ("residual", "cuda", "vmap"),
+    ],
+)
+def test_auto_strategy_depends_on_the_model_and_the_device(arch, device, expected):
+    from torch_metasgd.batched import _auto_strategy
+
+    assert _auto_strategy(MODELS[arch](), torch.device(device)) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "auto"])
+def test_meta_loss_on_cuda_matches_the_cpu(strategy):
+    torch.manual_seed(0)
+    model = _bn_net().double()
+    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.5).uniform_step_sizes_(0.05, 0.2)
+    g = torch.Generator().manual_seed(7)
+    xs = torch.randn(3, 8, 1, 6, 6, generator=g, dtype=torch.double)
+    ys = torch.randint(0, 4, (3, 8), generator=g)
+    loss_fn = nn.functional.cross_entropy
+    expected = meta_loss(model, opt, loss_fn, (xs, ys), (xs, ys), steps=2, strategy=strategy)
+    expected_grads = torch.autograd.grad(expected, _wrt(model, opt))
+    model.cuda()
+    cuda = (xs.cuda(), ys.cuda())
+    loss = meta_loss(model, opt, loss_fn, cuda, cuda, steps=2, strategy=strategy)
+    grads = torch.autograd.grad(loss, _wrt(model, opt))
+    torch.testing.assert_close(loss.cpu(), expected, rtol=1e-9, atol=1e-12)
+    _assert_grads_close([g.cpu() for g in grads], expected_grads)
+
+
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "auto"])
+def test_compiled_meta_loss_has_the_eager_gradients_whatever_the_strategy(strategy):
+    # aot_eager runs aot_autograd (which has no double backward) without
+    # compiling kernels, so no C++ compiler is needed.
+    torch._dynamo.reset()
+    model, opt = _make(dict(lr=0.05, momentum=0.9), False, False)
+    xs, ys = _tasks(seed=30)
+    xq, yq = _tasks(seed=31)
+    wrt = _wrt(model, opt)
+
+    def loss(strategy):
+        return meta_loss(model, opt, nn.functional.mse_loss, (xs, ys), (xq, yq), strategy=strategy)
+
+    expected = torch.autograd.grad(loss("vmap"), wrt)
+    compiled = torch.compile(loss, backend="aot_eager")
+    _assert_grads_close(torch.autograd.grad(compiled(strategy), wrt), expected)
+    torch._dynamo.reset()

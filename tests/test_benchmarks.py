@@ -197,6 +197,22 @@ def test_online_digits_wide_is_the_digits_problem_with_two_wide_hidden_layers():
     assert wide.l2 == digits.l2 and torch.equal(wide.x_train, digits.x_train)
 
 
+def test_online_digits_deep_has_the_hundred_small_tensors_of_the_cost_table():
+    shapes = [tuple(p.shape) for p in online.Problem("digits-deep").model(0).parameters()]
+    assert len(shapes) == 100 and shapes.count((64, 64)) == 49 and shapes[-2] == (10, 64)
+
+
+def test_online_timing_only_reports_ratios_to_torchs_foreach_and_fused_sgd(tmp_path):
+    args = ["--timing-only", "--problems", "lstsq", "--timing-rounds", "1", "--momentum", "0.9"]
+    payload = online.main([*args, "--device", "cpu", "--out", str(tmp_path)])
+    timing = payload["timing"]["lstsq"]
+    assert list(timing)[:2] == ["SGD (foreach)", "SGD (fused)"]
+    assert all(t["first_round_s"] > 0 for t in timing.values())
+    saved = json.loads((tmp_path / "timing.json").read_text())
+    assert "vs SGD fused" in saved["table"] and "momentum 0.9" in saved["table"]
+    assert saved["environment"]["torch"] == torch.__version__
+
+
 def test_online_scalar_sgd_hd_follows_baydins_additive_rule():
     theta = torch.tensor([1.0, -2.0], requires_grad=True)
     opt = online.AdditiveHD([theta], lr=0.1, hypergrad_lr=0.01, granularity="global")

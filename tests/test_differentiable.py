@@ -17,7 +17,7 @@ import pytest
 import torch
 from _options import cases
 from _options import options as metasgd_options
-from _reference import ref_phi
+from _reference import ref_inward_clamp, ref_phi
 from hypothesis import given, settings
 from torch.func import functional_call
 
@@ -70,8 +70,17 @@ def ref_inner_loop(model, opt, support, steps, *, first_order=False):
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     config = {}
     for group in opt.param_groups:
+        # The loop is one use of each step size (a "group" one is shared): at a
+        # bound its outward gradient is blocked for the loop as a whole.
+        alphas = {}
         for p in group["params"]:
-            config[id(p)] = (group, opt.step_size(p))
+            s = opt.step_size(p)
+            if id(s) not in alphas:
+                alpha = group["lr"] * ref_phi(s, group["parametrization"])
+                if group["lr_min"] is not None or group["lr_max"] is not None:
+                    alpha = ref_inward_clamp(alpha, group["lr_min"], group["lr_max"])
+                alphas[id(s)] = alpha
+            config[id(p)] = (group, alphas[id(s)])
     bufs: dict[int, torch.Tensor] = {}
     x, y = support
     for _ in range(steps):
@@ -82,7 +91,7 @@ def ref_inner_loop(model, opt, support, steps, *, first_order=False):
         )
         new = list(theta)
         for i, g in zip(targets, grads, strict=True):
-            group, s = config[id(list(model.parameters())[i])]
+            group, alpha = config[id(list(model.parameters())[i])]
             p = theta[i].detach() if first_order else theta[i]
             d = -g if group["maximize"] else g
             d = d + group["weight_decay"] * p
@@ -90,9 +99,6 @@ def ref_inner_loop(model, opt, support, steps, *, first_order=False):
             if mu != 0:
                 bufs[i] = d if i not in bufs else mu * bufs[i] + (1 - group["dampening"]) * d
                 d = d + mu * bufs[i] if group["nesterov"] else bufs[i]
-            alpha = group["lr"] * ref_phi(s, group["parametrization"])
-            if group["lr_min"] is not None or group["lr_max"] is not None:
-                alpha = torch.clamp(alpha, group["lr_min"], group["lr_max"])
             new[i] = theta[i] - alpha * d
         theta = new
     return names, theta, buffers
@@ -528,3 +534,42 @@ def test_first_order_and_evaluation_mode_hold_less_memory():
     assert first_order[1] - first_order[0] <= 7 * 2 * n_weights * 8
     assert first_order[1] < second_order[1] / 4
     assert evaluation[0] == evaluation[1]
+
+
+@pytest.mark.parametrize("track_higher_grads", [True, False])
+def test_inner_loop_adapts_inside_no_grad_without_a_graph(track_higher_grads):
+    model = make_model()
+    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.9)
+    randomize_step_sizes(opt)
+    support, query = make_task()
+    _, expected, _ = ref_inner_loop(model, opt, support, 3, first_order=True)
+    with torch.no_grad():
+        with inner_loop(model, opt, track_higher_grads=track_higher_grads) as (fmodel, diffopt):
+            for _ in range(3):
+                diffopt.step(mse(fmodel(support[0]), support[1]))
+            prediction = fmodel(query[0])
+        assert not torch.is_grad_enabled()
+    for fast, ref in zip(fmodel.parameters(), expected, strict=True):
+        torch.testing.assert_close(fast.detach(), ref.detach(), rtol=1e-12, atol=1e-14)
+    # No graph reaches the model or the step sizes: a backward stops at the fast weights.
+    prediction.sum().backward()
+    assert all(p.grad is None for p in [*model.parameters(), *opt.meta_parameters()])
+
+
+def test_a_step_on_a_loss_that_is_not_a_scalar_raises():
+    model = make_model()
+    opt = MetaSGD(model.parameters(), lr=0.1)
+    support, _ = make_task()
+    with inner_loop(model, opt) as (fmodel, diffopt):
+        before = [p.detach().clone() for p in fmodel.parameters()]
+        with pytest.raises(ValueError, match=r"Invalid loss: got shape \(8, 1\)"):
+            diffopt.step((fmodel(support[0]) - support[1]).pow(2))
+        for p, b in zip(fmodel.parameters(), before, strict=True):
+            assert torch.equal(p, b)
+
+
+def test_differentiable_twin_rejects_reference_parameters_missing_one_of_the_optimizer():
+    model = make_model()
+    opt = MetaSGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="not a parameter of the reference parameters"):
+        DifferentiableMetaSGD(opt, list(model.parameters())[1:])

@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from torch_metasgd import MetaSGD
+from torch_metasgd import MetaSGD, hypergradient
 from torch_metasgd._parametrizations import parametrization
 from torch_metasgd.hypergradient import (
     DRIFT,
     ELEMENT_RATE,
     ELEMENT_SPREAD,
+    FLOOR,
     MAX_SHRINK,
     SCALE_DECAY,
 )
@@ -224,14 +225,20 @@ def test_foreach_and_single_tensor_trajectories_agree(granularity, hyper):
             opt.param_groups[0]["lr"] = 0.01
         _run(model, opt, 15, seed=1)
         runs.append((model, opt))
-    (m1, o1), (m2, o2) = runs
+    _assert_same_runs(*runs)
+    model, opt = runs[0]
+    assert any(
+        not torch.allclose(opt.effective_lr(p), torch.tensor(0.05, dtype=DTYPE))
+        for p in model.parameters()
+    )
+
+
+def _assert_same_runs(run_a, run_b) -> None:
+    """Two (model, optimizer) runs reached the same weights and step sizes."""
+    (m1, o1), (m2, o2) = run_a, run_b
     for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(p, q)
         torch.testing.assert_close(o1.effective_lr(p), o2.effective_lr(q))
-    assert any(
-        not torch.allclose(o1.effective_lr(p), torch.tensor(0.05, dtype=DTYPE))
-        for p in m1.parameters()
-    )
 
 
 def _quadratic_reference(lr: float, beta: float, steps: int) -> list[tuple[float, float]]:
@@ -386,7 +393,7 @@ def _inverse(x, name):
     return parametrization(name).inverse(x)
 
 
-def test_element_cap_keeps_signs_and_zeros_of_identity_step_sizes():
+def test_negative_and_zero_identity_step_sizes_are_lifted_to_the_floor():
     theta = torch.ones(4, dtype=DTYPE, requires_grad=True)
     opt = MetaSGD([theta], lr=0.1, hypergrad_lr=0.1)
     f = lambda: (0.5 * (theta - 3).square()).sum()  # noqa: E731 - every gradient keeps its sign
@@ -398,17 +405,224 @@ def test_element_cap_keeps_signs_and_zeros_of_identity_step_sizes():
     opt.zero_grad()
     f().backward()
     opt.step()
-    s = opt.step_size(theta).detach()
-    assert s[0] > 0 and s[1] < 0 and s[2] == 0 and s[3] < 0
-    # |alpha| grows where alpha > 0 and shrinks where alpha < 0 (that step
-    # moves theta away from 3); the zero stays zero and is left out of the
-    # geometric mean, and -5 is pulled to e^spread times that mean.
-    log_mag = s0[[0, 1, 3]].abs().log() + 0.1 * (1 + DRIFT + ELEMENT_RATE) * torch.tensor(
-        [1.0, -1, -1]
+    # Descent on alpha would carry -0.01, 0 and -5 across zero: they start from
+    # the floor (FLOOR * lr, i.e. s = FLOOR), and every element grows by its
+    # tensor's cosine (1), the drift and its own sign (+1); 0.01 is then capped
+    # at e^spread times the geometric mean.
+    log_s = s0.clamp_min(FLOOR).log() + 0.1 * (1 + DRIFT + ELEMENT_RATE)
+    expected = torch.minimum(log_s, log_s.mean() + ELEMENT_SPREAD).exp()
+    torch.testing.assert_close(opt.step_size(theta).detach(), expected)
+
+
+@pytest.mark.parametrize(
+    "parametrization, granularity", [("identity", "element"), ("log", "tensor")]
+)
+def test_noise_does_not_collapse_the_step_sizes_of_a_small_mlp(parametrization, granularity):
+    # On minibatch noise a small tensor's ratio p / v is heavy-tailed with both
+    # signs; clipped to [-MAX_SHRINK, 1] its mean is negative. Without the floor
+    # the output bias's step size fell from 1e-2 to about 1e-7 within these 300
+    # steps, and to 1e-12..1e-19 (exactly 0 with "identity") by step 2000.
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = MetaSGD(
+        model.parameters(),
+        lr=0.01,
+        hypergrad_lr=0.1,
+        granularity=granularity,
+        parametrization=parametrization,
     )
-    cap = log_mag.mean() + ELEMENT_SPREAD
-    expected = torch.tensor([1.0, -1, -1]) * torch.minimum(log_mag, cap).exp()
-    torch.testing.assert_close(s[[0, 1, 3]], expected.to(DTYPE))
+    w = torch.randn(10, 1)
+    for _ in range(300):
+        x = torch.randn(32, 10)
+        y = torch.sin(x @ w) + 0.1 * torch.randn(32, 1)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    for p in model.parameters():
+        assert opt.effective_lr(p).min().item() >= 0.01 * FLOOR * (1 - 1e-6)
+    assert opt.effective_lr(model[0].weight).mean().item() > 0.01  # the weights still learn
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor"])
+@pytest.mark.parametrize("parametrization", ["identity", "log"])
+def test_a_step_size_that_noise_drove_to_the_floor_climbs_again(parametrization, granularity):
+    # A scalar at the minimum of a noisy quadratic: its hypergradient is noise,
+    # and its step size sinks to the floor. Then the minimum moves far away: the
+    # gradient keeps its sign and the step size climbs by about e^(beta (1 + DRIFT))
+    # per step, back above lr within 100 steps (from 1e-20, where it sank
+    # without the floor, it would take some 400).
+    theta = torch.zeros(1, dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD(
+        [theta], lr=0.01, granularity=granularity, parametrization=parametrization, hypergrad_lr=0.1
+    )
+    g = torch.Generator().manual_seed(0)
+
+    def train(steps: int, minimum: float) -> None:
+        for _ in range(steps):
+            theta.grad = theta.detach() - minimum + torch.randn(1, generator=g, dtype=DTYPE)
+            opt.step()
+
+    train(400, minimum=0.0)
+    assert 0.01 * FLOOR * (1 - 1e-9) <= opt.effective_lr(theta).item() < 0.01 * FLOOR * 10
+    train(100, minimum=20.0)
+    assert opt.effective_lr(theta).item() > 0.01
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize("parametrization", ["identity", "log", "softplus"])
+def test_step_sizes_never_fall_below_the_floor(granularity, parametrization):
+    # Gradients that always oppose the last direction: h = -1 at every step.
+    theta = torch.ones(3, dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD(
+        [theta], lr=0.5, granularity=granularity, parametrization=parametrization, hypergrad_lr=1.0
+    )
+    for t in range(40):
+        theta.grad = torch.tensor([1.0, 2.0, 3.0], dtype=DTYPE) * (-1) ** t
+        opt.step()
+    torch.testing.assert_close(
+        opt.effective_lr(theta).detach(),
+        torch.full((3,), 0.5 * FLOOR, dtype=DTYPE).squeeze()
+        if granularity == "element"
+        else torch.tensor(0.5 * FLOOR, dtype=DTYPE),
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize("parametrization", ["identity", "log", "softplus"])
+def test_a_non_finite_gradient_skips_the_step_size_update_of_its_tensor(
+    granularity, parametrization, bad
+):
+    a = torch.zeros(4, dtype=DTYPE, requires_grad=True)
+    b = torch.zeros(3, dtype=DTYPE, requires_grad=True)
+    opt = MetaSGD(
+        [a, b], lr=0.1, granularity=granularity, parametrization=parametrization, hypergrad_lr=0.1
+    )
+
+    def step(grad_a, grad_b):
+        a.grad = torch.as_tensor(grad_a, dtype=DTYPE).expand(4).clone()
+        b.grad = torch.as_tensor(grad_b, dtype=DTYPE).expand(3).clone()
+        opt.step()
+
+    def snapshot(p):
+        return opt.step_size(p).detach().clone(), opt.state[p]["hypergrad_scale"].clone()
+
+    step(1.0, 1.0)
+    step(0.5, 0.5)
+    before = {p: snapshot(p) for p in (a, b)}
+    grad_a = torch.full((4,), 0.5, dtype=DTYPE)
+    grad_a[1] = bad
+    step(grad_a, 0.5)
+    for p in (a, b):
+        s, v = snapshot(p)
+        assert torch.isfinite(s).all() and torch.isfinite(v)
+    # The tensor with the bad element (with "group", the whole group) keeps
+    # its step sizes (up to the rounding of exp(log(s))) and running magnitude;
+    # the others learn as usual.
+    torch.testing.assert_close(snapshot(a)[0], before[a][0], rtol=1e-13, atol=0)
+    assert torch.equal(snapshot(a)[1], before[a][1])
+    assert torch.allclose(snapshot(b)[0], before[b][0], rtol=1e-13, atol=0) == (
+        granularity == "group"
+    )
+    # The parameters take SGD's step, non-finite element included.
+    assert not torch.isfinite(a[1]) and torch.isfinite(a[[0, 2, 3]]).all()
+
+    with torch.no_grad():
+        a.zero_()  # the user repairs the weights
+    step(0.5, 0.5)  # the last direction holds the bad element: skipped once more
+    s_a = opt.step_size(a).detach().clone()
+    torch.testing.assert_close(s_a, before[a][0], rtol=1e-13, atol=0)
+    step(0.5, 0.5)
+    assert torch.isfinite(opt.step_size(a)).all()
+    assert not torch.equal(opt.step_size(a).detach(), s_a)
+
+
+def _real_view(t):
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _learn_quadratics(params, granularity, parametrization, steps=4):
+    opt = MetaSGD(
+        params, lr=0.1, granularity=granularity, parametrization=parametrization, hypergrad_lr=0.1
+    )
+    for k in range(steps):
+        opt.zero_grad()
+        loss = sum(
+            (_real_view(p).double() - k).square().sum() * (i + 1) for i, p in enumerate(params)
+        )
+        loss.backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize("parametrization", ["identity", "log", "softplus"])
+def test_any_mix_of_dtypes_in_one_group_learns_finite_step_sizes(granularity, parametrization):
+    dtypes = [torch.float32, torch.float64, torch.complex64, torch.float16, torch.bfloat16]
+    params = [
+        torch.linspace(-1, 1, 3 + i, dtype=torch.float64).to(dtype).requires_grad_()
+        for i, dtype in enumerate(dtypes)
+    ]
+    opt = _learn_quadratics(params, granularity, parametrization)
+    for p, dtype in zip(params, dtypes, strict=True):
+        alpha = opt.effective_lr(p).detach()
+        assert (
+            p.dtype == dtype
+            and torch.isfinite(torch.view_as_real(alpha) if alpha.is_complex() else alpha).all()
+        )
+        assert not torch.equal(alpha, torch.full_like(alpha, 0.1))
+        assert opt.state[p]["hypergrad_scale"].dtype in (torch.float32, torch.float64)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "group"])
+def test_a_complex_parameter_learns_its_step_size_as_its_real_view_does(granularity):
+    z = torch.tensor([1 + 2j, -0.5 + 1j, 3 - 1j], dtype=torch.complex128, requires_grad=True)
+    x = torch.view_as_real(z.detach()).clone().requires_grad_()
+    opt_z = _learn_quadratics([z], granularity, "identity", steps=6)
+    opt_x = _learn_quadratics([x], granularity, "identity", steps=6)
+    torch.testing.assert_close(torch.view_as_real(z.detach()), x.detach())
+    alpha_z = opt_z.effective_lr(z).detach()
+    assert not alpha_z.is_complex()  # a complex parameter's step sizes are real
+    torch.testing.assert_close(alpha_z, opt_x.effective_lr(x).detach())
+
+
+def test_a_complex_element_follows_the_sign_of_its_real_hypergradient():
+    # d L / d Re(alpha_i) = -Re(conj(g_i) d_i): element 0's gradient keeps its
+    # direction, element 1's turns by 180 degrees, element 2's by 90 degrees.
+    z = torch.zeros(3, dtype=torch.complex128, requires_grad=True)
+    opt = MetaSGD([z], lr=0.1, hypergrad_lr=0.1, parametrization="log")
+    z.grad = torch.tensor([1 + 1j, 1 + 1j, 1 + 0j], dtype=torch.complex128)
+    opt.step()
+    z.grad = torch.tensor([2 + 2j, -1 - 1j, 1j], dtype=torch.complex128)
+    opt.step()
+    s = opt.step_size(z).detach()
+    own = s - s.mean()  # the tensor's common change cancels
+    expected = 0.1 * ELEMENT_RATE * torch.tensor([1.0, -1.0, 0.0], dtype=DTYPE)
+    torch.testing.assert_close(own, expected - expected.mean())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+def test_a_group_across_devices_learns_as_on_one_device(granularity):
+    def run(devices):
+        params = [
+            torch.linspace(-1, 1, 3 + i, dtype=DTYPE, device=device).requires_grad_()
+            for i, device in enumerate(devices)
+        ]
+        opt = _learn_quadratics(params, granularity, "log")
+        return [opt.effective_lr(p).detach().cpu() for p in params]
+
+    for x, y in zip(run(["cuda", "cpu"]), run(["cpu", "cpu"]), strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_the_multi_tensor_sums_match_torch_sum():
+    tensors = [torch.randn(shape, dtype=DTYPE) for shape in [(3, 4), (5,), (), (2, 2, 2)]]
+    tensors.append(torch.tensor([1e30, -1e30, 1.0], dtype=DTYPE))
+    sums = hypergradient._sums_multi_tensor(tensors)
+    torch.testing.assert_close(torch.stack(sums)[:-1], torch.stack([t.sum() for t in tensors[:-1]]))
+    assert abs(sums[-1].item() - 1.0) <= 1e30 * 1e-15  # cancellation: accurate to |x|_1 eps
 
 
 def test_element_step_sizes_do_not_run_away_from_their_tensor():
@@ -436,3 +650,18 @@ def test_invalid_hypergrad_lr_is_rejected_with_its_value(value):
     opt = MetaSGD([torch.zeros(2, requires_grad=True)])
     with pytest.raises(ValueError, match="hypergrad_lr"):
         opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "hypergrad_lr": value})
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize("options", [dict(), dict(parametrization="softplus", lr_max=0.2)])
+def test_a_tensor_lr_learns_the_step_sizes_a_float_lr_does(granularity, options):
+    runs = []
+    for lr in (0.05, torch.tensor(0.05, dtype=DTYPE)):
+        model, opt = _train(
+            lambda p, lr=lr: MetaSGD(
+                p, lr=lr, granularity=granularity, hypergrad_lr=0.1, momentum=0.9, **options
+            )
+        )
+        _run(model, opt, 10, seed=1)
+        runs.append((model, opt))
+    _assert_same_runs(*runs)

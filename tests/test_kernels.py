@@ -154,11 +154,32 @@ def test_effective_lr_gradient_matches_finite_differences(parametrization):
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-def test_effective_lr_has_no_gradient_where_clamped(parametrization):
-    s = torch.tensor([-4.0, 4.0], dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_effective_lr_gradient_at_a_bound_passes_only_inward(parametrization, sign):
+    # s = -4 puts alpha below lr_min, s = 4 above lr_max, the last one at alpha = 1, inside.
+    inside = PHI[parametrization].inverse(torch.tensor(1.0, dtype=torch.float64))
+    s = torch.tensor([-4.0, 4.0, inside.item()], dtype=torch.float64, requires_grad=True)
     eff = effective_lr(s, 1.0, PHI[parametrization], lr_min=0.5, lr_max=1.5)
-    (grad,) = torch.autograd.grad(eff.sum(), s)
-    assert torch.equal(grad, torch.zeros_like(grad))
+    torch.testing.assert_close(
+        eff.detach(), ref_phi(s.detach(), parametrization).clamp(0.5, 1.5), rtol=1e-15, atol=0
+    )
+    (grad,) = torch.autograd.grad(eff, s, grad_outputs=torch.full((3,), sign, dtype=s.dtype))
+    (unclamped,) = torch.autograd.grad(ref_phi(s, parametrization), s, torch.full_like(s, sign))
+    # A descent step moves alpha by -grad: at lr_min a negative gradient
+    # brings it back inside, at lr_max a positive one; inside it always passes.
+    expected = unclamped.clone()
+    if sign > 0:
+        expected[0] = 0.0
+    else:
+        expected[1] = 0.0
+    torch.testing.assert_close(grad, expected, rtol=1e-15, atol=0)
+
+
+def test_effective_lr_with_bounds_and_no_graph_is_the_plain_clamp():
+    s = torch.tensor([-4.0, 0.1, 4.0], dtype=torch.float64)
+    with torch.no_grad():
+        eff = effective_lr(s, 1.0, PHI["log"], lr_min=0.5, lr_max=1.5)
+    torch.testing.assert_close(eff, s.exp().clamp(0.5, 1.5), rtol=1e-15, atol=0)
 
 
 # --------------------------------------------------------------------------

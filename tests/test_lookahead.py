@@ -5,6 +5,9 @@ Checked against an unroll written out by hand and differentiated by autograd.
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -117,3 +120,72 @@ def test_lookahead_rejects_invalid_arguments():
         LookAhead(model, opt, _mse, held_out, meta_lr=-1)
     with pytest.raises(TypeError, match="MetaSGD"):
         LookAhead(model, torch.optim.SGD(model.parameters(), lr=0.1), _mse, held_out)
+
+
+# --------------------------------------------------------------------------
+# Everything is checked when LookAhead is built
+# --------------------------------------------------------------------------
+
+
+def _state(opt):
+    return [s.detach().clone() for s in opt.meta_parameters()], copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(every=2.5), "Invalid every value: 2.5"),
+        (dict(every=True), "Invalid every value: True"),
+        (dict(unroll=0.5), "Invalid unroll value: 0.5"),
+        (dict(meta_lr=math.inf), "Invalid meta_lr value: inf"),
+        (dict(meta_lr=math.nan), "Invalid meta_lr value: nan"),
+        (dict(held_out=(torch.zeros(0, 3), torch.zeros(0, 1))), "empty batch"),
+        (dict(held_out=()), "empty batch"),
+        (dict(held_out=[]), "empty batch"),
+        (dict(held_out=iter([(torch.ones(2, 3), torch.ones(2, 1))])), "list_iterator"),
+        (
+            dict(
+                held_out=torch.utils.data.DataLoader(
+                    torch.utils.data.TensorDataset(torch.zeros(0, 3))
+                )
+            ),
+            "no batch",
+        ),
+        (dict(held_out=3), "Invalid held_out: int"),
+    ],
+    ids=lambda v: str(v)[:30],
+)
+def test_lookahead_rejects_bad_arguments_before_training(change, message):
+    model, _, held_out = _lookahead_problem()
+    opt = MetaSGD(model.parameters(), lr=0.05, parametrization="log")
+    before = _state(opt)
+    kwargs = {"held_out": held_out, **change}
+    with pytest.raises(ValueError, match=message):
+        LookAhead(model, opt, _mse, kwargs.pop("held_out"), **kwargs)
+    after = _state(opt)
+    assert all(torch.equal(a, b) for a, b in zip(after[0], before[0], strict=True))
+
+
+def test_lookahead_rejects_online_step_sizes_a_foreign_model_and_a_partial_meta_optimizer():
+    model, _, held_out = _lookahead_problem()
+    online = MetaSGD(model.parameters(), lr=0.05, hypergrad_lr=0.1)
+    with pytest.raises(ValueError, match="hypergrad_lr=0.1"):
+        LookAhead(model, online, _mse, held_out)
+    other = torch.nn.Linear(3, 1).to(DTYPE)
+    opt = MetaSGD(model.parameters(), lr=0.05, parametrization="log")
+    with pytest.raises(ValueError, match="not a parameter of the Linear model"):
+        LookAhead(other, opt, _mse, held_out)
+    partial = torch.optim.SGD(opt.meta_parameters()[:1], lr=0.1)
+    with pytest.raises(ValueError, match="does not hold 1 of the 2 step sizes"):
+        LookAhead(model, opt, _mse, held_out, meta_optimizer=partial)
+
+
+def test_lookahead_updates_step_sizes_when_stepped_inside_no_grad():
+    model, train, held_out = _lookahead_problem()
+    opt = MetaSGD(model.parameters(), lr=0.05, parametrization="log")
+    before = [s.detach().clone() for s in opt.meta_parameters()]
+    lookahead = LookAhead(model, opt, _mse, held_out, every=1, unroll=1, meta_lr=0.1)
+    with torch.no_grad():
+        loss = lookahead.step(train[0])
+    assert loss is not None and torch.isfinite(loss)
+    assert all(not torch.equal(s, b) for s, b in zip(opt.meta_parameters(), before, strict=True))

@@ -704,6 +704,18 @@ BAD_OPTIONS = [
     (dict(parametrization="exp"), "'exp'"),
     (dict(lr_min=0.5, lr_max=0.1), "lr_min=0.5 > lr_max=0.1"),
     (dict(lr_min=math.nan), "nan"),
+    (dict(lr_min=math.inf), "lr_min value: inf"),
+    (dict(lr_min=-math.inf), "lr_min value: -inf"),
+    (dict(lr_max=math.inf), "lr_max value: inf"),
+    (dict(lr_max=-0.1), "lr_max value: -0.1"),
+    (dict(lr_max=0.0), "lr_max value: 0.0"),
+    (dict(lr_max=-0.1, parametrization="log"), "lr_max value: -0.1"),
+    (dict(lr_min=-0.1, parametrization="log"), "lr_min value: -0.1"),
+    (dict(lr_min=-1e-3, parametrization="softplus"), "lr_min value: -0.001"),
+    (dict(lr=torch.tensor([0.1, 0.2])), "one element"),
+    (dict(lr="0.1"), "learning rate: 0.1"),
+    (dict(momentum=None), "momentum value: None"),
+    (dict(hypergrad_lr=True), "hypergrad_lr value: True"),
 ]
 
 
@@ -803,13 +815,354 @@ def test_step_sizes_follow_parameter_device(granularity, foreach):
     )
 
 
-def test_sparse_gradient_raises_before_any_group_moves():
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(momentum=0.9),
+        dict(momentum=0.9, nesterov=True),
+        dict(momentum=0.5, dampening=0.2, maximize=True),
+    ],
+    ids=["plain", "momentum", "nesterov", "dampening-maximize"],
+)
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_sparse_gradients_match_torch_sgd(options, foreach):
+    def train(cls):
+        torch.manual_seed(0)
+        embedding = torch.nn.Embedding(6, 3, sparse=True).double()
+        dense = torch.nn.Linear(3, 1).double()
+        opt = cls(
+            [*embedding.parameters(), *dense.parameters()], lr=0.1, foreach=foreach, **options
+        )
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            opt.zero_grad()
+            index = torch.randint(0, 6, (5,), generator=g)
+            dense(embedding(index)).pow(2).sum().backward()
+            opt.step()
+        return [p.detach() for p in (*embedding.parameters(), *dense.parameters())]
+
+    for actual, expected in zip(train(MetaSGD), train(torch.optim.SGD), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_sparse_gradients_follow_learned_step_sizes():
+    embedding = torch.nn.Embedding(4, 2, sparse=True).double()
+    opt = MetaSGD(embedding.parameters(), lr=0.5)
+    set_step_sizes(opt, seed=3)
+    before = embedding.weight.detach().clone()
+    embedding(torch.tensor([1, 3, 3])).sum().backward()
+    dense_grad = embedding.weight.grad.to_dense()
+    opt.step()
+    expected = before - 0.5 * opt.step_size(embedding.weight).detach() * dense_grad
+    torch.testing.assert_close(embedding.weight.detach(), expected, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("option", [dict(weight_decay=0.1), dict(hypergrad_lr=0.1)])
+def test_unsupported_sparse_gradients_raise_before_any_group_moves(option):
     dense = torch.nn.Parameter(torch.randn(3))
     embedding = torch.nn.Embedding(5, 2, sparse=True)
-    opt = MetaSGD([{"params": [dense]}, {"params": embedding.parameters()}], lr=0.1)
+    opt = MetaSGD([{"params": [dense]}, {"params": embedding.parameters(), **option}], lr=0.1)
     dense.grad = torch.ones(3)
     embedding(torch.tensor([1, 2])).sum().backward()
     before = dense.detach().clone()
-    with pytest.raises(RuntimeError, match="sparse"):
+    snap = snapshot(opt)
+    with pytest.raises(RuntimeError, match=f"sparse gradients with {next(iter(option))}"):
         opt.step()
     assert torch.equal(dense, before)
+    assert_unchanged(opt, snap)
+
+
+def test_negative_lower_bound_is_accepted_for_identity_step_sizes():
+    # The paper lets step sizes turn negative: only positive parametrizations forbid it.
+    (p,) = random_leaves([(3,)])
+    opt = MetaSGD([p], lr=0.1, lr_min=-0.05, lr_max=0.2)
+    with torch.no_grad():
+        opt.step_size(p).copy_(torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        opt.effective_lr(p), torch.tensor([-0.05, 0.05, 0.2], dtype=torch.float64)
+    )
+
+
+# --------------------------------------------------------------------------
+# A failed call changes nothing
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (torch.arange(3), ValueError, "Invalid parameter 1: .* dtype torch.int64"),
+        (torch.zeros(2, dtype=torch.bool), ValueError, "Invalid parameter 1: .* torch.bool"),
+        (torch.zeros(2, dtype=torch.uint8), ValueError, "Invalid parameter 1: .* torch.uint8"),
+        ([1.0, 2.0], TypeError, "parameter 1 is list"),
+    ],
+    ids=["int64", "bool", "uint8", "list"],
+)
+def test_add_param_group_with_a_bad_parameter_changes_nothing(bad, error, message):
+    opt, params = trained_pair("element", "identity", steps=1)
+    snap = snapshot(opt)
+    good = random_leaves([(2,)], seed=5)[0]
+    with pytest.raises(error, match=message):
+        opt.add_param_group({"params": [good, bad]})
+    assert len(opt.param_groups) == 2 and good not in opt.state
+    assert_unchanged(opt, snap)
+    run(opt, params, 1)
+    assert len(opt.meta_parameters()) == 2
+    with pytest.raises(error, match=message):
+        MetaSGD([good, bad], lr=0.1)
+
+
+def test_step_size_of_a_foreign_tensor_raises():
+    opt = MetaSGD(random_leaves([(2,)]), lr=0.1)
+    with pytest.raises(ValueError, match="not a parameter of this optimizer"):
+        opt.step_size(torch.zeros(2))
+
+
+# --------------------------------------------------------------------------
+# Drop-in parity: tensor lr, SGD checkpoints
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_tensor_lr_matches_torch_sgd_under_a_scheduler(foreach, parametrization):
+    shapes = [(3, 2), (2,)]
+    meta_params, sgd_params = random_leaves(shapes), random_leaves(shapes)
+    options = dict(momentum=0.9, foreach=foreach)
+    metasgd = MetaSGD(meta_params, lr=torch.tensor(0.2), parametrization=parametrization, **options)
+    sgd = torch.optim.SGD(sgd_params, lr=torch.tensor(0.2), **options)
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+
+    expected = run(sgd, sgd_params, 4, scheduler=scheduler(sgd))
+    assert_same_trajectory(run(metasgd, meta_params, 4, scheduler=scheduler(metasgd)), expected)
+    assert isinstance(metasgd.param_groups[0]["lr"], torch.Tensor)
+    torch.testing.assert_close(
+        metasgd.effective_lr(meta_params[1]),
+        torch.full((2,), 0.2 * 0.5**4, dtype=torch.float64),
+    )
+
+
+def test_compiled_step_with_tensor_lr_compiles_once_across_lr_changes():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    params = random_leaves([(3, 2), (2,)])
+    opt = MetaSGD(params, lr=torch.tensor(0.1), momentum=0.9, foreach=True)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    for _ in range(2):  # the first step creates the momentum buffers (another graph)
+        step()
+    frames = counter.frame_count
+    for _ in range(6):
+        step()
+        scheduler.step()
+    assert counter.frame_count == frames
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("momentum, nesterov", [(0.9, False), (0.9, True), (0.0, False)])
+def test_loads_a_torch_sgd_state_dict_and_continues_its_trajectory(granularity, momentum, nesterov):
+    shapes = [(3, 2), (4,)]
+    sgd_params = random_leaves(shapes, seed=4)
+    options = dict(lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=0.01)
+    sgd = torch.optim.SGD(sgd_params, **options)
+    run(sgd, sgd_params, 3, seed=1)
+    checkpoint = copy.deepcopy(sgd.state_dict())
+    meta_params = [p.detach().clone().requires_grad_() for p in sgd_params]
+    opt = MetaSGD(meta_params, granularity=granularity, parametrization="log", **options)
+    live = opt.meta_parameters()
+    opt.load_state_dict(checkpoint)
+    assert all(s is t for s, t in zip(opt.meta_parameters(), live, strict=True))
+    assert all(torch.equal(s, torch.zeros_like(s)) for s in live)  # fresh: alpha = lr
+    assert opt.param_groups[0]["granularity"] == granularity
+    assert opt.param_groups[0]["parametrization"] == "log"
+    assert_same_trajectory(run(opt, meta_params, 3, seed=2), run(sgd, sgd_params, 3, seed=2))
+
+
+def test_a_state_dict_with_some_step_sizes_missing_is_rejected():
+    source, params = trained_pair("element", "identity")
+    state = copy.deepcopy(source.state_dict())
+    del state["state"][1]["step_size"]
+    opt, _ = fresh_like(params, "element", "identity")
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match="no step size for parameter 1"):
+        opt.load_state_dict(state)
+    assert_unchanged(opt, snap)
+
+
+# --------------------------------------------------------------------------
+# Half precision: step sizes in float32
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_half_precision_parameters_keep_float32_step_sizes_that_learn(dtype, granularity):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 5).to(dtype)
+    opt = MetaSGD(model.parameters(), lr=0.01, granularity=granularity)
+    step_sizes = opt.meta_parameters()
+    assert all(s.dtype == torch.float32 for s in step_sizes)
+    outer = torch.optim.Adam(step_sizes, lr=1e-3)
+    before = [s.detach().clone() for s in step_sizes]
+    for _ in range(20):
+        outer.zero_grad()
+        for s in step_sizes:
+            s.grad = torch.randn_like(s)
+        outer.step()
+    # Every element moved; in bfloat16 a change of 1e-3 to s = 1 rounds away.
+    for s, b in zip(step_sizes, before, strict=True):
+        assert (s != b).all()
+    assert all(opt.effective_lr(p).dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_step_follows_torch_sgd_and_uniform_draws_stay_finite(dtype):
+    shapes = [(4, 3), (3,)]
+    meta_params = [p.detach().to(dtype).requires_grad_() for p in random_leaves(shapes)]
+    sgd_params = [p.detach().clone().requires_grad_() for p in meta_params]
+    expected = run(torch.optim.SGD(sgd_params, lr=0.05, momentum=0.9), sgd_params, 3)
+    actual = run(MetaSGD(meta_params, lr=0.05, momentum=0.9), meta_params, 3)
+    for step_actual, step_expected in zip(actual, expected, strict=True):
+        for a, e in zip(step_actual, step_expected, strict=True):
+            assert a.dtype == dtype
+            # One rounding of the update apart at most.
+            torch.testing.assert_close(a, e, rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+    # alpha / lr = 0.1 / 1e-6 overflows float16 (max 65504): not float32.
+    opt = MetaSGD(meta_params, lr=1e-6).uniform_step_sizes_(0.05, 0.1)
+    assert all(torch.isfinite(s).all() for s in opt.meta_parameters())
+    for p in meta_params:
+        assert 0.05 <= opt.effective_lr(p).min() and opt.effective_lr(p).max() <= 0.1 + 1e-6
+
+
+def test_state_dict_round_trip_keeps_float32_step_sizes_of_bfloat16_parameters():
+    model = torch.nn.Linear(3, 2).bfloat16()
+    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.9)
+    with torch.no_grad():
+        for s in opt.meta_parameters():
+            s.add_(1e-4 * torch.arange(s.numel(), dtype=s.dtype).view_as(s))
+    model(torch.randn(2, 3).bfloat16()).sum().backward()
+    opt.step()
+    twin = torch.nn.Linear(3, 2).bfloat16()
+    loaded = MetaSGD(twin.parameters(), lr=0.1, momentum=0.9)
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for s, t in zip(loaded.meta_parameters(), opt.meta_parameters(), strict=True):
+        assert s.dtype == torch.float32 and torch.equal(s, t)
+
+
+# --------------------------------------------------------------------------
+# Step sizes follow their parameters
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("cast, dtype", [("double", torch.float64), ("half", torch.float32)])
+def test_step_sizes_follow_a_model_cast_after_construction(granularity, cast, dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.9, granularity=granularity)
+    outer = torch.optim.Adam(opt.meta_parameters(), lr=0.1)
+    live = opt.meta_parameters()
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()  # momentum buffers exist, in float32
+    getattr(model, cast)()
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(5, 3, dtype=next(model.parameters()).dtype)
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    assert all(s is t for s, t in zip(opt.meta_parameters(), live, strict=True))
+    assert all(s.dtype == dtype for s in live)
+    for p in model.parameters():
+        assert opt.state[p]["momentum_buffer"].dtype == p.dtype
+        assert opt.effective_lr(p).dtype == dtype
+    assert all(v.dtype == dtype for v in opt.state_dict()["state"][0].values() if v.dim() == 0)
+    # The outer optimizer still trains the same tensors.
+    for s in live:
+        s.grad = torch.ones_like(s)
+    before = [s.detach().clone() for s in live]
+    outer.step()
+    assert all((s < b).all() for s, b in zip(live, before, strict=True))
+    del reference
+
+
+def _after_a_move(use, move):
+    """Build the model and MetaSGD in float32 on the CPU, ``move`` the model, then ``use`` them."""
+    from torch_metasgd import LookAhead, adapt, inner_loop, meta_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.9, parametrization="log")
+    live = opt.meta_parameters()
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    model.to(**move)
+    x, y = torch.randn(2, 6, 2, **move), torch.randn(2, 6, 1, **move)
+    mse = torch.nn.functional.mse_loss
+    if use == "meta_loss":
+        meta_loss(model, opt, mse, (x, y), (x, y)).backward()
+    elif use == "adapt":
+        fast = adapt(model, opt, mse, x[0], y[0])
+        mse(torch.func.functional_call(model, fast, (x[0],)), y[0]).backward()
+    elif use == "inner_loop":
+        with inner_loop(model, opt) as (fmodel, diffopt):
+            diffopt.step(mse(fmodel(x[0]), y[0]))
+            mse(fmodel(x[1]), y[1]).backward()
+    else:
+        lookahead = LookAhead(
+            model, opt, lambda m, b: mse(m(b[0]), b[1]), (x[1], y[1]), every=1, unroll=1
+        )
+        lookahead.step((x[0], y[0]))
+    return opt, live
+
+
+MOVES = {
+    "double": dict(dtype=torch.float64),
+    "cuda": pytest.param(
+        dict(device="cuda", dtype=torch.float32),
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ),
+}
+
+
+@pytest.mark.parametrize("move", MOVES.values(), ids=MOVES.keys())
+@pytest.mark.parametrize("use", ["meta_loss", "adapt", "inner_loop", "LookAhead"])
+def test_every_path_works_after_the_model_is_moved(use, move):
+    opt, live = _after_a_move(use, move)
+    device = torch.device(move.get("device", "cpu"))
+    assert all(s is t for s, t in zip(opt.meta_parameters(), live, strict=True))
+    for s in live:
+        assert s.dtype == move["dtype"] and s.device.type == device.type
+        if use != "LookAhead":  # LookAhead consumes the gradient it computes
+            assert s.grad is not None and s.grad.dtype == move["dtype"]
+    for p in opt.param_groups[0]["params"]:
+        buf = opt.state[p]["momentum_buffer"]
+        assert buf.dtype == move["dtype"] and buf.device.type == device.type
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_step_sizes_follow_a_model_moved_to_cuda_after_construction(granularity):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = MetaSGD(model.parameters(), lr=0.1, momentum=0.9, granularity=granularity)
+    reference = copy.deepcopy(model)
+    ref_opt = MetaSGD(reference.parameters(), lr=0.1, momentum=0.9, granularity=granularity)
+    live = opt.meta_parameters()
+    model.cuda()
+    x = torch.randn(4, 3)
+    for m, o, inputs in ((model, opt, x.cuda()), (reference, ref_opt, x)):
+        for _ in range(2):
+            o.zero_grad()
+            m(inputs).sum().backward()
+            o.step()
+    assert all(s is t and s.is_cuda for s, t in zip(opt.meta_parameters(), live, strict=True))
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.cpu(), q)

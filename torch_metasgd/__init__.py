@@ -2,8 +2,18 @@
 
 from .batched import adapt, meta_loss
 from .differentiable import DifferentiableMetaSGD, inner_loop
+from .distributed import MetaLearner, average_gradients
 from .lookahead import LookAhead
 from .optimizer import MetaSGD
 
-__all__ = ["MetaSGD", "DifferentiableMetaSGD", "inner_loop", "meta_loss", "adapt", "LookAhead"]
+__all__ = [
+    "MetaSGD",
+    "DifferentiableMetaSGD",
+    "inner_loop",
+    "meta_loss",
+    "adapt",
+    "LookAhead",
+    "MetaLearner",
+    "average_gradients",
+]
 __version__ = "0.1.0"

@@ -5,13 +5,24 @@ Each raises before anything is computed or changed, naming what is wrong.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from .optimizer import MetaSGD, describe
+from ._validation import describe
+from .optimizer import MetaSGD
 
-__all__ = ["require_metasgd", "require_params_of", "require_no_hypergradient"]
+__all__ = [
+    "require_metasgd",
+    "require_params_of",
+    "require_no_hypergradient",
+    "require_steps",
+    "require_tasks",
+    "require_scalar_loss",
+    "scalar_loss",
+    "require_bare_model",
+]
 
 
 def require_metasgd(opt: object, who: str) -> None:
@@ -47,3 +58,72 @@ def require_no_hypergradient(opt: MetaSGD) -> None:
                 "hypergradient step sizes are not differentiable; set hypergrad_lr=0 "
                 "to meta-learn the step sizes through the inner loop"
             )
+
+
+def require_steps(steps: Any) -> None:
+    """``ValueError`` unless ``steps`` is a positive integer."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"Invalid number of inner steps: {steps}")
+
+
+def require_tasks(support: Any, query: Any) -> int:
+    """The number of tasks ``T``: the leading size shared by the four tensors, at least 1."""
+    for name, pair in (("support", support), ("query", query)):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"{name} must be a pair (inputs, targets)")
+    tensors = {
+        f"{name}[{i}]": t
+        for name, pair in (("support", support), ("query", query))
+        for i, t in enumerate(pair)
+    }
+    sizes = {
+        t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None for t in tensors.values()
+    }
+    if None in sizes or len(sizes) != 1:
+        shapes = {
+            k: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            for k, t in tensors.items()
+        }
+        raise ValueError(f"support and query must share a leading task dimension, got {shapes}")
+    (n_tasks,) = sizes
+    if n_tasks == 0:
+        raise ValueError("Invalid number of tasks: 0 (support and query hold no task)")
+    return n_tasks
+
+
+def require_scalar_loss(loss: Any) -> None:
+    """``ValueError`` unless ``loss`` is a 0-dim tensor (inside ``vmap``: one per task)."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        what = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"Invalid loss: got {what}, expected a scalar (reduce it, e.g. reduction='mean')"
+        )
+
+
+def scalar_loss(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``loss_fn``, checked to return a scalar."""
+
+    def checked(*args: Any) -> Tensor:
+        loss = loss_fn(*args)
+        require_scalar_loss(loss)
+        return loss
+
+    return checked
+
+
+def require_bare_model(model: nn.Module, who: str) -> None:
+    """``TypeError`` if ``model`` is wrapped in (Distributed)DataParallel, naming the supported way.
+
+    Their forward replicates or synchronizes the module, which a differentiable
+    inner loop cannot run through: higher fails on the wrapper's class, and
+    ``torch.func.functional_call`` on storage-less tensors after one step.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError(
+            f"{who} got a model wrapped in {type(model).__name__}, which cannot run a "
+            "differentiable inner loop; pass the bare model (its .module). To meta-train "
+            "data-parallel, wrap the learner instead: "
+            "DistributedDataParallel(torch_metasgd.MetaLearner(model, opt, loss_fn)) for "
+            "meta_loss, or call torch_metasgd.average_gradients(meta_parameters) after "
+            "backward() for inner_loop and higher"
+        )

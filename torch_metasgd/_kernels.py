@@ -135,28 +135,71 @@ def effective_lr(
     phi: Parametrization,
     lr_min: float | None = None,
     lr_max: float | None = None,
+    tasks: int | None = None,
 ) -> Tensor:
     r"""The step size :math:`\operatorname{clamp}(\gamma\,\phi(s), \alpha_{\min}, \alpha_{\max})`.
 
-    Differentiable in ``s`` (and in ``lr`` when it is a tensor).
+    Differentiable in ``s`` (and in ``lr`` when it is a tensor). At a bound
+    the gradient passes where a descent step would move the step size back
+    inside (a negative gradient at ``lr_min``, a positive one at ``lr_max``)
+    and is zero where it would push it further out: a clamped step size is
+    never pinned for good, and never drifts away beyond its bound. That is
+    decided per use: with ``tasks=T`` the step size is expanded to ``T``
+    copies first (shape ``(T, *s.shape)``), so that each task's inner loop is
+    one use, as each :func:`~torch_metasgd.inner_loop` is.
     """
     alpha = phi.forward(s) * lr
-    if lr_min is not None or lr_max is not None:
-        alpha = alpha.clamp(lr_min, lr_max)
-    return alpha
+    if tasks is not None:
+        alpha = alpha.expand(tasks, *alpha.shape)
+    if lr_min is None and lr_max is None:
+        return alpha
+    if torch.is_grad_enabled() and alpha.requires_grad:
+        return _InwardClamp.apply(alpha, lr_min, lr_max)
+    return alpha.clamp(lr_min, lr_max)
 
 
-def effective_lrs(group: dict[str, Any], step_sizes: list[Tensor]) -> list[Tensor]:
+class _InwardClamp(torch.autograd.Function):
+    """``clamp`` whose gradient passes at a bound when it points back inside."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(alpha: Tensor, lr_min: float | None, lr_max: float | None) -> Tensor:
+        return alpha.clamp(lr_min, lr_max)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        alpha, ctx.lr_min, ctx.lr_max = inputs
+        ctx.save_for_backward(alpha)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (alpha,) = ctx.saved_tensors
+        # Descent moves alpha by -grad: below lr_min only a negative gradient
+        # brings it back, above lr_max only a positive one.
+        outward = torch.zeros_like(alpha, dtype=torch.bool)
+        if ctx.lr_min is not None:
+            outward |= (alpha < ctx.lr_min) & (grad > 0)
+        if ctx.lr_max is not None:
+            outward |= (alpha > ctx.lr_max) & (grad < 0)
+        return grad.masked_fill(outward, 0), None, None
+
+
+def effective_lrs(
+    group: dict[str, Any], step_sizes: list[Tensor], tasks: int | None = None
+) -> list[Tensor]:
     """:func:`effective_lr` of every step size of a group, computed once per tensor.
 
     A ``"group"`` step size is shared by every parameter of the group: its
-    step size is one graph node, whatever the number of parameters.
+    step size is one graph node (one use), whatever the number of parameters.
     """
     phi = _parametrizations.parametrization(group["parametrization"])
     computed: dict[int, Tensor] = {}
     for s in step_sizes:
         if id(s) not in computed:
-            computed[id(s)] = effective_lr(s, group["lr"], phi, group["lr_min"], group["lr_max"])
+            computed[id(s)] = effective_lr(
+                s, group["lr"], phi, group["lr_min"], group["lr_max"], tasks
+            )
     return [computed[id(s)] for s in step_sizes]
 
 
@@ -256,10 +299,16 @@ def _single_tensor_metasgd(
             momentum_buffers[i] = buf
         if keep_directions:
             directions.append(d.clone() if d is grad else d)
-        if folds:
+        if folds and not d.is_sparse:
             param.addcmul_(d, s, value=-rule.lr)
+            continue
+        alpha = (
+            s * rule.lr if folds else effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max)
+        )
+        if d.is_sparse:
+            # addcmul_ has no sparse kernel; a sparse times a dense tensor stays sparse.
+            param.sub_(d * alpha)
         else:
-            alpha = effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max)
             param.addcmul_(d, alpha, value=-1)
     return directions
 

@@ -48,11 +48,19 @@ Three strategies compute the same numbers (``strategy=``):
   Linear and activation layers, run once as a network ``T`` times as wide
   (grouped convolutions, batched matrix products; see :mod:`._grouped`).
 
-``"auto"`` picks by structure, after measurements on CPU
-(``benchmarks/speed.py``): the loop for convolutional networks (vmap is about
-2.5x and grouped about 1.3x slower there), ``"grouped"`` for other supported
-Sequentials (MLPs: about 1.5x faster than vmap, 10x faster than the loop),
-``"vmap"`` for everything else.
+``"auto"`` picks by structure and by the device of the data, after
+measurements (``benchmarks/speed.py --device``): on a CPU the loop for
+convolutional networks (vmap is about 2.5x and grouped about 1.3x slower
+there), ``"grouped"`` for other supported Sequentials (MLPs: about 1.5x
+faster than vmap, 10x faster than the loop); on a GPU ``"grouped"`` for every
+supported Sequential (on an H100, conv4 meta-batches ran 6-16x faster than
+the loop, 1.3-1.6x faster than vmap); ``"vmap"`` for everything else.
+
+Under ``torch.compile`` (``torch.compile(meta_loss)``, or a compiled function
+that calls it) every strategy runs as vmap, the only one that compiles with
+the same gradients: aot_autograd has no double backward for the loop, and the
+grouped strategy's second-order gradients come out wrong when compiled
+(torch 2.13). Compiling takes tens of seconds; see the README for what it gains.
 
 Memory: the returned loss holds the graphs of all ``T`` tasks until
 ``.backward()``, as a hand-written loop that averages the query losses does;
@@ -73,10 +81,20 @@ from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
 from . import _grouped, _kernels
-from ._checks import require_metasgd, require_params_of
+from ._checks import (
+    require_bare_model,
+    require_metasgd,
+    require_no_hypergradient,
+    require_params_of,
+    require_steps,
+    require_tasks,
+    scalar_loss,
+)
 from .optimizer import MetaSGD
 
 __all__ = ["meta_loss", "adapt"]
+
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never
 
 STRATEGIES = ("auto", "vmap", "loop", "grouped")
 
@@ -89,7 +107,7 @@ class _Plan:
 
     params: dict[str, Tensor]  # every parameter of the model, by name
     trainable: list[str]  # the names the optimizer updates in the inner loop
-    alphas: dict[str, Tensor]  # effective step sizes, differentiable in the live s
+    alphas: dict[str, Tensor]  # effective step sizes, (T, *shape): one copy per task
     options: dict[str, _kernels.SGDOptions]
     momentum: dict[str, Tensor]  # the optimizer's buffers at call time, detached
     buffers: dict[str, Tensor]
@@ -99,9 +117,12 @@ class _Plan:
         params: dict[str, Tensor],
         grads: dict[str, Tensor | None],
         bufs: dict[str, Tensor],
+        alphas: dict[str, Tensor],
         first_order: bool,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """One Meta-SGD step, out of place; a ``None`` gradient leaves the parameter as is.
+        """One Meta-SGD step with step sizes ``alphas``, out of place.
+
+        A ``None`` gradient leaves the parameter as is.
 
         First order treats the whole direction (weight decay included) as a
         constant, as :func:`torch_metasgd.inner_loop` does.
@@ -115,20 +136,21 @@ class _Plan:
                     new_bufs[name] = bufs[name]
                 continue
             params[name], buf = _kernels.metasgd_update(
-                params[name], g, bufs.get(name), self.alphas[name], self.options[name], first_order
+                params[name], g, bufs.get(name), alphas[name], self.options[name], first_order
             )
             if buf is not None:
                 new_bufs[name] = buf
         return params, new_bufs
 
 
-def _plan(model: nn.Module, opt: MetaSGD, who: str) -> _Plan:
+def _plan(model: nn.Module, opt: MetaSGD, who: str, n_tasks: int) -> _Plan:
+    require_bare_model(model, who)
     require_metasgd(opt, who)
     require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
+    require_no_hypergradient(opt)
     held: dict[int, tuple[_kernels.SGDOptions, Tensor]] = {}
-    for group in opt.param_groups:
-        step_sizes = [opt.step_size(p) for p in group["params"]]
-        alphas = _kernels.effective_lrs(group, step_sizes)
+    for group, step_sizes in zip(opt.param_groups, opt.step_sizes_by_group(), strict=True):
+        alphas = _kernels.effective_lrs(group, step_sizes, tasks=n_tasks)
         options = _kernels.sgd_options(group)
         for p, alpha in zip(group["params"], alphas, strict=True):
             held[id(p)] = (options, alpha)
@@ -152,25 +174,28 @@ def _task_loss(
 
 
 def _adapt_autograd(
-    model: nn.Module, plan: _Plan, loss_fn: LossFn, x, y, steps: int, first_order: bool
+    model: nn.Module, plan: _Plan, loss_fn: LossFn, x, y, steps: int, first_order: bool, task: int
 ) -> dict[str, Tensor]:
-    """The inner loop of one task with ``torch.autograd.grad``."""
+    """The inner loop of task ``task`` with ``torch.autograd.grad``."""
     params, bufs = plan.params, plan.momentum
+    alphas = {n: a[task] for n, a in plan.alphas.items()}
     buffers = {k: b.clone() for k, b in plan.buffers.items()}
     for _ in range(steps):
         loss = _task_loss(model, loss_fn, params, buffers, x, y)
         inputs = [params[n] for n in plan.trainable]
         grads = torch.autograd.grad(loss, inputs, create_graph=not first_order, allow_unused=True)
         grads = dict(zip(plan.trainable, grads, strict=True))
-        params, bufs = plan.update(params, grads, bufs, first_order)
+        params, bufs = plan.update(params, grads, bufs, alphas, first_order)
     return params
 
 
 def _meta_loss_loop(model, plan, loss_fn, support, query, steps, first_order) -> Tensor:
+    if _is_compiling():
+        return _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order)
     losses = []
     for t in range(support[0].shape[0]):
         adapted = _adapt_autograd(
-            model, plan, loss_fn, support[0][t], support[1][t], steps, first_order
+            model, plan, loss_fn, support[0][t], support[1][t], steps, first_order, t
         )
         buffers = {k: b.clone() for k, b in plan.buffers.items()}
         losses.append(_task_loss(model, loss_fn, adapted, buffers, query[0][t], query[1][t]))
@@ -183,7 +208,7 @@ def _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order) ->
     def support_loss(theta, fixed, buffers, x, y):
         return _task_loss(model, loss_fn, {**fixed, **theta}, buffers, x, y)
 
-    def one_task(buffers, xs, ys, xq, yq):
+    def one_task(buffers, alphas, xs, ys, xq, yq):
         params, bufs = plan.params, plan.momentum
         for _ in range(steps):
             theta = {n: params[n] for n in trainable}
@@ -192,14 +217,14 @@ def _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order) ->
                 theta = {n: p.detach() for n, p in theta.items()}
                 fixed = {n: p.detach() for n, p in fixed.items()}
             grads = grad(support_loss)(theta, fixed, buffers, xs, ys)
-            params, bufs = plan.update(params, grads, bufs, first_order)
+            params, bufs = plan.update(params, grads, bufs, alphas, first_order)
         return _task_loss(model, loss_fn, params, buffers, xq, yq)
 
     # Copies: BatchNorm in train mode still counts num_batches_tracked in place.
     buffers = {k: b.clone() for k, b in plan.buffers.items()}
     with _DecomposedBatchNorm():
-        losses = vmap(one_task, in_dims=(None, 0, 0, 0, 0), randomness="different")(
-            buffers, *support, *query
+        losses = vmap(one_task, in_dims=(None, 0, 0, 0, 0, 0), randomness="different")(
+            buffers, plan.alphas, *support, *query
         )
     return losses.mean()
 
@@ -246,11 +271,17 @@ def _batch_norm(
 
 
 def _meta_loss_grouped(model, plan, loss_fn, support, query, steps, first_order) -> Tensor:
+    if _is_compiling():
+        return _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order)
     n_tasks = support[0].shape[0]
     trainable = plan.trainable
     # Every task starts from the same weights: expanded views, so the
     # meta-gradient of the T copies sums into the shared parameter.
     params = {n: p.expand(n_tasks, *p.shape) for n, p in plan.params.items()}
+    # (T,) step sizes of scalar granularity broadcast over each task's tensor.
+    alphas = {
+        n: a.reshape(*a.shape, *(1,) * (params[n].dim() - a.dim())) for n, a in plan.alphas.items()
+    }
     bufs = plan.momentum
     for _ in range(steps):
         theta = params
@@ -266,27 +297,9 @@ def _meta_loss_grouped(model, plan, loss_fn, support, query, steps, first_order)
             allow_unused=True,
         )
         grads = dict(zip(trainable, grads, strict=True))
-        params, bufs = plan.update(params, grads, bufs, first_order)
+        params, bufs = plan.update(params, grads, bufs, alphas, first_order)
     out = _grouped.forward(model, params, plan.buffers, query[0])
     return vmap(loss_fn)(out, query[1]).mean()
-
-
-def _check_tasks(support, query) -> None:
-    for name, pair in (("support", support), ("query", query)):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise ValueError(f"{name} must be a pair (inputs, targets)")
-    sizes = {
-        f"{name}[{i}]": tensor.shape[0] if tensor.dim() > 0 else None
-        for name, pair in (("support", support), ("query", query))
-        for i, tensor in enumerate(pair)
-    }
-    if None in sizes.values() or len(set(sizes.values())) != 1:
-        shapes = {
-            f"{name}[{i}]": tuple(tensor.shape)
-            for name, pair in (("support", support), ("query", query))
-            for i, tensor in enumerate(pair)
-        }
-        raise ValueError(f"support and query must share a leading task dimension, got {shapes}")
 
 
 def meta_loss(
@@ -323,11 +336,18 @@ def meta_loss(
             the module docstring) (default: "auto"). All give the same result
             to float rounding.
 
+    Inside ``torch.no_grad()`` (evaluation) the inner loops still take their
+    gradients, first order, and the returned loss has no graph.
+
     Raises:
-        ValueError: the four tensors do not share a leading task dimension,
-            ``steps < 1``, an unknown strategy, ``"grouped"`` for a model it
-            cannot run, or an optimizer parameter that is not the model's.
-        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`.
+        ValueError: the four tensors do not share a leading task dimension of
+            at least 1, ``steps`` is not a positive integer, an unknown
+            strategy, ``"grouped"`` for a model it cannot run, an optimizer
+            parameter that is not the model's, a group with
+            ``hypergrad_lr > 0``, or ``loss_fn`` returns a non-scalar.
+        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`, or ``model``
+            is wrapped in ``DistributedDataParallel``/``DataParallel``: wrap a
+            :class:`~torch_metasgd.MetaLearner` instead.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(),
@@ -340,14 +360,12 @@ def meta_loss(
         >>> loss.backward()
         >>> meta_opt.step()
     """
-    if steps < 1:
-        raise ValueError(f"Invalid number of inner steps: {steps}")
+    require_steps(steps)
     if strategy not in STRATEGIES:
         raise ValueError(f"Invalid strategy: {strategy!r} (expected one of {STRATEGIES})")
-    _check_tasks(support, query)
-    plan = _plan(model, opt, "meta_loss")
+    n_tasks = require_tasks(support, query)
     if strategy == "auto":
-        strategy = _auto_strategy(model)
+        strategy = _auto_strategy(model, support[0].device)
     if strategy == "grouped" and not _grouped.supports(model):
         raise ValueError(
             'strategy="grouped" needs an nn.Sequential of Conv2d, BatchNorm, pooling, '
@@ -356,17 +374,35 @@ def meta_loss(
     run = {"vmap": _meta_loss_vmap, "loop": _meta_loss_loop, "grouped": _meta_loss_grouped}[
         strategy
     ]
-    return run(model, plan, loss_fn, tuple(support), tuple(query), steps, first_order)
+    evaluation = not torch.is_grad_enabled()
+    with torch.enable_grad():
+        plan = _plan(model, opt, "meta_loss", n_tasks)
+        loss = run(
+            model,
+            plan,
+            scalar_loss(loss_fn),
+            tuple(support),
+            tuple(query),
+            steps,
+            first_order or evaluation,
+        )
+    return loss.detach() if evaluation else loss
 
 
-def _auto_strategy(model: nn.Module) -> str:
-    # Measured on CPU (benchmarks/speed.py): on convolutional networks a loop
-    # over tasks beats both vmap (~2.5x slower) and grouped convolutions
-    # (~1.3x slower: the T-times-wider activations fall out of cache); on
-    # MLPs the task-stacked network beats vmap, which beats the loop.
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    if any(isinstance(m, convs) for m in model.modules()):
-        return "loop"
+def _auto_strategy(model: nn.Module, device: torch.device) -> str:
+    """The fastest strategy measured for this kind of model on this kind of device.
+
+    On a CPU (``benchmarks/speed.py``, 2 cores): for convolutional networks
+    a loop over tasks beats vmap (~2.5x slower) and grouped convolutions
+    (~1.3x slower: the T-times-wider activations fall out of cache); for
+    MLPs the task-stacked network beats vmap, which beats the loop. On a GPU
+    one wide kernel beats T small ones: grouped was 6-16x faster than the
+    loop and 1.3-1.6x faster than vmap on conv4 meta-batches on an H100
+    (issue 14's timings), and vmap serves the models grouped cannot run.
+    """
+    if device.type == "cpu":
+        if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules()):
+            return "loop"
     return "grouped" if _grouped.supports(model) else "vmap"
 
 
@@ -385,7 +421,9 @@ def adapt(
     Returns every parameter of ``model`` by name (those the optimizer does not
     hold unchanged), for :func:`torch.func.functional_call`. The result is
     differentiable in the model's parameters and the step sizes unless
-    ``first_order``; neither the model nor the optimizer is modified.
+    ``first_order``; neither the model nor the optimizer is modified. Inside
+    ``torch.no_grad()`` (adapting at test time) the inner steps still take
+    their gradients, and the result has no graph.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -394,7 +432,11 @@ def adapt(
         >>> fast = adapt(model, opt, torch.nn.functional.mse_loss, x, y, steps=2)
         >>> pred = torch.func.functional_call(model, fast, (x,))
     """
-    if steps < 1:
-        raise ValueError(f"Invalid number of inner steps: {steps}")
-    plan = _plan(model, opt, "adapt")
-    return _adapt_autograd(model, plan, loss_fn, inputs, targets, steps, first_order)
+    require_steps(steps)
+    evaluation = not torch.is_grad_enabled()
+    with torch.enable_grad():
+        plan = _plan(model, opt, "adapt", 1)
+        fast = _adapt_autograd(
+            model, plan, scalar_loss(loss_fn), inputs, targets, steps, first_order or evaluation, 0
+        )
+    return {n: p.detach() for n, p in fast.items()} if evaluation else fast

@@ -27,7 +27,13 @@ from higher.optim import DifferentiableOptimizer
 from torch import Tensor, nn
 
 from . import _kernels
-from ._checks import require_metasgd, require_no_hypergradient, require_params_of
+from ._checks import (
+    require_bare_model,
+    require_metasgd,
+    require_no_hypergradient,
+    require_params_of,
+    require_scalar_loss,
+)
 from .optimizer import MetaSGD, for_each_subclass
 
 __all__ = ["DifferentiableMetaSGD", "inner_loop"]
@@ -114,13 +120,11 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
         self._group_to_param_list: list[list[int]] = []
         self._step_sizes: list[list[Tensor]] = []
         moved: dict[int, Tensor] = {}
-        for group in other.param_groups:
+        for group, step_sizes in zip(other.param_groups, other.step_sizes_by_group(), strict=True):
             state: defaultdict[int, dict[str, Any]] = defaultdict(dict)
             indices = []
-            step_sizes = []
             for p_idx, p in enumerate(group["params"]):
                 indices.append(index_of[id(p)])
-                step_sizes.append(other.step_size(p))
                 buf = other.state[p].get("momentum_buffer")
                 if buf is not None:
                     state[p_idx]["momentum_buffer"] = buf if device is None else buf.to(device)
@@ -160,6 +164,7 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
             override: hyperparameter overrides taking precedence from now on.
             grad_callback: replaces the constructor's ``grad_callback`` for this step.
         """
+        require_scalar_loss(loss)
         if override is not None:
             self._apply_override(override)
             self._effective_lrs = [None] * len(self.param_groups)
@@ -264,10 +269,14 @@ def inner_loop(
             weights (``higher``'s default), which cuts the meta-gradient to
             them; the default ``False`` keeps it, as MAML and Meta-SGD need.
         track_higher_grads: ``False`` for evaluation: no graph at all, and
-            memory does not grow with the number of inner steps.
+            memory does not grow with the number of inner steps. Inside
+            ``torch.no_grad()`` it is ``False`` whatever is passed, and the
+            loop's block runs with gradients enabled (the inner steps need them).
 
     Raises:
-        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`.
+        TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`, or ``model``
+            is wrapped in ``DistributedDataParallel``/``DataParallel`` (see
+            :mod:`torch_metasgd.distributed` for data-parallel meta-training).
         ValueError: a parameter of ``opt`` is not a parameter of ``model``.
 
     Example:
@@ -280,16 +289,21 @@ def inner_loop(
         ...     torch.nn.functional.mse_loss(fmodel(x[5:]), y[5:]).backward()
         >>> meta_opt.step()
     """
+    require_bare_model(model, "inner_loop")
     require_metasgd(opt, "inner_loop")
     require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
-    fmodel = higher.monkeypatch(
-        model, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
-    )
-    diffopt = higher.optim.get_diff_optim(
-        opt,
-        model.parameters(),
-        fmodel=fmodel,
-        track_higher_grads=track_higher_grads,
-        first_order=first_order,
-    )
-    yield fmodel, diffopt
+    # Inside torch.no_grad() (evaluation) the inner steps still need their
+    # gradients, and nothing outside the loop needs a graph.
+    track_higher_grads = track_higher_grads and torch.is_grad_enabled()
+    with torch.enable_grad():
+        fmodel = higher.monkeypatch(
+            model, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
+        )
+        diffopt = higher.optim.get_diff_optim(
+            opt,
+            model.parameters(),
+            fmodel=fmodel,
+            track_higher_grads=track_higher_grads,
+            first_order=first_order,
+        )
+        yield fmodel, diffopt

@@ -18,6 +18,7 @@ left as they are: the ordinary loop keeps training them.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import require_metasgd
+from ._checks import require_metasgd, require_no_hypergradient, require_params_of
 from .differentiable import inner_loop
+from .distributed import average_gradients
 from .optimizer import MetaSGD
 
 __all__ = ["LookAhead"]
@@ -44,7 +46,10 @@ class LookAhead:
     buffers are untouched, and only the step sizes change.
 
     Args:
-        model: the module that ``opt`` trains.
+        model: the module that ``opt`` trains, or its ``DistributedDataParallel``
+            wrapper: then the unroll runs on its module and the held-out
+            meta-gradient is averaged over its ranks, which all take the same
+            step (each unrolls on its own batches and held-out data).
         opt: its :class:`~torch_metasgd.MetaSGD`; ``parametrization="log"``
             suits this use best (the outer steps are then relative changes of
             the step sizes).
@@ -91,13 +96,28 @@ class LookAhead:
         first_order: bool = False,
     ) -> None:
         require_metasgd(opt, "LookAhead")
-        if every < 1:
-            raise ValueError(f"Invalid every value: {every}")
-        if unroll < 1:
-            raise ValueError(f"Invalid unroll value: {unroll}")
-        if meta_optimizer is None and not meta_lr > 0:
+        require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
+        require_no_hypergradient(opt)
+        for name, value in (("every", every), ("unroll", unroll)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Invalid {name} value: {value}")
+        if meta_optimizer is None and not (
+            isinstance(meta_lr, (int, float)) and math.isfinite(meta_lr) and meta_lr > 0
+        ):
             raise ValueError(f"Invalid meta_lr value: {meta_lr}")
-        self.model = model
+        if meta_optimizer is not None:
+            held = {id(t) for group in meta_optimizer.param_groups for t in group["params"]}
+            missing = [s for s in opt.meta_parameters() if id(s) not in held]
+            if missing:
+                raise ValueError(
+                    f"Invalid meta_optimizer: it does not hold {len(missing)} of the "
+                    f"{len(opt.meta_parameters())} step sizes (opt.meta_parameters())"
+                )
+        _check_held_out(held_out)
+        self._process_group = (
+            model.process_group if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        )
+        self.model = model if self._process_group is None else model.module
         self.opt = opt
         self.loss_fn = loss_fn
         self.every = every
@@ -130,9 +150,12 @@ class LookAhead:
         if not self._batches:
             raise RuntimeError("LookAhead.update needs at least one batch recorded by step()")
         meta_params = self.opt.meta_parameters()
-        with inner_loop(
-            self.model, self.opt, first_order=self.first_order, copy_initial_weights=True
-        ) as (fmodel, diffopt):
+        with (
+            torch.enable_grad(),
+            inner_loop(
+                self.model, self.opt, first_order=self.first_order, copy_initial_weights=True
+            ) as (fmodel, diffopt),
+        ):
             for batch in self._batches:
                 diffopt.step(self.loss_fn(fmodel, batch))
             held_out_loss = self.loss_fn(fmodel, self._next_held_out())
@@ -140,14 +163,14 @@ class LookAhead:
         self.meta_optimizer.zero_grad()
         for s, g in zip(meta_params, grads, strict=True):
             s.grad = g
+        if self._process_group is not None:
+            average_gradients(meta_params, group=self._process_group)
         self.meta_optimizer.step()
         return held_out_loss.detach()
 
     def _next_held_out(self) -> Any:
         held_out = self._held_out
-        if isinstance(held_out, Tensor) or (
-            isinstance(held_out, (tuple, list)) and all(isinstance(t, Tensor) for t in held_out)
-        ):
+        if _is_batch(held_out):
             return held_out
         if self._held_out_iter is not None:
             batch = next(self._held_out_iter, None)
@@ -158,3 +181,26 @@ class LookAhead:
             return next(self._held_out_iter)
         except StopIteration:
             raise ValueError("LookAhead's held_out iterable yields no batch") from None
+
+
+def _is_batch(held_out: Any) -> bool:
+    return isinstance(held_out, Tensor) or (
+        isinstance(held_out, (tuple, list)) and all(isinstance(t, Tensor) for t in held_out)
+    )
+
+
+def _check_held_out(held_out: Any) -> None:
+    """``ValueError`` for held-out data that :meth:`LookAhead.update` could not draw from."""
+    if _is_batch(held_out):
+        tensors = [held_out] if isinstance(held_out, Tensor) else list(held_out)
+        if not tensors or any(t.dim() == 0 or t.shape[0] == 0 for t in tensors):
+            shapes = [tuple(t.shape) for t in tensors]
+            raise ValueError(f"Invalid held_out: an empty batch (tensor shapes {shapes})")
+        return
+    if not isinstance(held_out, Iterable) or iter(held_out) is held_out:
+        raise ValueError(
+            f"Invalid held_out: {type(held_out).__name__} (expected a batch of tensors or a "
+            "collection of batches that can be iterated again, such as a list or a DataLoader)"
+        )
+    if hasattr(held_out, "__len__") and len(held_out) == 0:
+        raise ValueError("Invalid held_out: it holds no batch")

@@ -7,15 +7,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
-from . import _kernels, hypergradient
+from . import _fused, _kernels, hypergradient
 from ._parametrizations import parametrization
+from ._step_sizes import follow_params, moved, new_step_sizes
+from ._validation import describe, validate_group, validate_params
 
 __all__ = ["MetaSGD", "for_each_subclass"]
-
-GRANULARITIES = ("element", "tensor", "group")
 
 
 class MetaSGD(Optimizer):
@@ -55,13 +55,15 @@ class MetaSGD(Optimizer):
     pass: :math:`\log|\alpha|` follows the (clipped, scale-free) cosine
     between the current gradient and the last direction, with a small upward
     drift; per element, also each element's own sign, capped at :math:`e`
-    times its tensor's geometric mean. The rule, its constants and its state
-    are written out in :mod:`torch_metasgd.hypergradient`.
+    times its tensor's geometric mean; never below ``lr / 1000``, and a
+    tensor whose gradient is not finite skips the update. The rule, its
+    constants and its state are written out in :mod:`torch_metasgd.hypergradient`.
 
     Args:
         params: an iterable of tensors or of dicts defining parameter groups;
             every keyword below can be overridden per group.
-        lr: base learning rate :math:`\gamma` (default: 1e-3).
+        lr: base learning rate :math:`\gamma`, a float or a 1-element tensor
+            (default: 1e-3).
         momentum: momentum factor :math:`\mu` (default: 0).
         dampening: dampening for momentum :math:`\tau` (default: 0).
         weight_decay: L2 penalty :math:`\lambda` (default: 0).
@@ -69,6 +71,14 @@ class MetaSGD(Optimizer):
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor (``torch._foreach_*``) implementation;
             ``None`` picks it where torch.optim would (default: None).
+        fused: run the parameter update as one ``torch.compile``-d kernel per
+            device and dtype (floating-point parameters on CPU, CUDA or XPU),
+            as ``torch.optim.SGD(fused=True)``; with ``GradScaler`` it
+            unscales and skips inside the kernel. The second step compiles
+            (30-40 s for 100 parameter tensors on a 2-core CPU, 1-6 s for a
+            few); without a C++ compiler it warns and runs uncompiled. On CPU
+            it is slower than ``foreach``. Not with ``foreach=True``
+            (default: None, not fused).
         granularity: ``"element"`` (one step size per parameter element, the
             paper's :math:`\alpha`), ``"tensor"`` (one per parameter tensor) or
             ``"group"`` (one shared by the param group) (default: "element").
@@ -78,12 +88,29 @@ class MetaSGD(Optimizer):
             (:math:`\phi(s)=\operatorname{softplus}(s)/\log 2`, :math:`s_0=0`)
             (default: "identity").
         lr_min, lr_max: optional bounds on the effective step size
-            :math:`\alpha` (default: None).
+            :math:`\alpha` (default: None). ``lr_max`` must be positive, and
+            neither bound negative for the positive parametrizations. In the
+            meta-gradient a bound blocks only what points further out: where
+            :math:`\alpha` sits at a bound, the gradient of :math:`s` passes if
+            a descent step would bring it back inside (decided per use: per
+            inner loop, that is per task), so a clamped step size is never
+            pinned for good. :meth:`step` and the hypergradient rule apply the
+            bounds as a projection.
         hypergrad_lr: :math:`\beta`, the rate at which :meth:`step` learns the
             step sizes by hypergradient descent; 0 turns it off
             (default: 0). 0.1 is a good start at any granularity; see
             ``benchmarks/online.py`` and the README for what it reaches
             from initial learning rates between 1e-4 and 1.
+
+    The step sizes are ``nn.Parameter`` leaves on their parameters' devices,
+    in their dtype, except that those of float16/bfloat16 parameters are
+    float32 (as mixed-precision training keeps master weights: a learned
+    change of 1e-3 to :math:`s = 1` is below bfloat16's resolution) and those
+    of complex parameters are real. When the model is moved or cast after the
+    optimizer was built (``.to()``, ``.cuda()``, ``.double()``, ``.half()``),
+    the step sizes and the state follow it, in place: the same tensor objects.
+    Sparse gradients are supported as by ``torch.optim.SGD`` (not with weight
+    decay or ``hypergrad_lr``).
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -116,6 +143,7 @@ class MetaSGD(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         granularity: str = "element",
         parametrization: str = "identity",
         lr_min: float | None = None,
@@ -130,17 +158,21 @@ class MetaSGD(Optimizer):
             nesterov=nesterov,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
             granularity=granularity,
             parametrization=parametrization,
             lr_min=lr_min,
             lr_max=lr_max,
             hypergrad_lr=hypergrad_lr,
         )
-        _validate_group(defaults)
+        validate_group(defaults)
         # step() reads each group's step sizes from this list: hashing every
         # parameter into self.state costs as much as the update on small tensors.
         self._step_sizes: list[list[Tensor]] = []
         super().__init__(params, defaults)
+        if fused:
+            # GradScaler hands a fused step its scale and inf flag instead of unscaling.
+            self._step_supports_amp_scaling = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -153,6 +185,7 @@ class MetaSGD(Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
             group.setdefault("granularity", "element")
             group.setdefault("parametrization", "identity")
             group.setdefault("lr_min", None)
@@ -163,45 +196,29 @@ class MetaSGD(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group and create its step-size parameters.
 
-        The group is validated before anything is added.
+        Everything is validated, and the step sizes are built, before the
+        group is added: a failed call leaves the optimizer as it was.
         """
         group = dict(param_group)
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        _validate_group({**self.defaults, **group})
-        seen = set()
-        for p in params:
-            if isinstance(p, Tensor) and not p.is_leaf:
-                raise ValueError(f"can't optimize a non-leaf Tensor: {describe(p)}")
-            if id(p) in seen:
-                raise ValueError(f"Parameter appears twice in a param group: {describe(p)}")
-            seen.add(id(p))
+        options = {**self.defaults, **group}
+        validate_group(options)
+        validate_params(params)
+        step_sizes = new_step_sizes(params, options)
         if isinstance(group["params"], Iterator):
             # Consumed above: hand torch the list, not an exhausted generator.
             group["params"] = params
         super().add_param_group(group)
-        self._create_step_sizes(self.param_groups[-1])
-
-    def _create_step_sizes(self, group: dict[str, Any]) -> None:
-        s0 = parametrization(group["parametrization"]).initial
-        params = group["params"]
-        if group["granularity"] == "group" and params:
-            shared = _leaf(torch.full((), s0, dtype=params[0].dtype, device=params[0].device))
-        step_sizes = []
-        for p in params:
-            if group["granularity"] == "element":
-                s = _leaf(torch.full_like(p, s0, memory_format=torch.preserve_format))
-            elif group["granularity"] == "tensor":
-                s = _leaf(torch.full((), s0, dtype=p.dtype, device=p.device))
-            else:
-                s = shared
+        for p, s in zip(params, step_sizes, strict=True):
             self.state[p]["step_size"] = s
-            step_sizes.append(s)
         self._step_sizes.append(step_sizes)
 
     def _list_step_sizes(self) -> None:
+        # Inside load_state_dict a loaded SGD state has no step sizes yet:
+        # they are put back, and listed again, right after.
         self._step_sizes = [
-            [self.state[p]["step_size"] for p in group["params"]] for group in self.param_groups
+            [self.state[p].get("step_size") for p in group["params"]] for group in self.param_groups
         ]
 
     def meta_parameters(self) -> list[Tensor]:
@@ -210,6 +227,7 @@ class MetaSGD(Optimizer):
         Hand them to an outer optimizer, e.g.
         ``torch.optim.Adam([*model.parameters(), *opt.meta_parameters()])``.
         """
+        self._follow_params()
         seen: dict[int, Tensor] = {}
         for step_sizes in self._step_sizes:
             for s in step_sizes:
@@ -218,7 +236,19 @@ class MetaSGD(Optimizer):
 
     def step_size(self, p: Tensor) -> Tensor:
         """The step-size parameter ``s`` of ``p`` (a leaf tensor, the live one)."""
-        return self.state[p]["step_size"]
+        s = self.state[p].get("step_size") if p in self.state else None
+        if s is None:
+            raise ValueError(f"Tensor is not a parameter of this optimizer: {describe(p)}")
+        return s
+
+    def step_sizes_by_group(self) -> list[list[Tensor]]:
+        """The step-size parameter of every parameter, group by group, in parameter order.
+
+        A ``"group"`` step size is listed once per parameter. The tensors are
+        the live ones, on their parameters' devices.
+        """
+        self._follow_params()
+        return [list(step_sizes) for step_sizes in self._step_sizes]
 
     def effective_lr(self, p: Tensor) -> Tensor:
         r"""The step size :math:`\alpha` applied to ``p``: ``clamp(lr * f(s), lr_min, lr_max)``.
@@ -226,7 +256,15 @@ class MetaSGD(Optimizer):
         Broadcastable to ``p`` and differentiable in the step-size parameter.
         """
         group = self._group_of(p)
+        self._follow_params()
         return _kernels.effective_lrs(group, [self.step_size(p)])[0]
+
+    def _follow_params(self) -> None:
+        follow_params(self.param_groups, self._step_sizes, self.state)
+
+    def state_dict(self) -> dict[str, Any]:
+        self._follow_params()
+        return super().state_dict()
 
     @torch.no_grad()
     def uniform_step_sizes_(
@@ -240,6 +278,7 @@ class MetaSGD(Optimizer):
         """
         if not (math.isfinite(low) and math.isfinite(high)) or low > high:
             raise ValueError(f"Invalid step-size range: [{low}, {high}]")
+        self._follow_params()
         for group in self.param_groups:
             if group["lr"] <= 0:
                 raise ValueError(f"Invalid learning rate for uniform_step_sizes_: {group['lr']}")
@@ -270,18 +309,37 @@ class MetaSGD(Optimizer):
         grads: list[Tensor],
         momentum_buffers: list[Tensor | None],
         step_sizes: list[Tensor],
-    ) -> None:
+    ) -> bool:
+        """Gather the parameters with a gradient; returns whether a gradient is sparse."""
         use_momentum = group["momentum"] != 0
+        has_sparse_grad = False
+        # A model is moved or cast as a whole: its group's first parameter
+        # tells (checking every one would cost ~15% of a small step).
+        if group_step_sizes and moved(group["params"][0], group_step_sizes[0]):
+            self._follow_params()
         for p, s in zip(group["params"], group_step_sizes, strict=True):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("MetaSGD does not support sparse gradients")
+            has_sparse_grad |= grad.is_sparse
+            if group["fused"] and (grad.is_sparse or not _fused.fusable(p)):
+                raise ValueError(
+                    f"Invalid parameter for fused=True: {describe(p)} on {p.device}"
+                    f"{' with a sparse gradient' if grad.is_sparse else ''} (fused steps take "
+                    f"dense floating-point tensors on {_fused.FUSED_DEVICES})"
+                )
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             step_sizes.append(s)
             if use_momentum:
                 momentum_buffers.append(self.state[p].get("momentum_buffer"))
+        if has_sparse_grad and (group["weight_decay"] != 0 or group["hypergrad_lr"] != 0):
+            option = "weight_decay" if group["weight_decay"] != 0 else "hypergrad_lr"
+            raise RuntimeError(
+                f"MetaSGD does not support sparse gradients with {option}={group[option]} "
+                "(torch.optim.SGD does not either with weight decay)"
+            )
+        return has_sparse_grad
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -296,44 +354,68 @@ class MetaSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Every group is gathered before any is updated: a sparse gradient in
-        # a later group raises before an earlier one has moved.
+        # Every group is gathered before any is updated: an unsupported sparse
+        # gradient in a later group raises before an earlier one has moved.
         gathered = []
         for group, group_step_sizes in zip(self.param_groups, self._step_sizes, strict=True):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             momentum_buffers: list[Tensor | None] = []
             step_sizes: list[Tensor] = []
-            self._init_group(group, group_step_sizes, params, grads, momentum_buffers, step_sizes)
+            has_sparse_grad = self._init_group(
+                group, group_step_sizes, params, grads, momentum_buffers, step_sizes
+            )
             if params:
-                gathered.append((group, params, grads, momentum_buffers, step_sizes))
+                gathered.append(
+                    (group, params, grads, momentum_buffers, step_sizes, has_sparse_grad)
+                )
 
-        for group, params, grads, momentum_buffers, step_sizes in gathered:
+        # Set by GradScaler for a fused step: the gradients are still scaled.
+        amp = dict(
+            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None)
+        )
+        for group, params, grads, momentum_buffers, step_sizes, has_sparse_grad in gathered:
             foreach = group["foreach"]
-            if foreach is None:
+            if foreach is None and not group["fused"]:
                 _, foreach = _default_to_fused_or_foreach(params, differentiable=False)
+            # As torch.optim.SGD: sparse gradients take the single-tensor path.
+            foreach = foreach and not has_sparse_grad
             online = group["hypergrad_lr"] != 0
             if online:
                 # Before the update: the last direction may be the momentum
                 # buffer, which the update advances in place.
-                hypergradient.hypergradient_step_(group, params, grads, step_sizes, self.state)
-            directions = _kernels.metasgd(
-                params,
-                grads,
-                momentum_buffers,
-                step_sizes,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                parametrization=group["parametrization"],
-                lr_min=group["lr_min"],
-                lr_max=group["lr_max"],
-                foreach=foreach,
-                keep_directions=online,
-            )
+                hypergradient.hypergradient_step_(
+                    group, params, grads, step_sizes, self.state, amp["grad_scale"]
+                )
+            if group["fused"] or amp["grad_scale"] is not None or amp["found_inf"] is not None:
+                directions = _fused.metasgd_fused(
+                    params,
+                    grads,
+                    momentum_buffers,
+                    step_sizes,
+                    group,
+                    compiled=bool(group["fused"]),
+                    keep_directions=online,
+                    **amp,
+                )
+            else:
+                directions = _kernels.metasgd(
+                    params,
+                    grads,
+                    momentum_buffers,
+                    step_sizes,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    momentum=group["momentum"],
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    maximize=group["maximize"],
+                    parametrization=group["parametrization"],
+                    lr_min=group["lr_min"],
+                    lr_max=group["lr_max"],
+                    foreach=foreach,
+                    keep_directions=online,
+                )
             if group["momentum"] != 0:
                 for p, buf in zip(params, momentum_buffers, strict=True):
                     self.state[p]["momentum_buffer"] = buf
@@ -345,40 +427,62 @@ class MetaSGD(Optimizer):
         """Load optimizer state; step sizes are written into the live tensors in place.
 
         An outer optimizer that already holds :meth:`meta_parameters` keeps
-        training the same tensors after the load.
+        training the same tensors after the load, and the step sizes keep
+        their precision (float32 for half-precision parameters). A state dict
+        without step sizes (``torch.optim.SGD``'s, to resume an SGD checkpoint
+        with learnable step sizes) loads too: its momentum buffers carry over
+        and the step sizes stay as they are. Options a saved group lacks
+        (MetaSGD's own in an SGD state dict, newer ones in an old checkpoint)
+        keep this optimizer's values. Everything is checked before anything
+        changes.
         """
-        live = {id(p): self.state[p]["step_size"] for g in self.param_groups for p in g["params"]}
+        self._follow_params()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+        pairs = []  # (parameter, its saved index, its live step size)
+        for group, saved, step_sizes in zip(
+            self.param_groups, saved_groups, self._step_sizes, strict=True
+        ):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"loaded state dict has a group of {len(saved['params'])} parameters "
                     f"where this optimizer has {len(group['params'])}"
                 )
             for key in ("granularity", "parametrization"):
-                if saved.get(key, self.defaults[key]) != group[key]:
+                if saved.get(key, group[key]) != group[key]:
                     raise ValueError(
-                        f"loaded state dict has {key}={saved.get(key)!r} "
+                        f"loaded state dict has {key}={saved[key]!r} "
                         f"where this optimizer has {group[key]!r}"
                     )
-            for p, index in zip(group["params"], saved["params"], strict=True):
-                s = state_dict["state"].get(index, {}).get("step_size")
-                if s is None:
-                    raise ValueError(f"loaded state dict has no step size for parameter {index}")
-                if s.shape != live[id(p)].shape:
-                    raise ValueError(
-                        f"loaded step size of parameter {index} has shape {tuple(s.shape)}, "
-                        f"expected {tuple(live[id(p)].shape)}"
-                    )
-        super().load_state_dict(state_dict)
+            pairs += zip(group["params"], saved["params"], step_sizes, strict=True)
+        saved_state = state_dict["state"]
+        saved_step_sizes = [saved_state.get(index, {}).get("step_size") for _, index, _ in pairs]
+        has_step_sizes = any(t is not None for t in saved_step_sizes)
+        for (_, index, s), saved in zip(pairs, saved_step_sizes, strict=True):
+            if has_step_sizes and saved is None:
+                raise ValueError(f"loaded state dict has no step size for parameter {index}")
+            if saved is not None and saved.shape != s.shape:
+                raise ValueError(
+                    f"loaded step size of parameter {index} has shape {tuple(saved.shape)}, "
+                    f"expected {tuple(s.shape)}"
+                )
+        completed = [
+            {**{k: v for k, v in group.items() if k != "params"}, **saved}
+            for group, saved in zip(self.param_groups, saved_groups, strict=True)
+        ]
+        super().load_state_dict({**state_dict, "param_groups": completed})
         with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    s = live[id(p)]
-                    s.copy_(self.state[p]["step_size"])
-                    self.state[p]["step_size"] = s
+            for (p, index, s), saved in zip(pairs, saved_step_sizes, strict=True):
+                state = self.state[p]
+                if saved is not None:
+                    s.copy_(saved)
+                # torch casts loaded state to the parameter's dtype; the step
+                # sizes' own statistics keep the step size's.
+                for key, value in saved_state.get(index, {}).items():
+                    if isinstance(value, Tensor) and value.shape != p.shape:
+                        state[key] = value.to(device=s.device, dtype=s.dtype)
+                state["step_size"] = s
         # The load's __setstate__ listed the loaded copies: step() must read the live tensors.
         self._list_step_sizes()
 
@@ -398,44 +502,3 @@ def for_each_subclass(hook: Callable[[type[MetaSGD]], None]) -> None:
         hook(cls)
         pending += cls.__subclasses__()
     _SUBCLASS_HOOKS.append(hook)
-
-
-def _validate_group(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        raise ValueError(f"Invalid learning rate: {lr} (MetaSGD takes a float lr)")
-    if not math.isfinite(lr) or lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not math.isfinite(group["momentum"]) or group["momentum"] < 0.0:
-        raise ValueError(f"Invalid momentum value: {group['momentum']}")
-    if not math.isfinite(group["weight_decay"]) or group["weight_decay"] < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-    if not math.isfinite(group["dampening"]):
-        raise ValueError(f"Invalid dampening value: {group['dampening']}")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    if group["granularity"] not in GRANULARITIES:
-        raise ValueError(
-            f"Invalid granularity: {group['granularity']!r} (expected one of {GRANULARITIES})"
-        )
-    parametrization(group["parametrization"])
-    lr_min, lr_max = group["lr_min"], group["lr_max"]
-    for name, bound in (("lr_min", lr_min), ("lr_max", lr_max)):
-        if bound is not None and math.isnan(bound):
-            raise ValueError(f"Invalid {name} value: {bound}")
-    if lr_min is not None and lr_max is not None and lr_min > lr_max:
-        raise ValueError(f"Invalid step-size bounds: lr_min={lr_min} > lr_max={lr_max}")
-    hypergrad_lr = group["hypergrad_lr"]
-    if isinstance(hypergrad_lr, Tensor) or not math.isfinite(hypergrad_lr) or hypergrad_lr < 0:
-        raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr}")
-
-
-def _leaf(t: Tensor) -> nn.Parameter:
-    # A Parameter, so that a module can register the step sizes themselves
-    # (e.g. for DistributedDataParallel to average their gradients).
-    return nn.Parameter(t.detach())
-
-
-def describe(t: Tensor) -> str:
-    """How an error message names a tensor."""
-    return f"Tensor of shape {tuple(t.shape)}"

@@ -1,0 +1,170 @@
+"""``MetaSGD(fused=True)``: the in-place step compiled into one kernel per device and dtype.
+
+:func:`metasgd_fused` is :func:`torch_metasgd._kernels.metasgd` (the same
+arithmetic, from the same functions) under ``torch.compile``, with
+``GradScaler``'s unscaling and skipping done in the kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from . import _parametrizations
+from ._kernels import SGDOptions, effective_lr, sgd_direction, sgd_options
+
+__all__ = ["FUSED_DEVICES", "fusable", "metasgd_fused"]
+
+#: The device types whose step ``torch.compile`` can fuse.
+FUSED_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def fusable(p: Tensor) -> bool:
+    """Whether a fused step can take ``p``: floating point, on one of :data:`FUSED_DEVICES`."""
+    return torch.is_floating_point(p) and p.device.type in FUSED_DEVICES
+
+
+def metasgd_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    step_sizes: list[Tensor],
+    group: dict[str, Any],
+    *,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    compiled: bool = True,
+    keep_directions: bool = False,
+) -> list[Tensor] | None:
+    """:func:`~torch_metasgd._kernels.metasgd` with ``group``'s options, one compiled kernel per
+    device and dtype.
+
+    The step is written per tensor (:func:`~torch_metasgd._kernels.sgd_direction`
+    and :func:`~torch_metasgd._kernels.effective_lr`, as every other path) and
+    inductor fuses it: one C++ loop on CPU, a few Triton kernels on CUDA.
+    ``grad_scale`` divides the gradients and a nonzero ``found_inf`` skips the
+    step, with no read back to the host (``GradScaler``'s contract with fused
+    optimizers). The first step (momentum buffers to create), ``compiled=False``
+    and a process where compiling fails (no C++ compiler, an unsupported Python)
+    run the same function uncompiled, the last after a warning. A float ``lr``
+    is passed as a tensor, so that a scheduler does not recompile. Returns the
+    directions as :func:`~torch_metasgd._kernels.metasgd` does.
+    """
+    if not params:
+        return [] if keep_directions else None
+    options = sgd_options(group)
+    momentum, nesterov = options.momentum, options.nesterov
+    fresh = [momentum != 0 and b is None for b in momentum_buffers] or [False] * len(params)
+    for i, new in enumerate(fresh):
+        if new:
+            momentum_buffers[i] = torch.zeros_like(params[i])
+    lr = group["lr"]
+    if not isinstance(lr, Tensor):
+        lr = torch.tensor(lr, dtype=torch.float64)
+    directions: list[Tensor | None] = [None] * len(params)
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, step_sizes, momentum_buffers], with_indices=True
+    )
+    for (device, _), ((dev_params, dev_grads, dev_steps, dev_bufs), indices) in grouped.items():
+        args = (
+            dev_params,
+            dev_grads,
+            dev_bufs if momentum != 0 else [],
+            dev_steps,
+            lr,
+            None if grad_scale is None else grad_scale.to(device),
+            None if found_inf is None else found_inf.to(device),
+            options,
+            group["parametrization"],
+            group["lr_min"],
+            group["lr_max"],
+            keep_directions and (momentum == 0 or nesterov),
+        )
+        first = tuple(fresh[i] for i in indices) if any(fresh) else ()
+        kept = _run_fused_step(args, first, compiled and not first)
+        if momentum != 0 and not nesterov:
+            kept = dev_bufs  # the direction is the buffer itself
+        if keep_directions:
+            for j, index in enumerate(indices):
+                directions[index] = kept[j]
+    return directions if keep_directions else None
+
+
+_compiled_fused_step: Callable | None = None
+_compile_failure: str | None = None
+
+
+def _run_fused_step(args: tuple, first: tuple[bool, ...], compiled: bool) -> list[Tensor]:
+    global _compiled_fused_step
+    if compiled and _compile_failure is None:
+        try:
+            if _compiled_fused_step is None:
+                # Not fullgraph: past dynamo's recompile limit (8 distinct
+                # groups in a process) a new group runs uncompiled, not fails.
+                _compiled_fused_step = torch.compile(_fused_step)
+        except RuntimeError as error:  # no torch.compile on this platform
+            _give_up(error)
+        else:
+            try:
+                return _compiled_fused_step(*args, first)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                # Raised while compiling, before the step runs: nothing has moved yet.
+                _give_up(error)
+    return _fused_step(*args, first)
+
+
+def _give_up(error: Exception) -> None:
+    global _compile_failure
+    _compile_failure = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    warnings.warn(
+        f"MetaSGD(fused=True) could not compile its step ({_compile_failure}); "
+        "it runs the same step uncompiled, which is slower than fused=False",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
+def _fused_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    step_sizes: list[Tensor],
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    options: SGDOptions,
+    parametrization: str,
+    lr_min: float | None,
+    lr_max: float | None,
+    keep_directions: bool,
+    first: tuple[bool, ...],
+) -> list[Tensor]:
+    """One device's and dtype's step, per tensor, for the compiler to fuse.
+
+    ``first[i]``: buffer ``i`` is new and takes the first direction itself
+    (empty: no buffer is new, the only case that is compiled).
+    """
+    phi = _parametrizations.parametrization(parametrization)
+    directions = []
+    for i, (param, grad, s) in enumerate(zip(params, grads, step_sizes, strict=True)):
+        if grad_scale is not None:
+            grad = grad / grad_scale
+        buf = bufs[i] if bufs else None
+        d, new_buf = sgd_direction(param, grad, None if first and first[i] else buf, *options)
+        new_param = param - effective_lr(s, lr, phi, lr_min, lr_max) * d
+        if found_inf is not None:
+            skip = found_inf != 0
+            new_param = torch.where(skip, param, new_param)
+            if buf is not None:
+                new_buf = torch.where(skip, buf, new_buf)
+        param.copy_(new_param)
+        if buf is not None:
+            buf.copy_(new_buf)
+        if keep_directions:
+            directions.append(d.clone())
+    return directions
