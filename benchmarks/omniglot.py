@@ -477,7 +477,7 @@ def plot(results: dict, path: Path) -> None:
     if any(run["method"] == "metasgd" for run in runs):
         axes[2].legend()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
