@@ -6,8 +6,10 @@ https://github.com/brendenlake/omniglot, folder ``python/``: a set is
 uint8 tensors (strokes bright on a zero background) and cached.
 
 Episodes are drawn on the images' device with batched indexing: the four
-rotations of every character are precomputed as classes, and one ``argsort``
-of uniform keys gives every episode its classes and every class its drawings.
+rotations of every character are precomputed as classes, the top k of
+uniform keys give every episode its classes and every class its drawings
+(:meth:`Episodes.draw`), and one ``index_select`` gathers their images
+(:meth:`Episodes.episodes`).
 """
 
 from __future__ import annotations
@@ -253,19 +255,6 @@ class Episodes:
         ys = labels.repeat_interleave(shots).expand(n, -1)
         yq = labels.repeat_interleave(per_class - shots).expand(n, -1)
         return (x[:, :, :shots].flatten(1, 2), ys), (x[:, :, shots:].flatten(1, 2), yq)
-
-    def sample(
-        self,
-        n: int,
-        ways: int,
-        shots: int,
-        query: int,
-        generator: torch.Generator,
-        within_alphabet: bool = False,
-    ) -> tuple[Batch, Batch]:
-        """``n`` random episodes: :meth:`draw`, then :meth:`episodes`."""
-        classes, drawings = self.draw(n, ways, shots, query, generator, within_alphabet)
-        return self.episodes(classes, drawings, shots)
 
 
 def augment(x: Tensor, generator: torch.Generator, shift: float = 2.0) -> Tensor:

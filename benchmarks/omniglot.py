@@ -336,9 +336,10 @@ def train(
         validation = Validation(model, opt, split.validation, draws, shots, eval_steps(args))
 
     def sample():
-        support, query = split.train.sample(
+        draws = split.train.draw(
             args.meta_batch, ways, shots, args.query, gen, args.within_alphabet
         )
+        support, query = split.train.episodes(*draws, shots)
         if args.augment:
             support, query = (
                 (augment(support[0], gen), support[1]),
