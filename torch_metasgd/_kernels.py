@@ -234,13 +234,9 @@ class _StepRule(NamedTuple):
 
     @property
     def folds_into_lr(self) -> bool:
-        # alpha = lr * s: one addcmul with a scalar, and no alpha tensor to build.
-        return (
-            self.phi.is_identity
-            and self.lr_min is None
-            and self.lr_max is None
-            and not isinstance(self.lr, Tensor)
-        )
+        # Unbounded with a float lr, alpha = lr * phi(s): lr is the update's
+        # scalar, and no alpha tensor (for the identity, no tensor at all) is built.
+        return self.lr_min is None and self.lr_max is None and not isinstance(self.lr, Tensor)
 
 
 def metasgd(
@@ -300,11 +296,9 @@ def _single_tensor_metasgd(
         if keep_directions:
             directions.append(d.clone() if d is grad else d)
         if folds and not d.is_sparse:
-            param.addcmul_(d, s, value=-rule.lr)
+            param.addcmul_(d, rule.phi.forward(s), value=-rule.lr)
             continue
-        alpha = (
-            s * rule.lr if folds else effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max)
-        )
+        alpha = effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max)
         if d.is_sparse:
             # addcmul_ has no sparse kernel; a sparse times a dense tensor stays sparse.
             param.sub_(d * alpha)
@@ -327,7 +321,8 @@ def _multi_tensor_metasgd(
             for j, index in enumerate(indices):
                 directions[index] = kept[j]
         if rule.folds_into_lr:
-            torch._foreach_addcmul_(dev_params, d, dev_steps, value=-rule.lr)
+            factors = rule.phi.forward_all(dev_steps)
+            torch._foreach_addcmul_(dev_params, d, factors, value=-rule.lr)
         else:
             torch._foreach_addcmul_(dev_params, d, _foreach_effective_lr(dev_steps, rule), value=-1)
     return directions

@@ -37,7 +37,7 @@ class Parametrization:
     inverse: Callable[[Tensor], Tensor]
     #: :math:`\phi > 0` everywhere: the step sizes can never ascend.
     positive: bool
-    #: :math:`\phi(s) = s`, so ``lr * phi(s)`` folds into the update's scalar.
+    #: :math:`\phi(s) = s`: the step sizes may be negative, and ``phi`` builds no tensor.
     is_identity: bool = False
     #: :math:`\phi(s) = e^s`, so a relative change of the step size is an addition to ``s``.
     is_exp: bool = False

@@ -10,9 +10,17 @@ from typing import Any
 
 from torch import Tensor
 
+from ._fused import FUSED_DEVICES, fusable
 from ._parametrizations import parametrization
 
-__all__ = ["GRANULARITIES", "validate_group", "validate_params", "describe"]
+__all__ = [
+    "GRANULARITIES",
+    "validate_group",
+    "validate_params",
+    "validate_state_dict",
+    "validate_gradients",
+    "describe",
+]
 
 GRANULARITIES = ("element", "tensor", "group")
 
@@ -86,6 +94,70 @@ def validate_params(params: list[Any]) -> None:
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, Tensor)) and not isinstance(x, bool)
+
+
+def validate_state_dict(
+    param_groups: list[dict[str, Any]],
+    step_sizes_by_group: list[list[Tensor]],
+    state_dict: dict[str, Any],
+) -> list[tuple[Tensor, Any, Tensor]]:
+    """Check that ``state_dict`` fits the optimizer; ``(parameter, saved index, step size)``s.
+
+    The same groups and group sizes, granularities and parametrizations (where
+    saved), and a step size of the right shape for every parameter or for none
+    (a ``torch.optim.SGD`` state dict).
+    """
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(param_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    pairs = []
+    for group, saved, step_sizes in zip(
+        param_groups, saved_groups, step_sizes_by_group, strict=True
+    ):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"loaded state dict has a group of {len(saved['params'])} parameters "
+                f"where this optimizer has {len(group['params'])}"
+            )
+        for key in ("granularity", "parametrization"):
+            if saved.get(key, group[key]) != group[key]:
+                raise ValueError(
+                    f"loaded state dict has {key}={saved[key]!r} "
+                    f"where this optimizer has {group[key]!r}"
+                )
+        pairs += zip(group["params"], saved["params"], step_sizes, strict=True)
+    saved_state = state_dict["state"]
+    saved_step_sizes = [saved_state.get(index, {}).get("step_size") for _, index, _ in pairs]
+    has_step_sizes = any(t is not None for t in saved_step_sizes)
+    for (_, index, s), saved in zip(pairs, saved_step_sizes, strict=True):
+        if has_step_sizes and saved is None:
+            raise ValueError(f"loaded state dict has no step size for parameter {index}")
+        if saved is not None and saved.shape != s.shape:
+            raise ValueError(
+                f"loaded step size of parameter {index} has shape {tuple(saved.shape)}, "
+                f"expected {tuple(s.shape)}"
+            )
+    return pairs
+
+
+def validate_gradients(
+    group: dict[str, Any], params: list[Tensor], grads: list[Tensor], has_sparse_grad: bool
+) -> None:
+    """An error for a gradient that ``group``'s step cannot take, before any group moves."""
+    if group["fused"]:
+        for p, grad in zip(params, grads, strict=True):
+            if grad.is_sparse or not fusable(p):
+                raise ValueError(
+                    f"Invalid parameter for fused=True: {describe(p)} on {p.device}"
+                    f"{' with a sparse gradient' if grad.is_sparse else ''} (fused steps take "
+                    f"dense floating-point tensors on {FUSED_DEVICES})"
+                )
+    if has_sparse_grad and (group["weight_decay"] != 0 or group["hypergrad_lr"] != 0):
+        option = "weight_decay" if group["weight_decay"] != 0 else "hypergrad_lr"
+        raise RuntimeError(
+            f"MetaSGD does not support sparse gradients with {option}={group[option]} "
+            "(torch.optim.SGD does not either with weight decay)"
+        )
 
 
 def describe(t: Tensor) -> str:

@@ -13,7 +13,13 @@ from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 from . import _fused, _kernels, hypergradient
 from ._parametrizations import parametrization
 from ._step_sizes import follow_params, moved, new_step_sizes
-from ._validation import describe, validate_group, validate_params
+from ._validation import (
+    describe,
+    validate_gradients,
+    validate_group,
+    validate_params,
+    validate_state_dict,
+)
 
 __all__ = ["MetaSGD", "for_each_subclass"]
 
@@ -71,14 +77,11 @@ class MetaSGD(Optimizer):
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor (``torch._foreach_*``) implementation;
             ``None`` picks it where torch.optim would (default: None).
-        fused: run the parameter update as one ``torch.compile``-d kernel per
-            device and dtype (floating-point parameters on CPU, CUDA or XPU),
-            as ``torch.optim.SGD(fused=True)``; with ``GradScaler`` it
-            unscales and skips inside the kernel. The second step compiles
-            (30-40 s for 100 parameter tensors on a 2-core CPU, 1-6 s for a
-            few); without a C++ compiler it warns and runs uncompiled. On CPU
-            it is slower than ``foreach``. Not with ``foreach=True``
-            (default: None, not fused).
+        fused: the update as one ``torch.compile``-d kernel per device and
+            dtype, as ``torch.optim.SGD(fused=True)`` (GradScaler's unscaling
+            and skipping inside); the second step compiles (30-40 s for 100
+            tensors on a 2-core CPU), without a C++ compiler it warns and runs
+            uncompiled, and on CPU it is slower than ``foreach`` (default: None).
         granularity: ``"element"`` (one step size per parameter element, the
             paper's :math:`\alpha`), ``"tensor"`` (one per parameter tensor) or
             ``"group"`` (one shared by the param group) (default: "element").
@@ -102,15 +105,11 @@ class MetaSGD(Optimizer):
             ``benchmarks/online.py`` and the README for what it reaches
             from initial learning rates between 1e-4 and 1.
 
-    The step sizes are ``nn.Parameter`` leaves on their parameters' devices,
-    in their dtype, except that those of float16/bfloat16 parameters are
-    float32 (as mixed-precision training keeps master weights: a learned
-    change of 1e-3 to :math:`s = 1` is below bfloat16's resolution) and those
-    of complex parameters are real. When the model is moved or cast after the
-    optimizer was built (``.to()``, ``.cuda()``, ``.double()``, ``.half()``),
-    the step sizes and the state follow it, in place: the same tensor objects.
-    Sparse gradients are supported as by ``torch.optim.SGD`` (not with weight
-    decay or ``hypergrad_lr``).
+    The step sizes are ``nn.Parameter`` leaves in their parameters' device and
+    dtype, float32 for float16/bfloat16 ones (master weights: a change of 1e-3
+    to :math:`s = 1` is below bfloat16's resolution), real for complex ones;
+    they and the state follow a model moved or cast after the optimizer was
+    built, in place. Sparse gradients work as in ``torch.optim.SGD``.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -322,23 +321,12 @@ class MetaSGD(Optimizer):
             if grad is None:
                 continue
             has_sparse_grad |= grad.is_sparse
-            if group["fused"] and (grad.is_sparse or not _fused.fusable(p)):
-                raise ValueError(
-                    f"Invalid parameter for fused=True: {describe(p)} on {p.device}"
-                    f"{' with a sparse gradient' if grad.is_sparse else ''} (fused steps take "
-                    f"dense floating-point tensors on {_fused.FUSED_DEVICES})"
-                )
             params.append(p)
             grads.append(grad)
             step_sizes.append(s)
             if use_momentum:
                 momentum_buffers.append(self.state[p].get("momentum_buffer"))
-        if has_sparse_grad and (group["weight_decay"] != 0 or group["hypergrad_lr"] != 0):
-            option = "weight_decay" if group["weight_decay"] != 0 else "hypergrad_lr"
-            raise RuntimeError(
-                f"MetaSGD does not support sparse gradients with {option}={group[option]} "
-                "(torch.optim.SGD does not either with weight decay)"
-            )
+        validate_gradients(group, params, grads, has_sparse_grad)
         return has_sparse_grad
 
     @torch.no_grad()
@@ -438,35 +426,9 @@ class MetaSGD(Optimizer):
         """
         self._follow_params()
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        pairs = []  # (parameter, its saved index, its live step size)
-        for group, saved, step_sizes in zip(
-            self.param_groups, saved_groups, self._step_sizes, strict=True
-        ):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"loaded state dict has a group of {len(saved['params'])} parameters "
-                    f"where this optimizer has {len(group['params'])}"
-                )
-            for key in ("granularity", "parametrization"):
-                if saved.get(key, group[key]) != group[key]:
-                    raise ValueError(
-                        f"loaded state dict has {key}={saved[key]!r} "
-                        f"where this optimizer has {group[key]!r}"
-                    )
-            pairs += zip(group["params"], saved["params"], step_sizes, strict=True)
+        pairs = validate_state_dict(self.param_groups, self._step_sizes, state_dict)
         saved_state = state_dict["state"]
         saved_step_sizes = [saved_state.get(index, {}).get("step_size") for _, index, _ in pairs]
-        has_step_sizes = any(t is not None for t in saved_step_sizes)
-        for (_, index, s), saved in zip(pairs, saved_step_sizes, strict=True):
-            if has_step_sizes and saved is None:
-                raise ValueError(f"loaded state dict has no step size for parameter {index}")
-            if saved is not None and saved.shape != s.shape:
-                raise ValueError(
-                    f"loaded step size of parameter {index} has shape {tuple(saved.shape)}, "
-                    f"expected {tuple(s.shape)}"
-                )
         completed = [
             {**{k: v for k, v in group.items() if k != "params"}, **saved}
             for group, saved in zip(self.param_groups, saved_groups, strict=True)
