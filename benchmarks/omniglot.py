@@ -721,4 +721,8 @@ def tables(runs: list[dict]) -> tuple[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as error:
+        # Missing data is the user's next step, not a bug: the message, no traceback.
+        raise SystemExit(f"omniglot.py: error: {error}") from None

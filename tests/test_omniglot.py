@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
 import sys
 import zipfile
 import zlib
@@ -392,8 +393,6 @@ def test_cuda_run_trains_saves_and_reloads_on_the_device(tmp_path):
 
 
 def test_help_shows_every_default():
-    import subprocess
-
     out = subprocess.run(
         [sys.executable, str(BENCHMARKS / "omniglot.py"), "--help"], capture_output=True, text=True
     )
@@ -401,3 +400,14 @@ def test_help_shows_every_default():
     for option in ("--eval-only", "--data", "--download", "--val-fraction", "--augment"):
         assert option in out.stdout
     assert "(default: 2000)" in out.stdout and "(default: 0.15)" in out.stdout
+
+
+def test_missing_data_exits_with_the_instructions_not_a_traceback(tmp_path):
+    script = str(BENCHMARKS / "omniglot.py")
+    out = subprocess.run(
+        [sys.executable, script, "--data", str(tmp_path / "none"), "--quick"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "--download" in out.stderr and "brendenlake/omniglot" in out.stderr
