@@ -18,7 +18,9 @@ import io
 import math
 import os
 import zipfile
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -162,6 +164,98 @@ def load_set(data: Path, name: str, cache: Path) -> tuple[Tensor, list[str]]:
 
 def alphabet_of(character: str) -> str:
     return character.split("/")[0]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Split:
+    """Episodes of the training, validation and test characters, and their JSON record."""
+
+    train: Episodes
+    validation: Episodes | None
+    test: Episodes
+    record: dict
+
+
+def _summary(characters: list[str]) -> dict:
+    return {"characters": len(characters), "alphabets": dict(Counter(map(alphabet_of, characters)))}
+
+
+def load_split(
+    data: Path,
+    cache: Path,
+    train_sets: Sequence[str] | None,
+    test_set: str | None,
+    *,
+    val_fraction: float = 0.0,
+    val_alphabets: Sequence[str] | None = None,
+    seed: int = 0,
+    rotations: bool = True,
+    device: torch.device | str = "cpu",
+) -> Split:
+    """Training characters (the union of ``train_sets``), validation characters, test set.
+
+    Missing sets are those of :func:`default_split`. The test set loses every
+    character a training set holds; the validation characters are
+    :func:`validation_characters` of the training ones.
+    """
+    if not (train_sets and test_set):
+        default_train, default_test = default_split(data)
+        train_sets, test_set = train_sets or [default_train], test_set or default_test
+    if test_set in train_sets:
+        raise ValueError(f"Invalid test set: {test_set!r} is also a training set")
+    images: dict[str, Tensor] = {}
+    for name in train_sets:
+        set_images, chars = load_set(data, name, cache)
+        for char, drawings in zip(chars, set_images, strict=True):
+            images.setdefault(char, drawings)
+    test_images, test_chars = load_set(data, test_set, cache)
+    seen = [c for c in test_chars if c in images]
+    if len(seen) == len(test_chars):
+        raise ValueError(f"Invalid test set: every character of {test_set!r} is a training one")
+    validation = validation_characters(sorted(images), val_fraction, val_alphabets, seed)
+    held_out = set(validation)
+    train = [c for c in sorted(images) if c not in held_out]
+
+    def episodes(chars: list[str], source: dict[str, Tensor]) -> Episodes:
+        return Episodes(torch.stack([source[c] for c in chars]).to(device), chars, rotations)
+
+    test = [c for c in test_chars if c not in images]
+    record = {
+        "train": {"sets": list(train_sets), **_summary(train)},
+        "validation": {
+            "held_out": "alphabets" if val_alphabets else "random characters",
+            **_summary(validation),
+            "names": validation,
+        },
+        "test": {
+            "set": test_set,
+            **_summary(test),
+            "dropped": {"why": "also in a training set", **_summary(seen)},
+        },
+    }
+    return Split(
+        train=episodes(train, images),
+        validation=episodes(validation, images) if validation else None,
+        test=episodes(test, dict(zip(test_chars, test_images, strict=True))),
+        record=record,
+    )
+
+
+def validation_characters(
+    characters: list[str], fraction: float, alphabets: Sequence[str] | None, seed: int
+) -> list[str]:
+    """The held-out characters: whole ``alphabets`` if named, else a seeded random fraction."""
+    if alphabets:
+        unknown = sorted(set(alphabets) - set(map(alphabet_of, characters)))
+        if unknown:
+            raise ValueError(f"Invalid validation alphabet: {unknown[0]!r} is not a training one")
+        return [c for c in characters if alphabet_of(c) in alphabets]
+    n = round(fraction * len(characters))
+    order = torch.randperm(len(characters), generator=torch.Generator().manual_seed(seed))
+    return sorted(characters[i] for i in order[:n].tolist())
 
 
 # --------------------------------------------------------------------------- episodes

@@ -60,8 +60,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,11 +84,10 @@ from _omniglot_data import (
     SHA256,
     SPLITS,
     Episodes,
-    alphabet_of,
+    Split,
     augment,
-    default_split,
     download,
-    load_set,
+    load_split,
 )
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -115,77 +112,18 @@ PROTOCOLS = ("mixed", "within-alphabet")
 # --------------------------------------------------------------------------- data
 
 
-@dataclass
-class Split:
-    """Episodes of the three splits on the training device, and their JSON record."""
-
-    train: Episodes
-    validation: Episodes | None
-    test: Episodes
-    record: dict
-
-
-def _summary(characters: list[str]) -> dict:
-    return {"characters": len(characters), "alphabets": dict(Counter(map(alphabet_of, characters)))}
-
-
-def load_split(args: argparse.Namespace, device: torch.device) -> Split:
-    """Training characters (the union of ``--train-set``), validation characters, test set."""
-    train_sets, test_set = args.train_set, args.test_set
-    if not (train_sets and test_set):
-        default_train, default_test = default_split(args.data)
-        train_sets, test_set = train_sets or [default_train], test_set or default_test
-    if test_set in train_sets:
-        raise ValueError(f"Invalid test set: {test_set!r} is also a training set")
-    images: dict[str, Tensor] = {}
-    for name in train_sets:
-        set_images, chars = load_set(args.data, name, args.cache)
-        for char, drawings in zip(chars, set_images, strict=True):
-            images.setdefault(char, drawings)
-    test_images, test_chars = load_set(args.data, test_set, args.cache)
-    seen = [c for c in test_chars if c in images]
-    if len(seen) == len(test_chars):
-        raise ValueError(f"Invalid test set: every character of {test_set!r} is a training one")
-    validation = validation_characters(sorted(images), args)
-    held_out = set(validation)
-    train = [c for c in sorted(images) if c not in held_out]
-
-    def episodes(chars: list[str], source: dict[str, Tensor]) -> Episodes:
-        stacked = torch.stack([source[c] for c in chars]).to(device)
-        return Episodes(stacked, chars, rotations=not args.no_rotations)
-
-    test = [c for c in test_chars if c not in images]
-    record = {
-        "train": {"sets": list(train_sets), **_summary(train)},
-        "validation": {
-            "held_out": "alphabets" if args.val_alphabets else "random characters",
-            **_summary(validation),
-            "names": validation,
-        },
-        "test": {
-            "set": test_set,
-            **_summary(test),
-            "dropped": {"why": "also in a training set", **_summary(seen)},
-        },
-    }
-    return Split(
-        train=episodes(train, images),
-        validation=episodes(validation, images) if validation else None,
-        test=episodes(test, dict(zip(test_chars, test_images, strict=True))),
-        record=record,
+def split_from_args(args: argparse.Namespace, device: torch.device | str) -> Split:
+    return load_split(
+        args.data,
+        args.cache,
+        args.train_set,
+        args.test_set,
+        val_fraction=args.val_fraction,
+        val_alphabets=args.val_alphabets,
+        seed=args.seed,
+        rotations=not args.no_rotations,
+        device=device,
     )
-
-
-def validation_characters(characters: list[str], args: argparse.Namespace) -> list[str]:
-    """The held-out characters: whole alphabets if named, else a seeded random fraction."""
-    if args.val_alphabets:
-        unknown = sorted(set(args.val_alphabets) - set(map(alphabet_of, characters)))
-        if unknown:
-            raise ValueError(f"Invalid validation alphabet: {unknown[0]!r} is not a training one")
-        return [c for c in characters if alphabet_of(c) in args.val_alphabets]
-    n = round(args.val_fraction * len(characters))
-    order = torch.randperm(len(characters), generator=torch.Generator().manual_seed(args.seed))
-    return sorted(characters[i] for i in order[:n].tolist())
 
 
 # --------------------------------------------------------------------------- model
@@ -610,7 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, opt, config = load_checkpoint(args.load, device)
         args.train_set = args.train_set or config["train_set"]
         trained = [(config["method"], config["ways"], config["shots"], model, opt, {})]
-    split = load_split(args, device)
+    split = split_from_args(args, device)
     results: dict = {
         "config": plain_config(args),
         "environment": environment(),

@@ -159,7 +159,9 @@ def split_args(tmp_path: Path, *extra: str):
 def test_test_set_drops_the_characters_a_training_set_holds(tmp_path):
     fake_set(tmp_path, SMALL1, {"Greek": 3, "Balinese": 3})
     fake_set(tmp_path, SMALL2, {"Greek": 3, "Tagalog": 2})
-    split = omniglot.load_split(split_args(tmp_path, "--val-fraction", "0"), torch.device("cpu"))
+    split = omniglot.split_from_args(
+        split_args(tmp_path, "--val-fraction", "0"), torch.device("cpu")
+    )
     assert split.test.alphabets == ["Tagalog"] and split.test.n_classes == 2 * 4
     assert split.record["test"]["dropped"]["alphabets"] == {"Greek": 3}
     assert split.train.n_classes == 6 * 4 and split.validation is None
@@ -170,13 +172,13 @@ def test_several_training_sets_are_joined_without_duplicate_characters(tmp_path)
     fake_set(tmp_path, SMALL2, {"Greek": 3, "Tagalog": 2})
     fake_set(tmp_path, "images_evaluation", {"Angelic": 2})
     args = split_args(tmp_path, "--train-set", SMALL1, SMALL2, "--test-set", "images_evaluation")
-    split = omniglot.load_split(args, torch.device("cpu"))
+    split = omniglot.split_from_args(args, torch.device("cpu"))
     assert split.record["train"]["sets"] == [SMALL1, SMALL2]
     together = split.record["train"]["characters"] + split.record["validation"]["characters"]
     assert together == 3 + 3 + 2
     assert split.test.alphabets == ["Angelic"]
     with pytest.raises(ValueError, match="Invalid test set"):
-        omniglot.load_split(
+        omniglot.split_from_args(
             split_args(tmp_path, "--train-set", SMALL1, SMALL2, "--test-set", SMALL2), "cpu"
         )
 
@@ -184,7 +186,7 @@ def test_several_training_sets_are_joined_without_duplicate_characters(tmp_path)
 def test_validation_holds_out_named_alphabets_or_a_seeded_fraction(tmp_path):
     fake_set(tmp_path, SMALL1, {"Greek": 4, "Balinese": 4, "Latin": 2}, drawings=2)
     fake_set(tmp_path, SMALL2, {"Tagalog": 2}, drawings=2)
-    split = omniglot.load_split(split_args(tmp_path, "--val-alphabets", "Latin"), "cpu")
+    split = omniglot.split_from_args(split_args(tmp_path, "--val-alphabets", "Latin"), "cpu")
     assert split.record["validation"]["alphabets"] == {"Latin": 2}
     assert split.validation.alphabets == ["Latin"] and "Latin" not in split.train.alphabets
     chars = [
@@ -192,13 +194,13 @@ def test_validation_holds_out_named_alphabets_or_a_seeded_fraction(tmp_path):
     ]
     chars += ["Latin/character01", "Latin/character02"]
     args = split_args(tmp_path, "--val-fraction", "0.3")
-    held = omniglot.validation_characters(sorted(chars), args)
-    assert len(held) == 3 and held == omniglot.validation_characters(sorted(chars), args)
-    split = omniglot.load_split(args, "cpu")
+    held = data.validation_characters(sorted(chars), 0.3, None, seed=0)
+    assert len(held) == 3 and held == data.validation_characters(sorted(chars), 0.3, None, 0)
+    split = omniglot.split_from_args(args, "cpu")
     assert split.record["validation"]["names"] == held
     assert split.train.n_classes == (10 - 3) * 4
     with pytest.raises(ValueError, match="Invalid validation alphabet: 'Klingon'"):
-        omniglot.load_split(split_args(tmp_path, "--val-alphabets", "Klingon"), "cpu")
+        omniglot.split_from_args(split_args(tmp_path, "--val-alphabets", "Klingon"), "cpu")
 
 
 # --------------------------------------------------------------------------- episodes
