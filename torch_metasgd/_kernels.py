@@ -287,12 +287,18 @@ def _single_tensor_metasgd(
     params, grads, momentum_buffers, step_sizes, rule: _StepRule, keep_directions: bool
 ) -> list[Tensor] | None:
     folds = rule.folds_into_lr
+    # Without momentum, weight decay or maximize the direction is the gradient:
+    # no call per tensor (a third of a small tensor's step on CPU).
+    plain = not (rule.options.momentum or rule.options.weight_decay or rule.options.maximize)
     directions = [] if keep_directions else None
     for i, (param, grad, s) in enumerate(zip(params, grads, step_sizes, strict=True)):
-        buf = momentum_buffers[i] if momentum_buffers else None
-        d, buf = sgd_direction(param, grad, buf, *rule.options, IN_PLACE)
-        if buf is not None:
-            momentum_buffers[i] = buf
+        if plain:
+            d = grad
+        else:
+            buf = momentum_buffers[i] if momentum_buffers else None
+            d, buf = sgd_direction(param, grad, buf, *rule.options, IN_PLACE)
+            if buf is not None:
+                momentum_buffers[i] = buf
         if keep_directions:
             directions.append(d.clone() if d is grad else d)
         if folds and not d.is_sparse:
