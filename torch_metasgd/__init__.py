@@ -1,6 +1,6 @@
 """Meta-SGD for PyTorch: learnable per-parameter step sizes (arXiv:1707.09835)."""
 
-from .batched import adapt, meta_loss
+from .batched import adapt, adapt_tasks, meta_loss
 from .differentiable import DifferentiableMetaSGD, inner_loop
 from .distributed import MetaLearner, average_gradients
 from .lookahead import LookAhead
@@ -12,6 +12,7 @@ __all__ = [
     "inner_loop",
     "meta_loss",
     "adapt",
+    "adapt_tasks",
     "LookAhead",
     "MetaLearner",
     "average_gradients",
