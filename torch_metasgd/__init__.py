@@ -5,6 +5,7 @@ from .differentiable import DifferentiableMetaSGD, inner_loop
 from .distributed import MetaLearner, average_gradients
 from .lookahead import LookAhead
 from .optimizer import MetaSGD
+from .reptile import reptile_loss
 
 __all__ = [
     "MetaSGD",
@@ -13,6 +14,7 @@ __all__ = [
     "meta_loss",
     "adapt",
     "adapt_tasks",
+    "reptile_loss",
     "LookAhead",
     "MetaLearner",
     "average_gradients",
