@@ -68,6 +68,8 @@ def meta_train(
     steps: int,
     log_every: int,
     desc: str,
+    first_order: bool = False,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Meta-train with :func:`torch_metasgd.meta_loss`; ``sample()`` gives a meta-batch.
 
@@ -76,12 +78,13 @@ def meta_train(
     averages the gradients of the weights and the step sizes: the outer step is
     that of one process with the whole meta-batch.
 
-    Returns ``{"train_seconds", "curve", "ranks_identical"}``, the curve as
+    ``after_step(i)`` runs after the ``i``-th outer step (``i`` from 1): lr
+    schedules, validation. Returns ``{"train_seconds", "curve", "ranks_identical"}``, the curve as
     ``(iteration, mean meta-loss since the last point)``. The loss is read back
     once per curve point, not every iteration: on a GPU a read is a
     synchronisation.
     """
-    learner: nn.Module = MetaLearner(model, opt, loss_fn, steps=steps)
+    learner: nn.Module = MetaLearner(model, opt, loss_fn, steps=steps, first_order=first_order)
     if dist.is_initialized():
         learner = DistributedDataParallel(learner)
     curve: list[tuple[int, float]] = []
@@ -96,6 +99,8 @@ def meta_train(
         outer.zero_grad()
         loss.backward()
         outer.step()
+        if after_step is not None:
+            after_step(it + 1)
         running, count = running + loss.detach(), count + 1
         if count == log_every or it == iterations - 1:
             curve.append((it + 1, mean_over_ranks(running) / count))

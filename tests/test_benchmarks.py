@@ -45,6 +45,41 @@ def test_format_table_aligns_columns():
     assert table[2] == "| xxxx | y   |"
 
 
+def test_meta_train_passes_first_order_and_calls_after_step_after_each_outer_step(monkeypatch):
+    model = torch.nn.Linear(2, 1)
+    opt = _common.inner_optimizer("metasgd", model, 0.4, seed=0)
+    outer = torch.optim.SGD(_common.outer_parameters("metasgd", model, opt), lr=0.1)
+    seen = []
+    real = torch_metasgd.distributed.meta_loss
+
+    def recording(*args, **kwargs):
+        seen.append(("loss", kwargs["first_order"]))
+        return real(*args, **kwargs)
+
+    def after_step(it):
+        # Called after the step: the weights have already moved.
+        seen.append(("after", it, not torch.equal(model.weight, start)))
+
+    start = model.weight.detach().clone()
+    monkeypatch.setattr(torch_metasgd.distributed, "meta_loss", recording)
+    batch = (torch.randn(2, 3, 2), torch.randn(2, 3, 1))
+    log = _common.meta_train(
+        model,
+        opt,
+        outer,
+        lambda: (batch, batch),
+        torch.nn.functional.mse_loss,
+        iterations=2,
+        steps=1,
+        log_every=1,
+        desc="test",
+        first_order=True,
+        after_step=after_step,
+    )
+    assert seen == [("loss", True), ("after", 1, True), ("loss", True), ("after", 2, True)]
+    assert [it for it, _ in log["curve"]] == [1, 2]
+
+
 # --------------------------------------------------------------------------- sinusoid
 
 
