@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
-from torch_metasgd import MetaSGD, adapt_tasks, meta_loss, reptile_loss
+from torch_metasgd import MetaSGD, ReptileLearner, adapt_tasks, meta_loss, reptile_loss
 
 STRATEGIES = ["loop", "vmap", "grouped"]
 mse = nn.functional.mse_loss
@@ -250,6 +250,20 @@ def test_inside_no_grad_returns_the_loss_alone_and_leaves_every_grad():
     assert all(t.grad is None for t in [*model.parameters(), *opt.meta_parameters()])
 
 
+def test_frozen_step_sizes_get_no_gradient_and_change_nothing_else():
+    support, query = _tasks(seed=16), _tasks(seed=17)
+    grads = {}
+    for frozen in (False, True):
+        model, opt = _make(dict(lr=0.05), False, False)
+        for s in opt.meta_parameters():
+            s.requires_grad_(not frozen)
+        reptile_loss(model, opt, mse, support, query, steps=2).backward()
+        grads[frozen] = [p.grad for p in model.parameters()]
+        assert all((s.grad is None) == frozen for s in opt.meta_parameters())
+    for a, b in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_backward_under_any_outer_optimizer_accumulates_like_a_gradient():
     model = _mlp()
     opt = MetaSGD(model.parameters(), lr=0.1)
@@ -294,23 +308,30 @@ def test_invalid_support_raises():
         reptile_loss(model, torch.optim.SGD(model.parameters(), lr=0.1), mse, (x, y))
 
 
-class _ReptileModule(nn.Module):
-    """What DDP wraps: the network and its step sizes registered, reptile_loss as forward."""
+def _reptile_learner() -> ReptileLearner:
+    """The network and its step sizes as one module (learned step sizes, a query set)."""
+    net = _mlp()
+    opt = MetaSGD(net.parameters(), lr=0.1)
+    opt.uniform_step_sizes_(0.02, 0.2, generator=torch.Generator().manual_seed(11))
+    return ReptileLearner(net, opt, mse, steps=3)
 
-    def __init__(self):
-        super().__init__()
-        self.net = _mlp()
-        self.opt = MetaSGD(self.net.parameters(), lr=0.1)
-        self.opt.uniform_step_sizes_(0.02, 0.2, generator=torch.Generator().manual_seed(11))
-        self.step_sizes = nn.ParameterList(self.opt.meta_parameters())
 
-    def forward(self, support, query):
-        return reptile_loss(self.net, self.opt, mse, support, query, steps=3)
+def test_reptile_learner_is_reptile_loss_with_the_step_sizes_registered():
+    learner = _reptile_learner()
+    support, query = _tasks(seed=18), _tasks(seed=19)
+    params = list(learner.parameters())
+    assert params == [*learner.model.parameters(), *learner.opt.meta_parameters()]
+    expected = reptile_loss(learner.model, learner.opt, mse, support, query, steps=3)
+    expected_grads = torch.autograd.grad(expected, params)
+    loss = learner(support, query)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    for g, e in zip(torch.autograd.grad(loss, params), expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
 def _ddp_worker(rank: int, world: int, path: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    model = DistributedDataParallel(_ReptileModule())
+    model = DistributedDataParallel(_reptile_learner())
     support, query = _tasks(4, seed=12), _tasks(4, seed=13)
     mine = slice(2 * rank, 2 * rank + 2)
     model((support[0][mine], support[1][mine]), (query[0][mine], query[1][mine])).backward()
@@ -326,7 +347,7 @@ def test_distributed_data_parallel_averages_to_the_reptile_direction_of_all_task
     path = str(tmp_path / "rendezvous")
     mp.spawn(_ddp_worker, args=(2, path), nprocs=2)
     averaged = torch.load(f"{path}.grads", weights_only=True)
-    single = _ReptileModule()
+    single = _reptile_learner()
     single(_tasks(4, seed=12), _tasks(4, seed=13)).backward()
     for p, g in zip(single.parameters(), averaged, strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-15)

@@ -5,7 +5,7 @@ from .differentiable import DifferentiableMetaSGD, inner_loop
 from .distributed import MetaLearner, average_gradients
 from .lookahead import LookAhead
 from .optimizer import MetaSGD
-from .reptile import reptile_loss
+from .reptile import ReptileLearner, reptile_loss
 
 __all__ = [
     "MetaSGD",
@@ -15,6 +15,7 @@ __all__ = [
     "adapt",
     "adapt_tasks",
     "reptile_loss",
+    "ReptileLearner",
     "LookAhead",
     "MetaLearner",
     "average_gradients",

@@ -17,12 +17,15 @@ scalar whose ``.backward()`` leaves exactly the Reptile direction
 .. math::
     g_\theta = \theta - \frac{1}{T} \sum_t \theta_t^{(k)}
 
-in ``theta.grad``, so ``torch.optim.SGD(model.parameters(), lr=epsilon)`` is
+in ``theta.grad``: it is :math:`L + \sum_p \langle p - \operatorname{stopgrad}(p), g_p\rangle`,
+whose value is the loss :math:`L` reported and whose gradient is exactly
+:math:`g_p`. So ``torch.optim.SGD(model.parameters(), lr=epsilon)`` is
 the paper's update, and any other outer optimizer (Adam, a scheduler, gradient
 clipping) takes :math:`g_\theta` as a gradient, as the paper suggests. Because
 it is an ordinary backward pass into the model's parameters, gradient hooks
 fire as usual: computed in the forward of a ``DistributedDataParallel``
-module, the directions are averaged over processes like any gradient.
+module (:class:`ReptileLearner`), the directions are averaged over processes
+like any gradient.
 
 The step sizes get the exact first-order meta-gradient of the query loss at
 the adapted weights, the one :func:`torch_metasgd.meta_loss` gives them with
@@ -45,9 +48,10 @@ from torch import Tensor, nn
 
 from . import batched
 from ._checks import require_steps, require_tasks, scalar_loss
+from .distributed import MetaLearner
 from .optimizer import MetaSGD
 
-__all__ = ["reptile_loss"]
+__all__ = ["reptile_loss", "ReptileLearner"]
 
 
 def reptile_loss(
@@ -110,8 +114,7 @@ def reptile_loss(
     """
     require_steps(steps)
     n_tasks = require_tasks(support, query)
-    strategy = batched._resolve_strategy(model, strategy, support[0].device)
-    adapt_all, losses = batched._STRATEGIES[strategy]
+    adapt_all, losses = batched._strategy(model, strategy, support[0].device)
     loss_fn = scalar_loss(loss_fn)
     scored = tuple(support if query is None else query)
     evaluation = not torch.is_grad_enabled()
@@ -140,3 +143,49 @@ def reptile_loss(
         if g is not None:
             surrogate = surrogate + ((p - p.detach()) * g).sum()
     return surrogate
+
+
+class ReptileLearner(MetaLearner):
+    r"""A :class:`~torch_metasgd.MetaLearner` whose forward is :func:`reptile_loss`.
+
+    ``DistributedDataParallel(ReptileLearner(model, opt, loss_fn))`` averages
+    the ranks' Reptile directions (and the step sizes' gradients): with the
+    same number of tasks on every rank, the direction of one process with all
+    of them. The step sizes are parameters of the module; without a query set
+    they get no gradient, so freeze them (``requires_grad_(False)``) or pass
+    ``find_unused_parameters=True`` to DDP. Parameters the optimizer does not
+    hold get no gradient either.
+
+    Args:
+        model, opt, loss_fn: as in :func:`reptile_loss`.
+        steps, strategy: as in :func:`reptile_loss` (defaults: 5, "auto").
+
+    Example (``torchrun --nproc_per_node=2 train.py``)::
+
+        learner = DistributedDataParallel(ReptileLearner(model, opt, F.mse_loss))
+        outer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss = learner(support, query)  # this rank's tasks
+        outer.zero_grad()
+        loss.backward()  # theta.grad: the Reptile direction over every rank's tasks
+        outer.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: MetaSGD,
+        loss_fn: batched.LossFn,
+        *,
+        steps: int = 5,
+        strategy: str = "auto",
+    ) -> None:
+        super().__init__(model, opt, loss_fn, steps=steps, strategy=strategy)
+
+    def forward(
+        self, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """:func:`reptile_loss` of the tasks given."""
+        steps, strategy = self.options["steps"], self.options["strategy"]
+        return reptile_loss(
+            self.model, self.opt, self.loss_fn, support, query, steps=steps, strategy=strategy
+        )
