@@ -1,4 +1,4 @@
-"""Few-shot Omniglot classification (Meta-SGD paper, Section 4.2, Table 2): MAML vs Meta-SGD.
+"""Few-shot Omniglot classification (Meta-SGD paper, Section 4.2, Table 2): four meta-learners.
 
 Data: ``--data`` is a folder of Omniglot archives (zips, or the folders they
 extract to). Meta-training draws its classes from one set, testing from
@@ -23,13 +23,23 @@ images, for training and testing alike.
   for 20-way): ``MetaSGD(lr=alpha, granularity="group")`` whose step size
   the outer optimizer does not learn;
 * ``metasgd``: elementwise step sizes, ``MetaSGD(lr=1.0)`` with ``alpha``
-  drawn from ``U[0.005, 0.1]`` and learned with the initialization.
+  drawn from ``U[0.005, 0.1]`` and learned with the initialization;
+* ``fomaml``: MAML without second derivatives (``first_order=True``);
+* ``reptile``: :func:`torch_metasgd.reptile_loss`, ``--reptile-steps`` (5, the
+  paper's) inner SGD steps of MAML's size (``--reptile-alpha``) on the support
+  images, in training and testing; the query images give the loss logged.
+  (The paper's inner optimizer is Adam; of the SGD steps 0.05, 0.1 and 0.4,
+  0.4 did best on training-set episodes at 5-way 1-shot.)
 
-Meta-training: Adam (lr 1e-3) on :func:`torch_metasgd.meta_loss`, meta-batches
-of ``--meta-batch`` episodes with ``--query`` query images per class.
-Testing: ``--eval-episodes`` episodes (the same for every method), each with
+Meta-training: Adam (lr 1e-3) on :func:`torch_metasgd.meta_loss` (Reptile:
+on :func:`torch_metasgd.reptile_loss`), meta-batches of ``--meta-batch``
+episodes with ``--query`` query images per class. Testing:
+``--eval-episodes`` episodes (the same for every method), each with
 ``--eval-query`` query images per class; the table gives the mean accuracy
-and its 95% confidence interval.
+and its 95% confidence interval. Cost per method: the median time of a
+meta-iteration (the methods interleaved) and the peak memory of three
+meta-iterations (CPU: peak RSS growth in a fresh process; CUDA:
+``torch.cuda.max_memory_allocated``).
 
 Under torchrun every meta-batch's episodes are split over the processes (DDP,
 gloo on CPU, NCCL on CUDA): the same training as one process, up to float
@@ -56,16 +66,22 @@ from _common import (
     LABELS,
     METHODS,
     REPO,
+    Learner,
+    add_cost_arguments,
+    add_method_arguments,
+    build_learner,
+    cost_cell,
     device_of,
     environment,
     format_table,
     inner_optimizer,
     launch,
     mean_ci95,
-    meta_train,
-    outer_parameters,
+    method_costs,
+    peak_memory_mib,
     rank,
     seed_everything,
+    train_learner,
     world_size,
     write_json,
 )
@@ -249,29 +265,57 @@ def train(
     episodes: Episodes,
     args: argparse.Namespace,
     device: torch.device,
-) -> tuple[nn.Module, MetaSGD, dict]:
-    model, opt = make_learner(method, ways, maml_alpha(args, ways), args.seed)
-    model.to(device)
-    outer = torch.optim.Adam(outer_parameters(method, model, opt), lr=args.meta_lr)
-    # Same episode stream for both methods at a given (N, K).
+) -> tuple[Learner, dict]:
+    trained = learner(method, ways, args, device)
+    log = train_learner(
+        trained,
+        episode_stream(ways, shots, episodes, args, device),
+        F.cross_entropy,
+        iterations=args.iterations,
+        log_every=args.log_every,
+        desc=f"{LABELS[method]:8s} {ways}w{shots}s",
+    )
+    return trained, log
+
+
+def learner(method: str, ways: int, args: argparse.Namespace, device: torch.device) -> Learner:
+    """The model and its optimizers, from the same initialization for every method."""
+    torch.manual_seed(args.seed)
+    return build_learner(
+        method,
+        make_model(ways).to(device),
+        args,
+        loss_fn=F.cross_entropy,
+        maml_alpha=maml_alpha(args, ways),
+        steps=args.steps,
+        meta_lr=args.meta_lr,
+        seed=args.seed,
+    )
+
+
+def episode_stream(ways, shots, episodes: Episodes, args, device):
+    """``sample()``: meta-batches from the episode stream every method trains on at (N, K)."""
     gen = torch.Generator().manual_seed(args.seed * 1000 + ways * 10 + shots)
 
     def sample() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         (xs, ys), (xq, yq) = episodes.sample(args.meta_batch, ways, shots, args.query, gen)
         return (xs.to(device), ys.to(device)), (xq.to(device), yq.to(device))
 
-    log = meta_train(
-        model,
-        opt,
-        outer,
-        sample,
-        F.cross_entropy,
-        iterations=args.iterations,
-        steps=args.steps,
-        log_every=args.log_every,
-        desc=f"{LABELS[method]:8s} {ways}w{shots}s",
+    return sample
+
+
+def peak_memory(method: str, ways: int, shots: int, args: argparse.Namespace) -> float:
+    """Peak extra memory (MiB) of three meta-iterations of a fresh learner (CPU: run it fresh)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = device_of(args.device)
+    train_name, _ = split_names(args)
+    episodes = Episodes(
+        load_set(args.data, train_name, args.cache)[0], rotations=not args.no_rotations
     )
-    return model, opt, log
+    trained = learner(method, ways, args, device)
+    sample = episode_stream(ways, shots, episodes, args, device)
+    return peak_memory_mib(lambda: [trained.step(*sample()) for _ in range(3)], device)
 
 
 def evaluate(
@@ -282,6 +326,7 @@ def evaluate(
     shots: int,
     args: argparse.Namespace,
     device: torch.device,
+    steps: int,
 ) -> Tensor:
     """Per-episode query accuracy (%) on ``args.eval_episodes`` seeded test episodes."""
     gen = torch.Generator().manual_seed(10_000_019 + args.seed * 1000 + ways * 10 + shots)
@@ -295,13 +340,56 @@ def evaluate(
             F.cross_entropy,
             xs[0].to(device),
             ys[0].to(device),
-            steps=args.steps,
+            steps=steps,
             first_order=True,
         )
         with torch.no_grad():
             pred = functional_call(model, fast, (xq[0].to(device),)).argmax(1)
         accs.append(100.0 * (pred.cpu() == yq[0]).float().mean().item())
     return torch.tensor(accs)
+
+
+def split_names(args: argparse.Namespace) -> tuple[str, str]:
+    """The (train, test) sets: ``--train-set``/``--test-set``, else the default split."""
+    train_name, test_name = (
+        default_split(args.data) if not (args.train_set and args.test_set) else (None, None)
+    )
+    return args.train_set or train_name, args.test_set or test_name
+
+
+def tables(runs: list[dict]) -> tuple[str, str]:
+    """The accuracy table (with the paper's figures) and the cost table."""
+    configs = sorted({(r["ways"], r["shots"]) for r in runs})
+    header = ["Method", "inner steps", *(f"{n}-way {k}-shot" for n, k in configs)]
+    cost_header = ["Method", *(f"{n}w{k}s: {unit}" for n, k in configs for unit in ("ms", "MiB"))]
+    rows, cost_rows = [], []
+    for method in METHODS:
+        mine = {(r["ways"], r["shots"]): r for r in runs if r["method"] == method}
+        if not mine:
+            continue
+        if method in PAPER:
+            paper = [
+                f"{PAPER[method][c][0]} ± {PAPER[method][c][1]}" if c in PAPER[method] else "-"
+                for c in configs
+            ]
+            rows.append([f"{LABELS[method]} (paper)", "1", *paper])
+        ours = [
+            f"{mine[c]['accuracy']:.2f} ± {mine[c]['ci95']:.2f}" if c in mine else "-"
+            for c in configs
+        ]
+        steps = str(next(iter(mine.values()))["steps"])
+        rows.append([f"{LABELS[method]} (this run)", steps, *ours])
+        cost_rows.append(
+            [
+                LABELS[method],
+                *(
+                    cost_cell(mine[c].get(key, float("nan"))) if c in mine else "-"
+                    for c in configs
+                    for key in ("ms_per_iteration", "peak_memory_mib")
+                ),
+            ]
+        )
+    return format_table(header, rows), format_table(cost_header, cost_rows)
 
 
 def maml_alpha(args: argparse.Namespace, ways: int) -> float:
@@ -344,6 +432,8 @@ def plot(results: dict, path: Path) -> None:
     runs = results["runs"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for run in runs:
+        if not run["curve"]:  # --iterations 0: the untrained initialization
+            continue
         it, loss = zip(*run["curve"], strict=True)
         axes[0].plot(
             it, loss, label=f"{LABELS[run['method']]} {run['ways']}-way {run['shots']}-shot"
@@ -364,7 +454,8 @@ def plot(results: dict, path: Path) -> None:
             axes[1].set_xticks(range(len(names)), names, rotation=60, fontsize=6)
     axes[1].set_yscale("log")
     axes[1].set_title("Meta-SGD: mean |learned step size| per tensor")
-    axes[1].legend(fontsize=7)
+    if any(run["method"] == "metasgd" for run in runs):
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -397,9 +488,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", type=Path, default=REPO / "results" / "omniglot_cache")
     parser.add_argument("--ways", type=int, nargs="+", default=[5, 20], help="N (default: 5 20)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="K (default: 1 5)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    add_method_arguments(parser, reptile_alpha=None)
     parser.add_argument(
-        "--iterations", type=int, default=2000, help="meta-iterations per model (default: 2000)"
+        "--iterations",
+        type=int,
+        default=2000,
+        help="meta-iterations per model; 0 tests the initialization (default: 2000)",
     )
     parser.add_argument(
         "--meta-batch", type=int, default=4, help="episodes per meta-iteration (default: 4)"
@@ -433,6 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch CPU threads, 0 for torch's default (default: 1)",
     )
     parser.add_argument("--log-every", type=int, default=25)
+    add_cost_arguments(parser, timing_rounds=10, calls=1)
     parser.add_argument("--save", type=Path, help="checkpoint path (one file per run when several)")
     parser.add_argument("--load", type=Path, help="checkpoint to evaluate (with --eval-only)")
     parser.add_argument("--eval-only", action="store_true", help="only test the --load checkpoint")
@@ -459,10 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = launch(device_of(args.device))
     seed_everything(args.seed)
 
-    train_name, test_name = (
-        default_split(args.data) if not (args.train_set and args.test_set) else (None, None)
-    )
-    train_name, test_name = args.train_set or train_name, args.test_set or test_name
+    train_name, test_name = split_names(args)
     test_set = Episodes(
         load_set(args.data, test_name, args.cache)[0], rotations=not args.no_rotations
     )
@@ -477,55 +569,69 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     if args.eval_only:
         model, opt, config = load_checkpoint(args.load, device)
-        runs = [
-            (
-                config["method"],
-                config["ways"],
-                config["shots"],
-                model,
-                opt,
-                {"train_seconds": 0.0, "curve": []},
-            )
-        ]
+        steps = config["reptile_steps"] if config["method"] == "reptile" else config["steps"]
+        log = {"train_seconds": 0.0, "curve": []}
+        runs = [(config["method"], config["ways"], config["shots"], model, opt, steps, log)]
+        run_costs = {}
     else:
         train_set = Episodes(
             load_set(args.data, train_name, args.cache)[0], rotations=not args.no_rotations
         )
-        runs = []
+        runs, run_costs = [], {}
         several = len(args.ways) * len(args.shots) * len(args.methods) > 1
         for ways in args.ways:
             for shots in args.shots:
+                learners = {}
                 for method in args.methods:
-                    model, opt, log = train(method, ways, shots, train_set, args, device)
+                    trained, log = train(method, ways, shots, train_set, args, device)
                     results["ranks_identical"] &= log["ranks_identical"]
                     if rank() != 0:
                         continue  # testing, printing and files: rank 0 only
-                    runs.append((method, ways, shots, model, opt, log))
+                    learners[method] = trained
+                    model, opt = trained.model, trained.opt
+                    runs.append((method, ways, shots, model, opt, trained.steps, log))
                     if args.save:
+                        # The inner step: MAML's, Reptile's or Meta-SGD's lr.
+                        alpha = opt.param_groups[0]["lr"]
                         config = {
                             **plain_config(args),
                             "method": method,
                             "ways": ways,
                             "shots": shots,
-                            "alpha": maml_alpha(args, ways),
+                            "alpha": alpha,
                         }
                         save_checkpoint(
                             save_path(args.save, method, ways, shots, several), model, opt, config
                         )
+                if rank() != 0:
+                    continue
+                costs = method_costs(
+                    learners,
+                    episode_stream(ways, shots, train_set, args, device),
+                    device,
+                    rounds=args.timing_rounds,
+                    calls=args.timing_calls,
+                    probe=None if args.no_memory else peak_memory,
+                    probe_args=(ways, shots, args),
+                )
+                for method, c in costs.items():
+                    run_costs[(method, ways, shots)] = c
     if rank() != 0:
         return results
-    for method, ways, shots, model, opt, log in runs:
-        accs = evaluate(model, opt, test_set, ways, shots, args, device)
+    for method, ways, shots, model, opt, steps, log in runs:
+        accs = evaluate(model, opt, test_set, ways, shots, args, device, steps)
         mean, ci = mean_ci95(accs)
         results["runs"].append(
             {
                 "method": method,
                 "ways": ways,
                 "shots": shots,
+                "steps": steps,
                 "accuracy": mean,
                 "ci95": ci,
                 "step_sizes": step_size_summary(model, opt),
                 **log,
+                **run_costs.get((method, ways, shots), {}),
             }
         )
         print(
@@ -534,23 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     results["wall_seconds"] = time.perf_counter() - start
 
-    configs = sorted({(r["ways"], r["shots"]) for r in results["runs"]})
-    header = ["Method", *(f"{n}-way {k}-shot" for n, k in configs)]
-    rows = []
-    for method in METHODS:
-        mine = {(r["ways"], r["shots"]): r for r in results["runs"] if r["method"] == method}
-        if not mine:
-            continue
-        paper = [
-            f"{PAPER[method][c][0]} ± {PAPER[method][c][1]}" if c in PAPER[method] else "-"
-            for c in configs
-        ]
-        ours = [
-            f"{mine[c]['accuracy']:.2f} ± {mine[c]['ci95']:.2f}" if c in mine else "-"
-            for c in configs
-        ]
-        rows += [[f"{LABELS[method]} (paper)", *paper], [f"{LABELS[method]} (this run)", *ours]]
-    results["table"] = format_table(header, rows)
+    results["table"], results["cost_table"] = tables(results["runs"])
     budget = (
         "checkpoint"
         if args.eval_only
@@ -558,10 +648,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(
         f"\nOmniglot ({train_name} -> {test_name}), accuracy % ± 95% CI over "
-        f"{args.eval_episodes} test episodes, {args.steps} inner step(s), {budget}, "
+        f"{args.eval_episodes} test episodes, {budget}, "
         f"{results['wall_seconds']:.0f} s in all\n"
     )
     print(results["table"])
+    if not args.eval_only:
+        memory = "CUDA tensors" if device.type == "cuda" else "RSS, in a fresh process"
+        print(
+            "\nCost per meta-iteration: median ms (methods interleaved), peak extra memory in MiB "
+            f"over 3 meta-iterations ({memory})\n"
+        )
+        print(results["cost_table"])
     write_json(args.out / "omniglot.json", results)
     if not args.eval_only:
         plot(results, args.out / "omniglot.png")
