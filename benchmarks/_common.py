@@ -7,14 +7,19 @@ tasks over the ranks; everything else (testing, printing, files) is rank 0's.
 
 from __future__ import annotations
 
+import argparse
 import atexit
+import copy
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from torch_metasgd import MetaLearner, MetaSGD
+from torch_metasgd import MetaLearner, MetaSGD, ReptileLearner
 
 Batch = tuple[Tensor, Tensor]
 
@@ -36,15 +41,29 @@ Z95 = 1.959963984540054
 
 # The paper draws Meta-SGD's initial step sizes uniformly from this range.
 ALPHA_INIT = (0.005, 0.1)
-# The two few-shot learners every paper benchmark trains side by side.
-METHODS = ("maml", "metasgd")
-LABELS = {"maml": "MAML", "metasgd": "Meta-SGD"}
+# The few-shot learners every paper benchmark trains side by side: the paper's
+# two, and the first-order methods the field compares them with.
+METHODS = ("maml", "metasgd", "reptile", "fomaml")
+LABELS = {"maml": "MAML", "metasgd": "Meta-SGD", "reptile": "Reptile", "fomaml": "FOMAML"}
+# Reptile (arXiv:1803.02999): k = 5 inner steps (its Omniglot runs; its
+# sinusoid demo takes 5 minibatch steps per task). The paper's outer optimizer
+# is SGD with a step epsilon annealed linearly to 0 (1.0 in its batched
+# Omniglot runs) and it notes that Adam can take the Reptile direction as
+# well; the benchmarks default to Adam, as for the other methods: with
+# epsilon = 1 the 5-shot sinusoid training diverged (README).
+REPTILE_STEPS = 5
+REPTILE_OUTERS = ("adam", "sgd")
+REPTILE_EPSILON = 1.0
 
 
-def inner_optimizer(method: str, model: nn.Module, maml_alpha: float, seed: int) -> MetaSGD:
-    """MAML: a fixed scalar step ``maml_alpha``; Meta-SGD: elementwise steps in ALPHA_INIT."""
-    if method == "maml":
-        return MetaSGD(model.parameters(), lr=maml_alpha, granularity="group")
+def inner_optimizer(method: str, model: nn.Module, alpha: float, seed: int) -> MetaSGD:
+    """Meta-SGD: elementwise steps in ALPHA_INIT; the others: a fixed scalar step ``alpha``."""
+    if method in ("maml", "fomaml", "reptile"):
+        opt = MetaSGD(model.parameters(), lr=alpha, granularity="group")
+        # Fixed: no meta-gradient is computed for it.
+        for s in opt.meta_parameters():
+            s.requires_grad_(False)
+        return opt
     if method == "metasgd":
         opt = MetaSGD(model.parameters(), lr=1.0)
         return opt.uniform_step_sizes_(*ALPHA_INIT, generator=torch.Generator().manual_seed(seed))
@@ -52,9 +71,148 @@ def inner_optimizer(method: str, model: nn.Module, maml_alpha: float, seed: int)
 
 
 def outer_parameters(method: str, model: nn.Module, opt: MetaSGD) -> list[Tensor]:
-    """What the outer optimizer learns: MAML's step size stays fixed."""
+    """What the outer optimizer learns: only Meta-SGD learns its step sizes."""
     step_sizes = opt.meta_parameters() if method == "metasgd" else []
     return [*model.parameters(), *step_sizes]
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, *, reptile_alpha: float | None) -> None:
+    """``--methods`` and Reptile's own settings, with their defaults shown in ``--help``.
+
+    ``reptile_alpha=None``: Reptile's inner step defaults to MAML's.
+    """
+    alpha_default = "MAML's step" if reptile_alpha is None else reptile_alpha
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="learners, trained on the same tasks and budget (default: all four); fomaml is "
+        "MAML with first_order=True, reptile is torch_metasgd.reptile_loss",
+    )
+    parser.add_argument(
+        "--reptile-steps",
+        type=int,
+        default=REPTILE_STEPS,
+        help=f"Reptile's inner steps k, in training and testing (default: {REPTILE_STEPS}, "
+        "the paper's)",
+    )
+    parser.add_argument(
+        "--reptile-alpha",
+        type=float,
+        default=reptile_alpha,
+        help=f"Reptile's fixed inner SGD step (default: {alpha_default})",
+    )
+    parser.add_argument(
+        "--reptile-outer",
+        choices=REPTILE_OUTERS,
+        default="adam",
+        help="Reptile's outer optimizer: adam (the other methods' Adam and learning rate) or "
+        "sgd (the paper's: step --reptile-epsilon annealed linearly to 0) (default: adam)",
+    )
+    parser.add_argument(
+        "--reptile-epsilon",
+        type=float,
+        default=REPTILE_EPSILON,
+        help=f"Reptile's initial outer SGD step with --reptile-outer sgd (default: "
+        f"{REPTILE_EPSILON}, the paper's batched Omniglot setting)",
+    )
+
+
+def add_cost_arguments(parser: argparse.ArgumentParser, *, timing_rounds: int, calls: int) -> None:
+    """The options of what :func:`method_costs` measures: time and memory per method."""
+    parser.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=timing_rounds,
+        help="rounds in which every method runs --timing-calls meta-iterations, for the median "
+        f"time per meta-iteration (default: {timing_rounds})",
+    )
+    parser.add_argument(
+        "--timing-calls",
+        type=int,
+        default=calls,
+        help=f"meta-iterations per method and round (default: {calls})",
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory runs (a process each)"
+    )
+
+
+@dataclass
+class Learner:
+    """One method's model, inner-loop ``MetaSGD``, outer optimizer and inner steps."""
+
+    method: str
+    model: nn.Module
+    opt: MetaSGD
+    outer: torch.optim.Optimizer
+    steps: int  # inner steps, in meta-training and at test time
+    objective: nn.Module  # support, query -> the loss to backward (meta_learner)
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def step(self, support: Batch, query: Batch) -> Tensor:
+        """One meta-iteration without the schedule, for timing and memory; the loss, detached."""
+        loss = self.objective(support, query)
+        self.outer.zero_grad()
+        loss.backward()
+        self.outer.step()
+        return loss.detach()
+
+
+def build_learner(
+    method: str,
+    model: nn.Module,
+    args: argparse.Namespace,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    maml_alpha: float,
+    steps: int,
+    meta_lr: float,
+    seed: int,
+) -> Learner:
+    """MAML, FOMAML, Meta-SGD: ``steps`` inner steps, Adam(``meta_lr``) as outer optimizer.
+
+    Reptile: ``args.reptile_steps`` steps of ``args.reptile_alpha`` (if None,
+    ``maml_alpha``); outer Adam(``meta_lr``) on the weights, or with
+    ``args.reptile_outer == "sgd"`` SGD with step ``args.reptile_epsilon``
+    annealed linearly to 0 over ``args.iterations`` (see
+    :func:`add_method_arguments`).
+    """
+    if method == "reptile":
+        steps = args.reptile_steps
+        if args.reptile_alpha is not None:
+            maml_alpha = args.reptile_alpha
+    opt = inner_optimizer(method, model, maml_alpha, seed)
+    objective = meta_learner(method, model, opt, loss_fn, steps=steps)
+    if method != "reptile" or args.reptile_outer == "adam":
+        outer = torch.optim.Adam(outer_parameters(method, model, opt), lr=meta_lr)
+        return Learner(method, model, opt, outer, steps, objective)
+    outer = torch.optim.SGD(model.parameters(), lr=args.reptile_epsilon)
+    schedule = torch.optim.lr_scheduler.LinearLR(outer, 1.0, 0.0, max(args.iterations, 1))
+    return Learner(method, model, opt, outer, steps, objective, schedule)
+
+
+def meta_learner(
+    method: str,
+    model: nn.Module,
+    opt: MetaSGD,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    steps: int,
+    first_order: bool = False,
+) -> nn.Module:
+    """The module whose ``forward(support, query)`` is ``method``'s loss to backward.
+
+    MAML, Meta-SGD: :func:`torch_metasgd.meta_loss` (a ``MetaLearner``);
+    FOMAML: the same with ``first_order=True``; Reptile:
+    :func:`torch_metasgd.reptile_loss` (a ``ReptileLearner``), whose value is
+    the query loss after its inner steps. DDP can wrap either.
+    """
+    if method == "reptile":
+        return ReptileLearner(model, opt, loss_fn, steps=steps)
+    first_order = first_order or method == "fomaml"
+    return MetaLearner(model, opt, loss_fn, steps=steps, first_order=first_order)
 
 
 def meta_train(
@@ -68,9 +226,11 @@ def meta_train(
     steps: int,
     log_every: int,
     desc: str,
+    first_order: bool = False,
     after_step: Callable[[int], None] | None = None,
+    method: str = "maml",
 ) -> dict[str, Any]:
-    """Meta-train with :func:`torch_metasgd.meta_loss`; ``sample()`` gives a meta-batch.
+    """Meta-train ``method`` (:func:`meta_learner`); ``sample()`` gives a meta-batch.
 
     Under torchrun every rank samples the same meta-batch and meta-trains on
     its share of the tasks (:func:`shard`) in ``DistributedDataParallel``, which
@@ -83,7 +243,7 @@ def meta_train(
     last point)``. The loss is read back once per curve point, not every
     iteration: on a GPU a read is a synchronisation.
     """
-    learner: nn.Module = MetaLearner(model, opt, loss_fn, steps=steps)
+    learner = meta_learner(method, model, opt, loss_fn, steps=steps, first_order=first_order)
     if dist.is_initialized():
         learner = DistributedDataParallel(learner)
     curve: list[tuple[int, float]] = []
@@ -108,6 +268,35 @@ def meta_train(
     seconds = time.perf_counter() - start
     identical = ranks_identical([*model.parameters(), *opt.meta_parameters()])
     return {"train_seconds": seconds, "curve": curve, "ranks_identical": identical}
+
+
+def train_learner(
+    learner: Learner,
+    sample: Callable[[], tuple[Batch, Batch]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    after_step: Callable[[int], None] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`meta_train` of a :class:`Learner`; its schedule steps before ``after_step``."""
+
+    def step_schedule(it: int) -> None:
+        if learner.schedule is not None:
+            learner.schedule.step()
+        if after_step is not None:
+            after_step(it)
+
+    return meta_train(
+        learner.model,
+        learner.opt,
+        learner.outer,
+        sample,
+        loss_fn,
+        steps=learner.steps,
+        method=learner.method,
+        after_step=step_schedule,
+        **kwargs,
+    )
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -229,3 +418,105 @@ def ranks_identical(tensors: Iterable[Tensor]) -> bool:
     same = torch.tensor(int(torch.equal(mine, rank_0s)), device=mine.device)
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     return bool(same)
+
+
+# --------------------------------------------------------------------------- cost per method
+
+
+def _status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def peak_memory_mib(run: Callable[[], object], device: torch.device) -> float:
+    """The peak extra memory of ``run()`` in MiB.
+
+    CUDA: tensor memory, ``torch.cuda.max_memory_allocated`` over what was
+    allocated before. CPU (Linux): the growth of the peak resident set, VmHWM,
+    reset to the current RSS through /proc/self/clear_refs, as
+    ``benchmarks/speed.py`` measures it; memory this process freed earlier may
+    be reused without growing the RSS, so call it in a fresh process
+    (:func:`in_fresh_process`). NaN where neither is available.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        run()
+        return float("nan")
+    clear_refs.write_text("5")
+    before = _status_mib("VmRSS")
+    run()
+    return _status_mib("VmHWM") - before
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a new Python process (multiprocessing's spawn); ``fn`` importable."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def median_ms_interleaved(
+    runs: dict[str, Callable[[], object]], rounds: int, device: torch.device, calls: int = 1
+) -> dict[str, float]:
+    """Median wall time (ms) of a call of each ``runs[name]`` over ``rounds`` rounds.
+
+    Every round calls every name ``calls`` times (their mean is the round's
+    figure), one name after the other, after one warm-up round: load from
+    other jobs on a shared machine falls on all of them alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds + 1):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if r > 0:
+                times[name].append(1000 * (time.perf_counter() - start) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def method_costs(
+    learners: dict[str, Learner],
+    sample: Callable[[], tuple[Batch, Batch]],
+    device: torch.device,
+    *,
+    rounds: int,
+    calls: int = 1,
+    probe: Callable[..., float] | None = None,
+    probe_args: tuple = (),
+) -> dict[str, dict[str, float]]:
+    """Per method: ``ms_per_iteration`` and ``peak_memory_mib``.
+
+    The time is the median over ``rounds`` rounds of ``calls`` meta-iterations,
+    the methods interleaved, on copies of ``learners`` (which stay as they are). The
+    memory is ``probe(method, *probe_args)``, a function that builds a fresh
+    learner and returns :func:`peak_memory_mib` of a few meta-iterations: on
+    CPU it runs in a fresh process; NaN without a probe.
+    """
+    copies = {m: copy.deepcopy(learner) for m, learner in learners.items()}
+    runs = {m: (lambda c=c: c.step(*sample())) for m, c in copies.items()}
+    ms = median_ms_interleaved(runs, rounds, device, calls)
+    costs = {}
+    for m in learners:
+        memory = float("nan")
+        if probe is not None and device.type == "cuda":
+            memory = probe(m, *probe_args)
+        elif probe is not None:
+            memory = in_fresh_process(probe, m, *probe_args)
+        costs[m] = {"ms_per_iteration": ms[m], "peak_memory_mib": memory}
+    return costs
+
+
+def cost_cell(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}"

@@ -1,4 +1,4 @@
-"""Few-shot Omniglot classification (Meta-SGD paper, Section 4.2, Table 2): MAML vs Meta-SGD.
+"""Few-shot Omniglot classification (Meta-SGD paper, Section 4.2, Table 2): four meta-learners.
 
 Data (``--data``, see ``_omniglot_data.py``; ``--download`` fetches them):
 the official Omniglot archives. Meta-training draws its classes from one or
@@ -24,9 +24,16 @@ loop: ``--steps`` step(s) of cross-entropy on the N*K support images
   for 20-way): ``MetaSGD(lr=alpha, granularity="group")`` whose step size
   the outer optimizer does not learn;
 * ``metasgd``: elementwise step sizes, ``MetaSGD(lr=1.0)`` with ``alpha``
-  drawn from ``U[0.005, 0.1]`` and learned with the initialization.
+  drawn from ``U[0.005, 0.1]`` and learned with the initialization;
+* ``fomaml``: MAML without second derivatives (``first_order=True``);
+* ``reptile``: :func:`torch_metasgd.reptile_loss`, ``--reptile-steps`` (5, the
+  paper's) inner SGD steps of MAML's size (``--reptile-alpha``) on the support
+  images, in training and testing; the query images give the loss logged.
+  (The paper's inner optimizer is Adam; of the SGD steps 0.05, 0.1 and 0.4,
+  0.4 did best on training-set episodes at 5-way 1-shot.)
 
-Meta-training: Adam on :func:`torch_metasgd.meta_loss`, its learning rate
+Meta-training: Adam on :func:`torch_metasgd.meta_loss` (Reptile: on
+:func:`torch_metasgd.reptile_loss`), its learning rate
 ``--meta-lr`` annealed to 0 by a cosine (``--meta-lr-schedule``), with
 meta-batches of ``--meta-batch`` episodes and ``--query`` query images per
 class, drawn on the training device; ``--augment`` warps the training images
@@ -41,7 +48,10 @@ Testing: ``--eval-episodes`` episodes (the same for every method), each with
 ``--eval-query`` query images per class, with classes drawn from the whole
 test set ("mixed", the paper's protocol) and from one alphabet at a time
 ("within-alphabet", Lake et al.'s harder one); mean accuracy, its 95%
-confidence interval, and the accuracy per alphabet.
+confidence interval, and the accuracy per alphabet. Cost per method: the
+median time of a meta-iteration (the methods interleaved) and the peak memory
+of three meta-iterations (CPU: peak RSS growth in a fresh process; CUDA:
+``torch.cuda.max_memory_allocated``).
 
 Under torchrun every meta-batch's episodes are split over the processes (DDP,
 gloo on CPU, NCCL on CUDA): the same training as one process, up to float
@@ -67,16 +77,22 @@ from _common import (
     LABELS,
     METHODS,
     REPO,
+    Learner,
+    add_cost_arguments,
+    add_method_arguments,
+    build_learner,
+    cost_cell,
     device_of,
     environment,
     format_table,
     inner_optimizer,
     launch,
     mean_ci95,
-    meta_train,
-    outer_parameters,
+    method_costs,
+    peak_memory_mib,
     rank,
     seed_everything,
+    train_learner,
     world_size,
     write_json,
 )
@@ -256,22 +272,61 @@ class Validation:
 
 def train(
     method: str, ways: int, shots: int, split: Split, args: argparse.Namespace, device
-) -> tuple[nn.Module, MetaSGD, dict]:
-    model, opt = make_learner(method, ways, maml_alpha(args, ways), args.seed, device)
-    outer = torch.optim.Adam(outer_parameters(method, model, opt), lr=args.meta_lr)
-    schedule = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(outer, args.iterations)
-        if args.meta_lr_schedule == "cosine"
-        else None
-    )
-    # Same episode stream for every method at a given (N, K).
-    gen = torch.Generator(device).manual_seed(args.seed * 1000 + ways * 10 + shots)
+) -> tuple[Learner, dict]:
+    trained = learner(method, ways, args, device)
+    if trained.schedule is None and args.meta_lr_schedule == "cosine":
+        trained.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            trained.outer, max(args.iterations, 1)
+        )
     validation = None
     if split.validation is not None:
         draws = fixed_episodes(
             split.validation, args.val_episodes, ways, shots, args.eval_query, args.seed, "mixed"
         )
-        validation = Validation(model, opt, split.validation, draws, shots, eval_steps(args))
+        validation = Validation(
+            trained.model, trained.opt, split.validation, draws, shots, eval_steps(args, trained)
+        )
+
+    def after_step(it: int) -> None:
+        if validation is not None and (it % args.val_every == 0 or it == args.iterations):
+            validation(it)
+
+    log = train_learner(
+        trained,
+        episode_stream(ways, shots, split, args, device),
+        F.cross_entropy,
+        iterations=args.iterations,
+        log_every=args.log_every,
+        desc=f"{LABELS[method]:8s} {ways}w{shots}s",
+        after_step=after_step,
+    )
+    if validation is not None and validation.curve:
+        validation.restore_best()
+        log |= validation.log()
+        # Meta-training time alone; the validations' is val_seconds.
+        log["train_seconds"] -= validation.seconds
+    return trained, log
+
+
+def learner(method: str, ways: int, args: argparse.Namespace, device: torch.device) -> Learner:
+    """The model on ``device`` and its optimizers, from the same initialization for every method."""
+    torch.manual_seed(args.seed)
+    # On its device before the optimizer: its step sizes are created beside the parameters.
+    return build_learner(
+        method,
+        make_model(ways).to(device),
+        args,
+        loss_fn=F.cross_entropy,
+        maml_alpha=maml_alpha(args, ways),
+        steps=args.steps,
+        meta_lr=args.meta_lr,
+        seed=args.seed,
+    )
+
+
+def episode_stream(ways: int, shots: int, split: Split, args: argparse.Namespace, device):
+    """``sample()``: meta-batches of the episode stream every method trains on at (N, K)."""
+    gen = torch.Generator(device).manual_seed(args.seed * 1000 + ways * 10 + shots)
 
     def sample():
         draws = split.train.draw(
@@ -285,43 +340,37 @@ def train(
             )
         return support, query
 
-    def after_step(it: int) -> None:
-        if schedule is not None:
-            schedule.step()
-        if validation is not None and (it % args.val_every == 0 or it == args.iterations):
-            validation(it)
+    return sample
 
-    log = meta_train(
-        model,
-        opt,
-        outer,
-        sample,
-        F.cross_entropy,
-        iterations=args.iterations,
-        steps=args.steps,
-        log_every=args.log_every,
-        desc=f"{LABELS[method]:8s} {ways}w{shots}s",
-        after_step=after_step,
-    )
-    if validation is not None:
-        validation.restore_best()
-        log |= validation.log()
-        # Meta-training time alone; the validations' is val_seconds.
-        log["train_seconds"] -= validation.seconds
-    return model, opt, log
+
+def peak_memory(method: str, ways: int, shots: int, args: argparse.Namespace) -> float:
+    """Peak extra memory (MiB) of three meta-iterations of a fresh learner (CPU: run it fresh)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = device_of(args.device)
+    split = split_from_args(args, device)
+    trained = learner(method, ways, args, device)
+    sample = episode_stream(ways, shots, split, args, device)
+    return peak_memory_mib(lambda: [trained.step(*sample()) for _ in range(3)], device)
 
 
 def evaluate(
-    model: nn.Module, opt: MetaSGD, split: Split, ways: int, shots: int, args: argparse.Namespace
+    model: nn.Module,
+    opt: MetaSGD,
+    split: Split,
+    ways: int,
+    shots: int,
+    args: argparse.Namespace,
+    steps: int,
 ) -> dict:
-    """Accuracy on the test set under each protocol, and per alphabet."""
+    """Accuracy on the test set under each protocol, and per alphabet, adapting ``steps`` steps."""
     out = {}
     for i, protocol in enumerate(PROTOCOLS):
         seed = 10_000_019 + args.seed * 1000 + ways * 10 + shots + i
         draws = fixed_episodes(
             split.test, args.eval_episodes, ways, shots, args.eval_query, seed, protocol
         )
-        correct = query_correct(model, opt, split.test, draws, shots, eval_steps(args))
+        correct = query_correct(model, opt, split.test, draws, shots, steps)
         mean, ci = accuracy(correct)
         out[protocol] = {
             "accuracy": mean,
@@ -337,8 +386,9 @@ def maml_alpha(args: argparse.Namespace, ways: int) -> float:
     return 0.4 if ways <= 5 else 0.1
 
 
-def eval_steps(args: argparse.Namespace) -> int:
-    return args.test_steps or args.steps
+def eval_steps(args: argparse.Namespace, trained: Learner) -> int:
+    """Inner steps in validation and testing: ``--test-steps``, else the method's own."""
+    return args.test_steps or trained.steps
 
 
 # --------------------------------------------------------------------------- files
@@ -380,6 +430,8 @@ def plot(results: dict, path: Path) -> None:
     runs = results["runs"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
     for run in runs:
+        if not run["curve"]:  # --iterations 0: the untrained initialization
+            continue
         label = f"{LABELS[run['method']]} {run['ways']}-way {run['shots']}-shot"
         it, loss = zip(*run["curve"], strict=True)
         (line,) = axes[0].plot(it, loss, label=label)
@@ -472,8 +524,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--ways", type=int, nargs="+", default=[5, 20], help="N")
     add("--shots", type=int, nargs="+", default=[1, 5], help="K")
-    add("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="learners")
-    add("--iterations", type=int, default=2000, help="meta-iterations per model")
+    add_method_arguments(parser, reptile_alpha=None)
+    add("--iterations", type=int, default=2000, help="meta-iterations per model; 0 tests the init")
     add("--meta-batch", type=int, default=4, help="episodes per meta-iteration")
     add("--query", type=int, default=1, help="query images per class in training")
     add("--steps", type=int, default=1, help="inner steps in training")
@@ -522,6 +574,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a smoke run: 5-way 1-shot, 60 iterations of 2 episodes, 100 test episodes",
     )
     add("--out", type=Path, default=REPO / "results" / "omniglot", help="JSON and PNG folder")
+    add_cost_arguments(parser, timing_rounds=10, calls=1)
     args = parser.parse_args(argv)
     if args.quick:
         args.ways, args.shots, args.iterations, args.meta_batch = [5], [1], 60, 2
@@ -547,7 +600,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_only:
         model, opt, config = load_checkpoint(args.load, device)
         args.train_set = args.train_set or config["train_set"]
-        trained = [(config["method"], config["ways"], config["shots"], model, opt, {})]
+        steps = config["reptile_steps"] if config["method"] == "reptile" else config["steps"]
+        steps = args.test_steps or steps
+        trained = [(config["method"], config["ways"], config["shots"], model, opt, steps, {})]
     split = split_from_args(args, device)
     results: dict = {
         "config": plain_config(args),
@@ -558,17 +613,21 @@ def main(argv: list[str] | None = None) -> dict:
         "world_size": world_size(),
         "ranks_identical": True,
     }
+    costs: dict[tuple[str, int, int], dict] = {}
     if not args.eval_only:
         trained = []
         several = len(args.ways) * len(args.shots) * len(args.methods) > 1
         for ways in args.ways:
             for shots in args.shots:
+                learners = {}
                 for method in args.methods:
-                    model, opt, log = train(method, ways, shots, split, args, device)
+                    one, log = train(method, ways, shots, split, args, device)
                     results["ranks_identical"] &= log["ranks_identical"]
                     if rank() != 0:
                         continue  # testing, printing and files: rank 0 only
-                    trained.append((method, ways, shots, model, opt, log))
+                    learners[method] = one
+                    steps = eval_steps(args, one)
+                    trained.append((method, ways, shots, one.model, one.opt, steps, log))
                     if args.save:
                         config = {
                             **plain_config(args),
@@ -576,17 +635,32 @@ def main(argv: list[str] | None = None) -> dict:
                             "method": method,
                             "ways": ways,
                             "shots": shots,
-                            "alpha": maml_alpha(args, ways),
+                            # The inner step: MAML's, Reptile's, or Meta-SGD's lr.
+                            "alpha": one.opt.param_groups[0]["lr"],
                         }
                         path = save_path(args.save, method, ways, shots, several)
-                        save_checkpoint(path, model, opt, config)
+                        save_checkpoint(path, one.model, one.opt, config)
+                if rank() != 0:
+                    continue
+                measured = method_costs(
+                    learners,
+                    episode_stream(ways, shots, split, args, device),
+                    device,
+                    rounds=args.timing_rounds,
+                    calls=args.timing_calls,
+                    probe=None if args.no_memory else peak_memory,
+                    probe_args=(ways, shots, args),
+                )
+                for method, cost in measured.items():
+                    costs[(method, ways, shots)] = cost
     if rank() != 0:
         return results
-    for method, ways, shots, model, opt, log in trained:
-        scores = evaluate(model, opt, split, ways, shots, args)
-        run = {"method": method, "ways": ways, "shots": shots, **scores["mixed"]}
+    for method, ways, shots, model, opt, steps, log in trained:
+        scores = evaluate(model, opt, split, ways, shots, args, steps)
+        run = {"method": method, "ways": ways, "shots": shots, "steps": steps, **scores["mixed"]}
         run |= {"within_alphabet": scores["within-alphabet"]}
         run |= {"step_sizes": step_size_summary(model, opt), **log}
+        run |= costs.get((method, ways, shots), {})
         results["runs"].append(run)
         within = scores["within-alphabet"]
         line = (
@@ -599,7 +673,7 @@ def main(argv: list[str] | None = None) -> dict:
             line += f", {log['train_seconds']:.0f} s training"
         print(line)
     results["wall_seconds"] = time.perf_counter() - start
-    results["table"], results["per_alphabet_table"] = tables(results["runs"])
+    results["table"], results["per_alphabet_table"], results["cost_table"] = tables(results["runs"])
     budget = (
         "checkpoint"
         if args.eval_only
@@ -608,12 +682,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\nOmniglot ({' + '.join(results['split']['train']['sets'])} -> "
         f"{results['split']['test']['set']}), accuracy % ± 95% CI over {args.eval_episodes} "
-        f"test episodes, {eval_steps(args)} inner step(s) at test, {budget}, "
+        f"test episodes, {budget}, "
         f"{results['wall_seconds']:.0f} s in all\n"
     )
     print(results["table"])
     print("\nPer test alphabet (mixed episodes):\n")
     print(results["per_alphabet_table"])
+    if not args.eval_only:
+        memory = "CUDA tensors" if device.type == "cuda" else "RSS, in a fresh process"
+        print(
+            "\nCost per meta-iteration: median ms (methods interleaved), peak extra memory in MiB "
+            f"over 3 meta-iterations ({memory})\n"
+        )
+        print(results["cost_table"])
     write_json(args.out / "omniglot.json", results)
     if not args.eval_only:
         plot(results, args.out / "omniglot.png")
@@ -621,41 +702,60 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def tables(runs: list[dict]) -> tuple[str, str]:
-    """The accuracy table (paper, this run, within-alphabet) and the per-alphabet one."""
+def tables(runs: list[dict]) -> tuple[str, str, str]:
+    """The accuracy table (paper, this run, within-alphabet), the per-alphabet one, the costs."""
 
     def cell(score: dict) -> str:
         return f"{score['accuracy']:.2f} ± {score['ci95']:.2f}"
 
     configs = sorted({(r["ways"], r["shots"]) for r in runs})
-    rows = []
+    rows, cost_rows = [], []
     for method in METHODS:
         mine = {(r["ways"], r["shots"]): r for r in runs if r["method"] == method}
         if not mine:
             continue
-        paper = PAPER.get(method, {})
+        steps = str(next(iter(mine.values()))["steps"])
+        if method in PAPER:
+            paper = PAPER[method]
+            rows.append(
+                [
+                    f"{LABELS[method]} (paper)",
+                    "1",
+                    *(f"{paper[c][0]} ± {paper[c][1]}" if c in paper else "-" for c in configs),
+                ]
+            )
         rows += [
             [
-                f"{LABELS[method]} (paper)",
-                *(f"{paper[c][0]} ± {paper[c][1]}" if c in paper else "-" for c in configs),
-            ],
-            [
                 f"{LABELS[method]} (this run)",
+                steps,
                 *(cell(mine[c]) if c in mine else "-" for c in configs),
             ],
             [
                 f"{LABELS[method]} (this run, within-alphabet)",
+                steps,
                 *(cell(mine[c]["within_alphabet"]) if c in mine else "-" for c in configs),
             ],
         ]
-    table = format_table(["Method", *(f"{n}-way {k}-shot" for n, k in configs)], rows)
+        cost_rows.append(
+            [
+                LABELS[method],
+                *(
+                    cost_cell(mine[c].get(key, float("nan"))) if c in mine else "-"
+                    for c in configs
+                    for key in ("ms_per_iteration", "peak_memory_mib")
+                ),
+            ]
+        )
+    header = ["Method", "inner steps", *(f"{n}-way {k}-shot" for n, k in configs)]
+    table = format_table(header, rows)
+    cost_header = ["Method", *(f"{n}w{k}s: {unit}" for n, k in configs for unit in ("ms", "MiB"))]
     alphabets = sorted({a for r in runs for a in r["per_alphabet"]})
     header = ["Alphabet", *(f"{LABELS[r['method']]} {r['ways']}w{r['shots']}s" for r in runs)]
     rows = [
         [a, *(cell(r["per_alphabet"][a]) if a in r["per_alphabet"] else "-" for r in runs)]
         for a in alphabets
     ]
-    return table, format_table(header, rows)
+    return table, format_table(header, rows), format_table(cost_header, cost_rows)
 
 
 if __name__ == "__main__":

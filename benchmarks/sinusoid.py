@@ -1,23 +1,35 @@
-"""Few-shot sinusoid regression (Meta-SGD paper, Section 4.1, Table 1): MAML vs Meta-SGD.
+"""Few-shot sinusoid regression (Meta-SGD paper, Section 4.1, Table 1): four meta-learners.
 
 Tasks: ``y = A sin(x - phi)`` with amplitude ``A ~ U[0.1, 5.0]``, phase
 ``phi ~ U[0, pi]`` and inputs ``x ~ U[-5, 5]``. The learner is a 1-40-40-1 ReLU
-MLP; the inner loop is ONE step on the mean squared error of a K-shot support
-set. One model per K and per method, on the same budget, seeds and tasks:
+MLP; the inner loop runs on the mean squared error of a K-shot support set.
+One model per K and per method, on the same budget, seeds and tasks:
 
-* ``maml``: learned initialization, fixed scalar step ``alpha = 0.01`` (MAML's
-  value): ``MetaSGD(lr=0.01, granularity="group")`` whose step size is not
-  given to the outer optimizer, so it stays 1 and the update is plain SGD;
-* ``metasgd``: learned initialization and learned elementwise step sizes:
-  ``MetaSGD(lr=1.0)`` (identity parametrization, so ``alpha = s``), ``alpha``
-  drawn from ``U[0.005, 0.1]`` as in the paper.
+* ``maml``: learned initialization, ONE inner step of fixed scalar size
+  ``alpha = 0.01`` (MAML's value): ``MetaSGD(lr=0.01, granularity="group")``
+  whose step size is not given to the outer optimizer, so it stays 1 and the
+  update is plain SGD;
+* ``metasgd``: learned initialization and learned elementwise step sizes, one
+  inner step: ``MetaSGD(lr=1.0)`` (identity parametrization, so
+  ``alpha = s``), ``alpha`` drawn from ``U[0.005, 0.1]`` as in the paper;
+* ``fomaml``: MAML without second derivatives (``first_order=True``);
+* ``reptile``: :func:`torch_metasgd.reptile_loss`, ``--reptile-steps`` (5)
+  inner steps of ``--reptile-alpha`` (0.02, the inner step of the Reptile
+  paper's sinusoid demo); its update does not use the query points (they
+  give the loss logged). ``--reptile-outer sgd`` replaces Adam by the paper's
+  SGD with step ``--reptile-epsilon`` (1.0) annealed linearly to 0.
 
-Meta-training: Adam (lr 1e-3) on :func:`torch_metasgd.meta_loss`, meta-batches
-of ``--meta-batch`` tasks, each with K support points and ``--train-query``
-query points (default K, as MAML's reference code). Evaluation: ``--eval-tasks``
-held-out tasks (the same for every method and K), each adapted with one step on
-K support points and scored by the MSE on 100 points drawn uniformly from
-[-5, 5]; the table gives the mean MSE and its 95% confidence interval.
+Meta-training: Adam (lr 1e-3) on :func:`torch_metasgd.meta_loss` (Reptile:
+on :func:`torch_metasgd.reptile_loss`), meta-batches of ``--meta-batch``
+tasks, each with K support points and ``--train-query`` query points (default
+K, as MAML's reference code). Evaluation: ``--eval-tasks`` held-out tasks (the same for every method
+and K), each adapted on K support points with the method's own inner loop
+(one step; Reptile: its 5) and scored by the MSE on 100 points drawn
+uniformly from [-5, 5]; the table gives the mean MSE and its 95% confidence
+interval. Cost per method: the median time of a meta-iteration (the methods
+interleaved, ``--timing-rounds`` rounds) and the peak memory of three
+meta-iterations (CPU: peak RSS growth in a fresh process; CUDA:
+``torch.cuda.max_memory_allocated``).
 
 Under torchrun every meta-batch's tasks are split over the processes (DDP,
 gloo on CPU, NCCL on CUDA): the same training as one process, up to float
@@ -41,16 +53,21 @@ from _common import (
     LABELS,
     METHODS,
     REPO,
+    Learner,
+    add_cost_arguments,
+    add_method_arguments,
+    build_learner,
+    cost_cell,
     device_of,
     environment,
     format_table,
-    inner_optimizer,
     launch,
     mean_ci95,
-    meta_train,
-    outer_parameters,
+    method_costs,
+    peak_memory_mib,
     rank,
     seed_everything,
+    train_learner,
     world_size,
     write_json,
 )
@@ -69,6 +86,9 @@ AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
 X_RANGE = (-5.0, 5.0)
 MAML_ALPHA = 0.01
+# The inner SGD step of the Reptile paper's sinusoid demo (its gist, linked
+# from openai.com/blog/reptile).
+REPTILE_ALPHA = 0.02
 
 
 def sample_tasks(
@@ -100,24 +120,23 @@ def make_model() -> nn.Module:
     )
 
 
-def make_learner(
-    method: str, seed: int, device: torch.device
-) -> tuple[nn.Module, MetaSGD, torch.optim.Adam]:
-    """The model, its inner-loop MetaSGD and the outer Adam, from the same init for every method."""
-    torch.manual_seed(seed)
-    model = make_model().to(device)
-    opt = inner_optimizer(method, model, MAML_ALPHA, seed)
-    return model, opt, torch.optim.Adam(outer_parameters(method, model, opt), lr=1e-3)
+def learner(method: str, args: argparse.Namespace, device: torch.device) -> Learner:
+    """The model and its optimizers, from the same initialization for every method."""
+    torch.manual_seed(args.seed)
+    return build_learner(
+        method,
+        make_model().to(device),
+        args,
+        loss_fn=F.mse_loss,
+        maml_alpha=MAML_ALPHA,
+        steps=1,
+        meta_lr=1e-3,
+        seed=args.seed,
+    )
 
 
-def train(
-    method: str,
-    k: int,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> tuple[nn.Module, MetaSGD, dict]:
-    model, opt, outer = make_learner(method, args.seed, device)
-    # Same task stream for both methods at a given K.
+def task_stream(k: int, args: argparse.Namespace, device: torch.device):
+    """``sample()``: meta-batches from the stream of K-shot tasks every method trains on."""
     gen = torch.Generator().manual_seed(args.seed * 1000 + k)
     n_query = args.train_query or k
 
@@ -126,24 +145,36 @@ def train(
         xq, yq, _ = sample_tasks(args.meta_batch, n_query, gen, amp_phase=amp_phase)
         return (xs.to(device), ys.to(device)), (xq.to(device), yq.to(device))
 
-    log = meta_train(
-        model,
-        opt,
-        outer,
-        sample,
+    return sample
+
+
+def train(
+    method: str, k: int, args: argparse.Namespace, device: torch.device
+) -> tuple[Learner, dict]:
+    trained = learner(method, args, device)
+    log = train_learner(
+        trained,
+        task_stream(k, args, device),
         F.mse_loss,
         iterations=args.iterations,
-        steps=1,
         log_every=args.log_every,
         desc=f"{LABELS[method]:8s} K={k:2d}",
     )
-    return model, opt, log
+    return trained, log
+
+
+def peak_memory(method: str, k: int, args: argparse.Namespace) -> float:
+    """Peak extra memory (MiB) of three meta-iterations of a fresh learner (CPU: run it fresh)."""
+    torch.set_num_threads(args.threads)
+    device = device_of(args.device)
+    trained, sample = learner(method, args, device), task_stream(k, args, device)
+    return peak_memory_mib(lambda: [trained.step(*sample()) for _ in range(3)], device)
 
 
 def evaluate(
-    model: nn.Module, opt: MetaSGD, tasks: dict[str, Tensor], device: torch.device
+    model: nn.Module, opt: MetaSGD, tasks: dict[str, Tensor], device: torch.device, steps: int = 1
 ) -> Tensor:
-    """Per-task query MSE after one inner step on each task's support set."""
+    """Per-task query MSE after ``steps`` inner steps on each task's support set."""
     losses = []
     for t in range(tasks["xs"].shape[0]):
         # first_order only drops the graph: the adapted values are the same.
@@ -153,6 +184,7 @@ def evaluate(
             F.mse_loss,
             tasks["xs"][t].to(device),
             tasks["ys"][t].to(device),
+            steps=steps,
             first_order=True,
         )
         with torch.no_grad():
@@ -177,6 +209,9 @@ def step_sizes_by_layer(model: nn.Module, opt: MetaSGD) -> dict[str, list[float]
         }
 
 
+COLORS = {"maml": "tab:orange", "metasgd": "tab:blue", "reptile": "tab:green", "fomaml": "tab:red"}
+
+
 def plot(
     results: dict, learners: dict, ks: list[int], args: argparse.Namespace, path: Path
 ) -> None:
@@ -186,32 +221,35 @@ def plot(
     import matplotlib.pyplot as plt
 
     k = 10 if 10 in ks else ks[0]
+    methods = [m for m in METHODS if (m, k) in learners]
     tasks = eval_tasks(3, k, 1, args.seed)
     grid = torch.linspace(*X_RANGE, 200).view(1, -1, 1)
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    colors = {"maml": "tab:orange", "metasgd": "tab:blue"}
+    panels = 5 if "metasgd" in methods else 4
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.4))
     for t, ax in enumerate(axes[:3]):
         truth = target(grid, tasks["amp_phase"][t : t + 1])[0, :, 0]
         ax.plot(grid[0, :, 0], truth, "k-", lw=1.5, label="ground truth")
-        for method in METHODS:
-            model, opt = learners[(method, k)]
-            dev = next(model.parameters()).device
+        for method in methods:
+            trained = learners[(method, k)]
+            dev = next(trained.model.parameters()).device
             fast = adapt(
-                model,
-                opt,
+                trained.model,
+                trained.opt,
                 F.mse_loss,
                 tasks["xs"][t].to(dev),
                 tasks["ys"][t].to(dev),
+                steps=trained.steps,
                 first_order=True,
             )
             with torch.no_grad():
-                pred = functional_call(model, fast, (grid[0].to(dev),)).cpu()
+                pred = functional_call(trained.model, fast, (grid[0].to(dev),)).cpu()
+            steps = f"{trained.steps} step" + ("s" if trained.steps > 1 else "")
             ax.plot(
                 grid[0, :, 0],
                 pred[:, 0],
-                color=colors[method],
+                color=COLORS[method],
                 lw=1.2,
-                label=f"{LABELS[method]}, 1 step",
+                label=f"{LABELS[method]}, {steps}",
             )
         ax.scatter(
             tasks["xs"][t, :, 0],
@@ -228,32 +266,84 @@ def plot(
         ax.set_xlabel("x")
     axes[0].legend(fontsize=7, loc="lower left")
     ax = axes[3]
-    alphas = results["step_sizes"][str(k)]
-    names = list(alphas)
-    ax.boxplot([alphas[n] for n in names], showfliers=False)
-    ax.axhline(MAML_ALPHA, color=colors["maml"], ls="--", lw=1, label=f"MAML alpha={MAML_ALPHA}")
-    ax.set_xticks(
-        range(1, len(names) + 1),
-        [n.replace(".weight", ".w").replace(".bias", ".b") for n in names],
-        fontsize=7,
-    )
-    ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_title(f"Meta-SGD learned step sizes (K={k})")
-    ax.legend(fontsize=7)
+    curves = {m: results["train"][m][str(k)]["curve"] for m in methods}
+    for method, curve in curves.items():
+        if curve:  # empty with --iterations 0
+            it, loss = zip(*curve, strict=True)
+            ax.plot(it, loss, color=COLORS[method], lw=1.2, label=LABELS[method])
+    ax.set_yscale("log")
+    ax.set_xlabel("meta-iteration")
+    ax.set_title(f"training query MSE after the inner loop (K={k})")
+    if any(curves.values()):
+        ax.legend(fontsize=7)
+    if "metasgd" in methods:
+        ax = axes[4]
+        alphas = results["step_sizes"][str(k)]
+        names = list(alphas)
+        ax.boxplot([alphas[n] for n in names], showfliers=False)
+        ax.axhline(
+            MAML_ALPHA, color=COLORS["maml"], ls="--", lw=1, label=f"MAML alpha={MAML_ALPHA}"
+        )
+        ax.set_xticks(
+            range(1, len(names) + 1),
+            [n.replace(".weight", ".w").replace(".bias", ".b") for n in names],
+            fontsize=7,
+        )
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_title(f"Meta-SGD learned step sizes (K={k})")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def tables(results: dict, args: argparse.Namespace) -> tuple[str, str]:
+    """The MSE table (with the paper's figures) and the cost table."""
+    header = ["Method", "inner steps", *(f"{k}-shot" for k in args.shots)]
+    rows = []
+    for method in args.methods:
+        steps = str(args.reptile_steps if method == "reptile" else 1)
+        if method in PAPER:
+            paper = [
+                f"{PAPER[method][k][0]:.2f} ± {PAPER[method][k][1]:.2f}"
+                if k in PAPER[method]
+                else "-"
+                for k in args.shots
+            ]
+            rows.append([f"{LABELS[method]} (paper)", "1", *paper])
+        mine = results["mse"][method]
+        ours = [f"{mine[str(k)]['mean']:.2f} ± {mine[str(k)]['ci95']:.2f}" for k in args.shots]
+        rows.append([f"{LABELS[method]} (this run)", steps, *ours])
+    cost_header = ["Method", *(f"{k}-shot: {unit}" for k in args.shots for unit in ("ms", "MiB"))]
+    cost_rows = [
+        [
+            LABELS[method],
+            *(
+                cost_cell(value)
+                for k in args.shots
+                for value in (
+                    results["cost"][method][str(k)]["ms_per_iteration"],
+                    results["cost"][method][str(k)]["peak_memory_mib"],
+                )
+            ),
+        ]
+        for method in args.methods
+    ]
+    return format_table(header, rows), format_table(cost_header, cost_rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--shots", type=int, nargs="+", default=[5, 10, 20], help="K values (default: 5 10 20)"
     )
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    add_method_arguments(parser, reptile_alpha=REPTILE_ALPHA)
     parser.add_argument(
-        "--iterations", type=int, default=6000, help="meta-iterations per model (default: 6000)"
+        "--iterations",
+        type=int,
+        default=6000,
+        help="meta-iterations per model; 0 tests the initialization (default: 6000)",
     )
     parser.add_argument(
         "--meta-batch", type=int, default=25, help="tasks per meta-iteration (default: 25)"
@@ -278,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--log-every", type=int, default=100, help="iterations per learning-curve point"
     )
+    add_cost_arguments(parser, timing_rounds=20, calls=10)
     parser.add_argument(
         "--quick", action="store_true", help="about a minute: 700 iterations, 300 eval tasks"
     )
@@ -286,6 +377,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.iterations, args.eval_tasks = 700, 300
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = launch(device_of(args.device))
     seed_everything(args.seed)
@@ -293,52 +389,60 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     }
-    results.update(environment=environment(), mse={}, train={}, step_sizes={})
+    results.update(environment=environment(), mse={}, train={}, step_sizes={}, cost={})
     results.update(world_size=world_size(), ranks_identical=True)
     learners = {}
     start = time.perf_counter()
     for k in args.shots:
         tasks = eval_tasks(args.eval_tasks, k, args.eval_points, args.seed)
         for method in args.methods:
-            model, opt, log = train(method, k, args, device)
+            trained, log = train(method, k, args, device)
             results["ranks_identical"] &= log["ranks_identical"]
             if rank() != 0:
                 continue  # evaluation, printing and files: rank 0 only
-            losses = evaluate(model, opt, tasks, device)
+            losses = evaluate(trained.model, trained.opt, tasks, device, trained.steps)
             mean, ci = mean_ci95(losses)
             results["mse"].setdefault(method, {})[str(k)] = {"mean": mean, "ci95": ci}
             results["train"].setdefault(method, {})[str(k)] = log
             if method == "metasgd":
-                results["step_sizes"][str(k)] = step_sizes_by_layer(model, opt)
-            learners[(method, k)] = (model, opt)
+                results["step_sizes"][str(k)] = step_sizes_by_layer(trained.model, trained.opt)
+            learners[(method, k)] = trained
             print(
                 f"{LABELS[method]:8s} K={k:2d}: MSE {mean:.3f} ± {ci:.3f}  "
                 f"({log['train_seconds']:.0f} s training)"
             )
+        if rank() != 0:
+            continue
+        costs = method_costs(
+            {m: learners[(m, k)] for m in args.methods},
+            task_stream(k, args, device),
+            device,
+            rounds=args.timing_rounds,
+            calls=args.timing_calls,
+            probe=None if args.no_memory else peak_memory,
+            probe_args=(k, args),
+        )
+        for method, c in costs.items():
+            results["cost"].setdefault(method, {})[str(k)] = c
     results["wall_seconds"] = time.perf_counter() - start
     if rank() != 0:
         return results
 
-    header = ["Method", *(f"{k}-shot" for k in args.shots)]
-    rows = []
-    for method in args.methods:
-        paper = [
-            f"{PAPER[method][k][0]:.2f} ± {PAPER[method][k][1]:.2f}" if k in PAPER[method] else "-"
-            for k in args.shots
-        ]
-        mine = results["mse"][method]
-        ours = [f"{mine[str(k)]['mean']:.2f} ± {mine[str(k)]['ci95']:.2f}" for k in args.shots]
-        rows += [[f"{LABELS[method]} (paper)", *paper], [f"{LABELS[method]} (this run)", *ours]]
-    table = format_table(header, rows)
-    results["table"] = table
+    results["table"], results["cost_table"] = tables(results, args)
     print(
-        f"\nSinusoid regression, MSE ± 95% CI over {args.eval_tasks} held-out tasks, 1 inner step, "
+        f"\nSinusoid regression, MSE ± 95% CI over {args.eval_tasks} held-out tasks, "
         f"{args.iterations} meta-iterations x {args.meta_batch} tasks per model, "
         f"{results['wall_seconds']:.0f} s in all\n"
     )
-    print(table)
+    print(results["table"])
+    memory = "CUDA tensors" if device.type == "cuda" else "RSS, in a fresh process"
+    print(
+        "\nCost per meta-iteration: median ms (methods interleaved), peak extra memory in MiB "
+        f"over 3 meta-iterations ({memory})\n"
+    )
+    print(results["cost_table"])
     write_json(args.out / "sinusoid.json", results)
-    if not args.no_plot and set(args.methods) == set(METHODS):
+    if not args.no_plot:
         plot(results, learners, args.shots, args, args.out / "sinusoid.png")
     print(f"\nwrote {args.out}/sinusoid.json" + ("" if args.no_plot else " and sinusoid.png"))
     return results

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from torch_metasgd import MetaSGD, adapt, inner_loop, meta_loss
+from torch_metasgd import MetaSGD, adapt, adapt_tasks, inner_loop, meta_loss
 
 STRATEGIES = ["vmap", "loop", "grouped"]
 
@@ -637,3 +637,48 @@ def test_compiled_meta_loss_has_the_eager_gradients_whatever_the_strategy(strate
     compiled = torch.compile(loss, backend="aot_eager")
     _assert_grads_close(torch.autograd.grad(compiled(strategy), wrt), expected)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_adapt_tasks_matches_adapt_per_task(strategy, first_order):
+    model, opt = _make(dict(lr=0.05, momentum=0.9, nesterov=True), True, True)
+    xs, ys = _tasks(seed=15)
+    loss_fn = nn.functional.mse_loss
+    fast = adapt_tasks(
+        model, opt, loss_fn, (xs, ys), steps=3, first_order=first_order, strategy=strategy
+    )
+    assert set(fast) == {n for n, _ in model.named_parameters()}
+    for t in range(3):
+        one = adapt(model, opt, loss_fn, xs[t], ys[t], steps=3, first_order=first_order)
+        for name, p in one.items():
+            torch.testing.assert_close(fast[name][t], p, rtol=1e-10, atol=1e-14)
+    # The same dependence on the initial weights and the step sizes.
+    probes = {n: torch.randn_like(p[1]) for n, p in fast.items()}
+    wrt = _wrt(model, opt)
+    _assert_grads_close(
+        torch.autograd.grad(
+            sum((fast[n][1] * probes[n]).sum() for n in fast),
+            wrt,
+            allow_unused=True,
+            materialize_grads=True,
+        ),
+        torch.autograd.grad(
+            sum(
+                (one_task * probes[n]).sum()
+                for n, one_task in adapt(
+                    model, opt, loss_fn, xs[1], ys[1], steps=3, first_order=first_order
+                ).items()
+            ),
+            wrt,
+            allow_unused=True,
+            materialize_grads=True,
+        ),
+    )
+
+
+def test_adapt_tasks_rejects_support_without_a_shared_task_dimension():
+    model, opt = _make(dict(lr=0.05), False, False)
+    xs, ys = _tasks()
+    with pytest.raises(ValueError, match="support inputs and targets must share"):
+        adapt_tasks(model, opt, nn.functional.mse_loss, (xs, ys[:2]))

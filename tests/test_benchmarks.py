@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -20,6 +21,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import _common  # noqa: E402
 import online  # noqa: E402
+import reptile_speed  # noqa: E402
 import sinusoid  # noqa: E402
 
 # --------------------------------------------------------------------------- statistics
@@ -41,18 +43,23 @@ def test_format_table_aligns_columns():
     assert table[2] == "| xxxx | y   |"
 
 
-def test_meta_train_calls_after_step_after_each_outer_step():
+def test_meta_train_passes_first_order_and_calls_after_step_after_each_outer_step(monkeypatch):
     model = torch.nn.Linear(2, 1)
     opt = _common.inner_optimizer("metasgd", model, 0.4, seed=0)
     outer = torch.optim.SGD(_common.outer_parameters("metasgd", model, opt), lr=0.1)
     seen = []
+    real = torch_metasgd.distributed.meta_loss
+
+    def recording(*args, **kwargs):
+        seen.append(("loss", kwargs["first_order"]))
+        return real(*args, **kwargs)
 
     def after_step(it):
         # Called after the step: the weights have already moved.
-        seen.append((it, not torch.equal(model.weight, start)))
-        start.copy_(model.weight.detach())
+        seen.append(("after", it, not torch.equal(model.weight, start)))
 
     start = model.weight.detach().clone()
+    monkeypatch.setattr(torch_metasgd.distributed, "meta_loss", recording)
     batch = (torch.randn(2, 3, 2), torch.randn(2, 3, 1))
     log = _common.meta_train(
         model,
@@ -64,9 +71,10 @@ def test_meta_train_calls_after_step_after_each_outer_step():
         steps=1,
         log_every=1,
         desc="test",
+        first_order=True,
         after_step=after_step,
     )
-    assert seen == [(1, True), (2, True)]
+    assert seen == [("loss", True), ("after", 1, True), ("loss", True), ("after", 2, True)]
     assert [it for it, _ in log["curve"]] == [1, 2]
 
 
@@ -103,28 +111,90 @@ def test_sinusoid_eval_support_sets_are_nested_across_k():
     torch.testing.assert_close(ten["xq"], five["xq"])
 
 
-def test_maml_step_size_stays_fixed_while_metasgd_learns_it():
-    results = {}
+def test_only_metasgd_learns_its_step_sizes():
+    args = sinusoid.parse_args(["--meta-batch", "4"])
+    unchanged = {}
     for method in sinusoid.METHODS:
-        model, opt, outer = sinusoid.make_learner(method, 0, torch.device("cpu"))
+        trained = sinusoid.learner(method, args, torch.device("cpu"))
+        model, opt = trained.model, trained.opt
         before = [opt.effective_lr(p).detach().clone() for p in model.parameters()]
-        gen = torch.Generator().manual_seed(0)
+        sample = sinusoid.task_stream(5, args, torch.device("cpu"))
         for _ in range(3):
-            xs, ys, ap = sinusoid.sample_tasks(4, 5, gen)
-            xq, yq, _ = sinusoid.sample_tasks(4, 5, gen, amp_phase=ap)
-            loss = torch_metasgd.meta_loss(
-                model, opt, torch.nn.functional.mse_loss, (xs, ys), (xq, yq)
-            )
-            outer.zero_grad()
-            loss.backward()
-            outer.step()
+            trained.step(*sample())
         after = [opt.effective_lr(p).detach() for p in model.parameters()]
-        results[method] = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-        if method == "maml":
-            assert all(torch.all(a == sinusoid.MAML_ALPHA) for a in after)
+        unchanged[method] = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        fixed = {"maml": sinusoid.MAML_ALPHA, "fomaml": sinusoid.MAML_ALPHA}
+        fixed["reptile"] = sinusoid.REPTILE_ALPHA
+        if method in fixed:
+            assert all(torch.all(a == fixed[method]) for a in after)
         else:
             assert all(0.005 <= float(b.min()) and float(b.max()) <= 0.1 for b in before)
-    assert results == {"maml": True, "metasgd": False}
+    assert unchanged == {"maml": True, "metasgd": False, "reptile": True, "fomaml": True}
+
+
+def test_fomaml_step_takes_the_first_order_maml_gradient():
+    args = sinusoid.parse_args([])
+    trained = sinusoid.learner("fomaml", args, torch.device("cpu"))
+    support, query = sinusoid.task_stream(5, args, torch.device("cpu"))()
+    params = list(trained.model.parameters())
+    loss = torch_metasgd.meta_loss(
+        trained.model, trained.opt, torch.nn.functional.mse_loss, support, query, first_order=True
+    )
+    expected = torch.autograd.grad(loss, params)
+    trained.step(support, query)
+    for p, g in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_reptile_learner_takes_adam_or_the_papers_annealed_sgd():
+    default = sinusoid.learner("reptile", sinusoid.parse_args([]), torch.device("cpu"))
+    assert isinstance(default.outer, torch.optim.Adam) and default.schedule is None
+    assert default.outer.param_groups[0]["params"] == list(default.model.parameters())
+    args = sinusoid.parse_args(
+        [
+            "--iterations",
+            "4",
+            "--meta-batch",
+            "2",
+            "--reptile-outer",
+            "sgd",
+            "--reptile-epsilon",
+            "0.5",
+        ]
+    )
+    trained = sinusoid.learner("reptile", args, torch.device("cpu"))
+    assert isinstance(trained.outer, torch.optim.SGD) and trained.steps == 5
+    lrs = [trained.outer.param_groups[0]["lr"]]
+    _common.train_learner(
+        trained,
+        sinusoid.task_stream(5, args, torch.device("cpu")),
+        torch.nn.functional.mse_loss,
+        iterations=4,
+        log_every=2,
+        desc="test",
+        after_step=lambda it: lrs.append(trained.outer.param_groups[0]["lr"]),
+    )
+    assert lrs == pytest.approx([0.5, 0.375, 0.25, 0.125, 0.0])
+
+
+def test_peak_memory_sees_a_large_allocation_and_runs_in_a_fresh_process():
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc")
+    peak = _common.peak_memory_mib(lambda: torch.ones(16 * 2**20).sum(), torch.device("cpu"))
+    assert 60 <= peak < 200  # a 64 MiB tensor
+    args = sinusoid.parse_args(["--meta-batch", "4"])
+    probed = _common.in_fresh_process(sinusoid.peak_memory, "reptile", 5, args)
+    assert 0 <= probed < 200
+
+
+def test_timing_interleaves_the_methods():
+    calls = []
+    ms = _common.median_ms_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        rounds=3,
+        device=torch.device("cpu"),
+    )
+    assert calls == ["a", "b"] * 4 and set(ms) == {"a", "b"}
 
 
 def test_sinusoid_help_runs():
@@ -146,16 +216,28 @@ def test_sinusoid_tiny_run_writes_json_and_png(tmp_path):
             "4",
             "--shots",
             "5",
+            "--timing-rounds",
+            "2",
+            "--no-memory",
             "--out",
             str(tmp_path),
         ]
     )
     saved = json.loads((tmp_path / "sinusoid.json").read_text())
-    assert set(saved["mse"]) == {"maml", "metasgd"}
+    assert set(saved["mse"]) == set(saved["cost"]) == set(sinusoid.METHODS)
+    assert all(saved["cost"][m]["5"]["ms_per_iteration"] > 0 for m in sinusoid.METHODS)
     assert saved["mse"]["metasgd"]["5"]["mean"] == pytest.approx(
         results["mse"]["metasgd"]["5"]["mean"]
     )
     assert (tmp_path / "sinusoid.png").stat().st_size > 1000
+
+
+def test_sinusoid_zero_iterations_tests_the_initialization(tmp_path):
+    argv = ["--iterations", "0", "--eval-tasks", "3", "--shots", "5", "--methods", "reptile"]
+    argv += ["--timing-rounds", "1", "--timing-calls", "1", "--no-memory", "--out", str(tmp_path)]
+    results = sinusoid.main(argv)
+    assert results["train"]["reptile"]["5"]["curve"] == []
+    assert (tmp_path / "sinusoid.png").exists()
 
 
 @pytest.mark.slow
@@ -163,6 +245,24 @@ def test_sinusoid_quick_mode_metasgd_beats_maml(tmp_path):
     results = sinusoid.main(["--quick", "--out", str(tmp_path)])
     for k in ("5", "10", "20"):
         assert results["mse"]["metasgd"][k]["mean"] < results["mse"]["maml"][k]["mean"]
+
+
+# --------------------------------------------------------------------------- reptile_speed
+
+
+def test_reptile_speed_methods_take_the_same_update_and_write_json_and_png(tmp_path):
+    argv = ["--quick", "--workloads", "R1", "--rounds", "1", "--out", str(tmp_path)]
+    results = reptile_speed.main(argv)
+    assert results["disagreement"]["R1"] < 1e-12
+    saved = json.loads((tmp_path / "reptile_speed.json").read_text())
+    assert set(saved["ms"]["R1"]) == set(reptile_speed.METHODS)
+    assert (tmp_path / "reptile_speed.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_reptile_speed_methods_take_the_same_update_on_the_conv_net():
+    args = argparse.Namespace(device="cpu", seed=0)
+    assert reptile_speed.disagreement("R2", args) < 1e-12
 
 
 # --------------------------------------------------------------------------- online

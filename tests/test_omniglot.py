@@ -356,19 +356,23 @@ def test_tiny_run_records_validation_protocols_and_alphabets(tmp_path):
     assert "within-alphabet" in saved["table"] and "Tagalog" in saved["per_alphabet_table"]
 
 
-def test_checkpoint_loads_with_weights_only_and_evaluates_alike(tmp_path):
+@pytest.mark.parametrize("method", ["metasgd", "reptile"])
+def test_checkpoint_loads_with_weights_only_and_evaluates_alike(tmp_path, method):
     fake_set(tmp_path, SMALL1, {"Greek": 3})
     fake_set(tmp_path, SMALL2, {"Tagalog": 2})
     common = ["--data", str(tmp_path), "--cache", str(tmp_path / "c"), "--eval-episodes", "3"]
     common += ["--out", str(tmp_path / "out")]
     ckpt = tmp_path / "ckpt.pt"
     trained = omniglot.main(
-        [*common, "--ways", "5", "--shots", "1", "--methods", "metasgd", "--iterations", "2"]
+        [*common, "--ways", "5", "--shots", "1", "--methods", method, "--iterations", "2"]
         + ["--meta-batch", "1", "--val-every", "1", "--val-episodes", "2", "--save", str(ckpt)]
+        + ["--timing-rounds", "1", "--no-memory"]
     )
     blob = torch.load(ckpt, weights_only=True)
     assert set(blob) == {"model", "metasgd", "config"}
-    assert blob["config"]["method"] == "metasgd" and blob["config"]["ways"] == 5
+    assert blob["config"]["method"] == method and blob["config"]["ways"] == 5
+    assert trained["runs"][0]["steps"] == (5 if method == "reptile" else 1)
+    assert trained["runs"][0]["ms_per_iteration"] > 0
     assert blob["config"]["train_set"] == [SMALL1]
     loaded = omniglot.main([*common, "--load", str(ckpt), "--eval-only"])
     # Same (best) weights, step sizes and test episodes: the same accuracy.
@@ -401,7 +405,8 @@ def test_help_shows_every_default():
     assert out.returncode == 0
     for option in ("--eval-only", "--data", "--download", "--val-fraction", "--augment"):
         assert option in out.stdout
-    assert "(default: 2000)" in out.stdout and "(default: 0.15)" in out.stdout
+    text = " ".join(out.stdout.split())  # argparse wraps to the terminal's width
+    assert "(default: 2000)" in text and "(default: 0.15)" in text
 
 
 def test_missing_data_exits_with_the_instructions_not_a_traceback(tmp_path):

@@ -66,28 +66,29 @@ def require_steps(steps: Any) -> None:
         raise ValueError(f"Invalid number of inner steps: {steps}")
 
 
-def require_tasks(support: Any, query: Any) -> int:
-    """The number of tasks ``T``: the leading size shared by the four tensors, at least 1."""
-    for name, pair in (("support", support), ("query", query)):
+def require_tasks(support: Any, query: Any = None) -> int:
+    """The number of tasks ``T``: the leading size shared by the (two or) four tensors, at least 1.
+
+    Without ``query``, only the support set's two tensors are checked.
+    """
+    pairs = {"support": support} if query is None else {"support": support, "query": query}
+    for name, pair in pairs.items():
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"{name} must be a pair (inputs, targets)")
-    tensors = {
-        f"{name}[{i}]": t
-        for name, pair in (("support", support), ("query", query))
-        for i, t in enumerate(pair)
-    }
+    tensors = {f"{name}[{i}]": t for name, pair in pairs.items() for i, t in enumerate(pair)}
     sizes = {
         t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None for t in tensors.values()
     }
+    what = "support and query" if query is not None else "support inputs and targets"
     if None in sizes or len(sizes) != 1:
         shapes = {
             k: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             for k, t in tensors.items()
         }
-        raise ValueError(f"support and query must share a leading task dimension, got {shapes}")
+        raise ValueError(f"{what} must share a leading task dimension, got {shapes}")
     (n_tasks,) = sizes
     if n_tasks == 0:
-        raise ValueError("Invalid number of tasks: 0 (support and query hold no task)")
+        raise ValueError(f"Invalid number of tasks: 0 ({what} hold no task)")
     return n_tasks
 
 

@@ -19,7 +19,9 @@ path),
 
 Gradients of :math:`\mathcal{L}` reach the model's parameters :math:`\theta`
 and the live step sizes :math:`s` (``opt.meta_parameters()``), through the
-inner steps unless ``first_order=True``.
+inner steps unless ``first_order=True``. :func:`adapt_tasks` returns the
+adapted parameters :math:`\theta_t^{(K)}` of every task instead (the inner
+loops alone, as :func:`torch_metasgd.reptile_loss` needs them).
 
 What it shares with :func:`torch_metasgd.inner_loop` (``higher``):
 
@@ -92,7 +94,7 @@ from ._checks import (
 )
 from .optimizer import MetaSGD
 
-__all__ = ["meta_loss", "adapt"]
+__all__ = ["meta_loss", "adapt", "adapt_tasks"]
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3: never
 
@@ -189,26 +191,32 @@ def _adapt_autograd(
     return params
 
 
-def _meta_loss_loop(model, plan, loss_fn, support, query, steps, first_order) -> Tensor:
-    if _is_compiling():
-        return _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order)
+def _adapt_loop(model, plan, loss_fn, support, steps, first_order) -> dict[str, Tensor]:
+    per_task = [
+        _adapt_autograd(model, plan, loss_fn, x, y, steps, first_order, t)
+        for t, (x, y) in enumerate(zip(*support, strict=True))
+    ]
+    return {n: torch.stack([fast[n] for fast in per_task]) for n in plan.params}
+
+
+def _losses_loop(model, plan, loss_fn, adapted, batch) -> Tensor:
+    # unbind, not indexing: its backward stacks the T gradients at once.
+    unbound = {n: p.unbind() for n, p in adapted.items()}
     losses = []
-    for t in range(support[0].shape[0]):
-        adapted = _adapt_autograd(
-            model, plan, loss_fn, support[0][t], support[1][t], steps, first_order, t
-        )
+    for t, (x, y) in enumerate(zip(*batch, strict=True)):
         buffers = {k: b.clone() for k, b in plan.buffers.items()}
-        losses.append(_task_loss(model, loss_fn, adapted, buffers, query[0][t], query[1][t]))
-    return torch.stack(losses).mean()
+        params = {n: p[t] for n, p in unbound.items()}
+        losses.append(_task_loss(model, loss_fn, params, buffers, x, y))
+    return torch.stack(losses)
 
 
-def _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order) -> Tensor:
+def _adapt_vmap(model, plan, loss_fn, support, steps, first_order) -> dict[str, Tensor]:
     trainable = plan.trainable
 
     def support_loss(theta, fixed, buffers, x, y):
         return _task_loss(model, loss_fn, {**fixed, **theta}, buffers, x, y)
 
-    def one_task(buffers, alphas, xs, ys, xq, yq):
+    def one_task(buffers, alphas, xs, ys):
         params, bufs = plan.params, plan.momentum
         for _ in range(steps):
             theta = {n: params[n] for n in trainable}
@@ -218,15 +226,24 @@ def _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order) ->
                 fixed = {n: p.detach() for n, p in fixed.items()}
             grads = grad(support_loss)(theta, fixed, buffers, xs, ys)
             params, bufs = plan.update(params, grads, bufs, alphas, first_order)
-        return _task_loss(model, loss_fn, params, buffers, xq, yq)
+        return params
 
     # Copies: BatchNorm in train mode still counts num_batches_tracked in place.
     buffers = {k: b.clone() for k, b in plan.buffers.items()}
     with _DecomposedBatchNorm():
-        losses = vmap(one_task, in_dims=(None, 0, 0, 0, 0, 0), randomness="different")(
-            buffers, plan.alphas, *support, *query
+        return vmap(one_task, in_dims=(None, 0, 0, 0), randomness="different")(
+            buffers, plan.alphas, *support
         )
-    return losses.mean()
+
+
+def _losses_vmap(model, plan, loss_fn, adapted, batch) -> Tensor:
+    buffers = {k: b.clone() for k, b in plan.buffers.items()}
+
+    def one_task(params, x, y):
+        return _task_loss(model, loss_fn, params, buffers, x, y)
+
+    with _DecomposedBatchNorm():
+        return vmap(one_task, randomness="different")(adapted, *batch)
 
 
 class _DecomposedBatchNorm(TorchFunctionMode):
@@ -270,9 +287,7 @@ def _batch_norm(
     return out
 
 
-def _meta_loss_grouped(model, plan, loss_fn, support, query, steps, first_order) -> Tensor:
-    if _is_compiling():
-        return _meta_loss_vmap(model, plan, loss_fn, support, query, steps, first_order)
+def _adapt_grouped(model, plan, loss_fn, support, steps, first_order) -> dict[str, Tensor]:
     n_tasks = support[0].shape[0]
     trainable = plan.trainable
     # Every task starts from the same weights: expanded views, so the
@@ -298,8 +313,35 @@ def _meta_loss_grouped(model, plan, loss_fn, support, query, steps, first_order)
         )
         grads = dict(zip(trainable, grads, strict=True))
         params, bufs = plan.update(params, grads, bufs, alphas, first_order)
-    out = _grouped.forward(model, params, plan.buffers, query[0])
-    return vmap(loss_fn)(out, query[1]).mean()
+    return params
+
+
+def _losses_grouped(model, plan, loss_fn, adapted, batch) -> Tensor:
+    return vmap(loss_fn)(_grouped.forward(model, adapted, plan.buffers, batch[0]), batch[1])
+
+
+#: Per strategy: the inner loops of all tasks (every parameter, with a leading
+#: task dimension) and the per-task losses at such parameters.
+_STRATEGIES = {
+    "loop": (_adapt_loop, _losses_loop),
+    "vmap": (_adapt_vmap, _losses_vmap),
+    "grouped": (_adapt_grouped, _losses_grouped),
+}
+
+
+def _strategy(model: nn.Module, strategy: str, device: torch.device):
+    """``(adapt_all, losses)`` of ``strategy``, checked, ``"auto"`` resolved."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Invalid strategy: {strategy!r} (expected one of {STRATEGIES})")
+    if strategy == "auto":
+        strategy = _auto_strategy(model, device)
+    if strategy == "grouped" and not _grouped.supports(model):
+        raise ValueError(
+            'strategy="grouped" needs an nn.Sequential of Conv2d, BatchNorm, pooling, '
+            "Flatten, Linear and activation layers"
+        )
+    # Compiled, vmap is the strategy that gives the same gradients (see above).
+    return _STRATEGIES["vmap" if _is_compiling() else strategy]
 
 
 def meta_loss(
@@ -361,31 +403,14 @@ def meta_loss(
         >>> meta_opt.step()
     """
     require_steps(steps)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Invalid strategy: {strategy!r} (expected one of {STRATEGIES})")
     n_tasks = require_tasks(support, query)
-    if strategy == "auto":
-        strategy = _auto_strategy(model, support[0].device)
-    if strategy == "grouped" and not _grouped.supports(model):
-        raise ValueError(
-            'strategy="grouped" needs an nn.Sequential of Conv2d, BatchNorm, pooling, '
-            "Flatten, Linear and activation layers"
-        )
-    run = {"vmap": _meta_loss_vmap, "loop": _meta_loss_loop, "grouped": _meta_loss_grouped}[
-        strategy
-    ]
+    adapt_all, losses = _strategy(model, strategy, support[0].device)
+    loss_fn = scalar_loss(loss_fn)
     evaluation = not torch.is_grad_enabled()
     with torch.enable_grad():
         plan = _plan(model, opt, "meta_loss", n_tasks)
-        loss = run(
-            model,
-            plan,
-            scalar_loss(loss_fn),
-            tuple(support),
-            tuple(query),
-            steps,
-            first_order or evaluation,
-        )
+        adapted = adapt_all(model, plan, loss_fn, tuple(support), steps, first_order or evaluation)
+        loss = losses(model, plan, loss_fn, adapted, tuple(query)).mean()
     return loss.detach() if evaluation else loss
 
 
@@ -438,5 +463,45 @@ def adapt(
         plan = _plan(model, opt, "adapt", 1)
         fast = _adapt_autograd(
             model, plan, scalar_loss(loss_fn), inputs, targets, steps, first_order or evaluation, 0
+        )
+    return {n: p.detach() for n, p in fast.items()} if evaluation else fast
+
+
+def adapt_tasks(
+    model: nn.Module,
+    opt: MetaSGD,
+    loss_fn: LossFn,
+    support: tuple[Tensor, Tensor],
+    *,
+    steps: int = 1,
+    first_order: bool = False,
+    strategy: str = "auto",
+) -> dict[str, Tensor]:
+    r"""Adapt to every task of a meta-batch at once: the parameters after ``steps`` inner steps.
+
+    Returns every parameter of ``model`` by name with a leading task dimension
+    ``T``: entry ``t`` is :func:`adapt` on ``support[0][t], support[1][t]``
+    (to float rounding), computed with ``strategy`` as :func:`meta_loss`
+    does. Differentiable in the model's parameters and the step sizes (through
+    the inner steps unless ``first_order``); neither the model nor the
+    optimizer is modified. Inside ``torch.no_grad()`` the result has no graph.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(40, 1))
+        >>> opt = MetaSGD(model.parameters(), lr=0.01)
+        >>> xs, ys = torch.randn(25, 10, 1), torch.randn(25, 10, 1)
+        >>> fast = adapt_tasks(model, opt, torch.nn.functional.mse_loss, (xs, ys), steps=5)
+        >>> fast["0.weight"].shape
+        torch.Size([25, 40, 1])
+    """
+    require_steps(steps)
+    n_tasks = require_tasks(support)
+    adapt_all, _ = _strategy(model, strategy, support[0].device)
+    evaluation = not torch.is_grad_enabled()
+    with torch.enable_grad():
+        plan = _plan(model, opt, "adapt_tasks", n_tasks)
+        fast = adapt_all(
+            model, plan, scalar_loss(loss_fn), tuple(support), steps, first_order or evaluation
         )
     return {n: p.detach() for n, p in fast.items()} if evaluation else fast
