@@ -56,6 +56,15 @@ REPTILE_OUTERS = ("adam", "sgd")
 REPTILE_EPSILON = 1.0
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every default (not None or False), and the description as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def inner_optimizer(method: str, model: nn.Module, alpha: float, seed: int) -> MetaSGD:
     """Meta-SGD: elementwise steps in ALPHA_INIT; the others: a fixed scalar step ``alpha``."""
     if method in ("maml", "fomaml", "reptile"):

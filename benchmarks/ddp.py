@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from _common import (
     REPO,
+    HelpFormatter,
     device_of,
     environment,
     format_table,
@@ -239,7 +240,7 @@ def plot(wall: dict, workloads: list[str], processes: list[int], path: Path) -> 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument(
@@ -254,12 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds a run (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL) (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of models and tasks")
     parser.add_argument(
         "--quick", action="store_true", help="about 3 minutes here: 1 repeat of 3 rounds"
     )
     parser.add_argument(
-        "--out", type=Path, default=REPO / "results" / "ddp", help="(default: results/ddp)"
+        "--out", type=Path, default=Path("results/ddp"), help="folder for ddp.json and ddp.png"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

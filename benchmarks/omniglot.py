@@ -77,6 +77,7 @@ from _common import (
     LABELS,
     METHODS,
     REPO,
+    HelpFormatter,
     Learner,
     add_cost_arguments,
     add_method_arguments,
@@ -488,17 +489,10 @@ def step_size_summary(model: nn.Module, opt: MetaSGD) -> dict[str, dict[str, flo
 # --------------------------------------------------------------------------- command line
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default wherever there is one, and says nothing of None or False."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     add = parser.add_argument
     add("--data", type=Path, default=DEFAULT_DATA, help="folder of the Omniglot zips (or folders)")
     add(
@@ -573,7 +567,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="a smoke run: 5-way 1-shot, 60 iterations of 2 episodes, 100 test episodes",
     )
-    add("--out", type=Path, default=REPO / "results" / "omniglot", help="JSON and PNG folder")
+    add("--out", type=Path, default=Path("results/omniglot"), help="JSON and PNG folder")
     add_cost_arguments(parser, timing_rounds=10, calls=1)
     args = parser.parse_args(argv)
     if args.quick:

@@ -54,7 +54,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from _common import device_of, environment, format_table
+from _common import HelpFormatter, device_of, environment, format_table
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -539,7 +539,7 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int =
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
@@ -595,7 +595,9 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="only redraw online.png from the online.json already in --out",
     )
-    parser.add_argument("--out", type=Path, default=Path("results/online"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/online"), help="JSON and PNG folder"
+    )
     args = parser.parse_args(argv)
     if "sgd" not in args.methods:
         parser.error("--methods must include sgd (the baseline of the ratios)")

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from _common import (
     REPO,
+    HelpFormatter,
     device_of,
     environment,
     format_table,
@@ -170,12 +171,16 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS), help="workloads"
+    )
     parser.add_argument("--rounds", type=int, default=20, help="timing rounds (default: 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... or auto (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of models and tasks")
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the peak-memory runs (a process each)"
     )

@@ -52,7 +52,7 @@ import torch
 from _common import (
     LABELS,
     METHODS,
-    REPO,
+    HelpFormatter,
     Learner,
     add_cost_arguments,
     add_method_arguments,
@@ -334,7 +334,9 @@ def tables(results: dict, args: argparse.Namespace) -> tuple[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument(
         "--shots", type=int, nargs="+", default=[5, 10, 20], help="K values (default: 5 10 20)"
     )
@@ -357,7 +359,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--eval-points", type=int, default=100, help="query points per held-out task (default: 100)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the models, tasks and step sizes"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... or auto (default: cpu)")
     parser.add_argument(
         "--threads",
@@ -372,8 +376,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="about a minute: 700 iterations, 300 eval tasks"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "sinusoid")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/sinusoid"), help="JSON and PNG folder"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     args = parser.parse_args(argv)
     if args.quick:
         args.iterations, args.eval_tasks = 700, 300

@@ -56,7 +56,7 @@ from pathlib import Path
 import higher
 import torch
 import torchopt
-from _common import device_of, environment, format_table
+from _common import HelpFormatter, device_of, environment, format_table
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
@@ -537,7 +537,7 @@ def plot(path: Path, med: dict[str, dict[str, float]], step: dict[str, float], c
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument(
@@ -584,9 +584,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="what the table, targets and chart use: wall time, or this process's CPU time "
         "(steadier on a shared machine with --threads 1); the JSON holds both",
     )
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of models and tasks")
     parser.add_argument(
-        "--out", type=Path, default=Path("results/speed"), help="(default: results/speed)"
+        "--out", type=Path, default=Path("results/speed"), help="JSON and PNG folder"
     )
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
