@@ -490,7 +490,9 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
+    plt.rcParams.update({"font.size": 9})
     methods = [m for m in METHODS if m in results[problems[0]] and m not in ("adam",)]
     curves = [m for m in methods if m != "additive-hd-element"]
     step_panels = [m for m in ("metasgd-hd-element", "metasgd-hd-tensor") if m in methods]
@@ -499,8 +501,9 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int =
     fig, axes = plt.subplots(
         rows * len(problems),
         columns,
-        figsize=(3.6 * columns, 2.9 * rows * len(problems)),
+        figsize=(3.4 * columns, 2.8 * rows * len(problems) + 0.5),
         squeeze=False,
+        layout="constrained",
     )
     colors = plt.cm.viridis([i / max(len(lrs) - 1, 1) for i in range(len(lrs))])
     for block, name in enumerate(problems):
@@ -512,7 +515,7 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int =
                 run0 = results[name][method][str(lr)][0]
                 if kind == "loss":
                     t, loss = zip(*run0["curve"], strict=True)
-                    ax.plot(t, loss, color=color, label=f"lr={lr:g}")
+                    ax.plot(t, loss, color=color)
                     continue
                 t = [p[0] for p in run0["step_sizes"]]
                 per_tensor = list(zip(*[p[1] for p in run0["step_sizes"]], strict=True))
@@ -521,19 +524,24 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int =
             if kind == "loss":
                 if "adam" in results[name]:
                     t, loss = zip(*results[name]["adam"]["None"][0]["curve"], strict=True)
-                    ax.plot(t, loss, color="red", ls=":", label="adam")
-                ax.set_title(f"{name}: {method}, train loss", fontsize=8)
+                    ax.plot(t, loss, color="red", ls=":")
+                ax.set(title=f"{name}: {method}", ylabel="train loss")
             else:
-                ax.set_title(
-                    f"{name}: {method}, step sizes\n(geo. mean per tensor; dashed: biases)",
-                    fontsize=8,
-                )
-            ax.set_yscale("log")
-            ax.set_xlabel("step", fontsize=8)
-            ax.tick_params(labelsize=7)
-        cells[0].legend(fontsize=6)
-    fig.tight_layout()
+                ax.set(title=f"{name}: {method}", ylabel="step size (geo. mean per tensor)")
+            ax.set(yscale="log", xlabel="step")
+    # One legend for every panel: the colours are the initial lrs.
+    handles = [
+        Line2D([], [], color=c, label=f"initial lr {lr:g}")
+        for lr, c in zip(lrs, colors, strict=True)
+    ]
+    handles += [
+        Line2D([], [], color="red", ls=":", label="adam (default lr)"),
+        Line2D([], [], color="gray", label="step sizes: weights"),
+        Line2D([], [], color="gray", ls="--", label="step sizes: biases"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
