@@ -224,24 +224,25 @@ def plot(
     methods = [m for m in METHODS if (m, k) in learners]
     tasks = eval_tasks(3, k, 1, args.seed)
     grid = torch.linspace(*X_RANGE, 200).view(1, -1, 1)
-    panels = 5 if "metasgd" in methods else 4
-    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.4))
-    for t, ax in enumerate(axes[:3]):
+    plt.rcParams.update({"font.size": 9})
+    fig = plt.figure(figsize=(12, 6.4), layout="constrained")
+    spec = fig.add_gridspec(2, 6)
+    task_axes = [fig.add_subplot(spec[0, 2 * t : 2 * t + 2]) for t in range(3)]
+    for t, ax in enumerate(task_axes):
         truth = target(grid, tasks["amp_phase"][t : t + 1])[0, :, 0]
         ax.plot(grid[0, :, 0], truth, "k-", lw=1.5, label="ground truth")
         for method in methods:
             trained = learners[(method, k)]
             dev = next(trained.model.parameters()).device
-            fast = adapt(
-                trained.model,
-                trained.opt,
-                F.mse_loss,
-                tasks["xs"][t].to(dev),
-                tasks["ys"][t].to(dev),
-                steps=trained.steps,
-                first_order=True,
-            )
             with torch.no_grad():
+                fast = adapt(
+                    trained.model,
+                    trained.opt,
+                    F.mse_loss,
+                    tasks["xs"][t].to(dev),
+                    tasks["ys"][t].to(dev),
+                    steps=trained.steps,
+                )
                 pred = functional_call(trained.model, fast, (grid[0].to(dev),)).cpu()
             steps = f"{trained.steps} step" + ("s" if trained.steps > 1 else "")
             ax.plot(
@@ -260,41 +261,40 @@ def plot(
             zorder=5,
             label=f"{k} shots",
         )
-        ax.set_title(
-            f"task {t + 1}: A={tasks['amp_phase'][t, 0]:.2f}, phase={tasks['amp_phase'][t, 1]:.2f}"
-        )
-        ax.set_xlabel("x")
-    axes[0].legend(fontsize=7, loc="lower left")
-    ax = axes[3]
+        amplitude, phase = tasks["amp_phase"][t].tolist()
+        ax.set(title=f"task {t + 1}: A={amplitude:.2f}, phase={phase:.2f}", xlabel="x", ylabel="y")
+    handles, labels = task_axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=len(labels))
+    ax = fig.add_subplot(spec[1, :3])
     curves = {m: results["train"][m][str(k)]["curve"] for m in methods}
     for method, curve in curves.items():
         if curve:  # empty with --iterations 0
             it, loss = zip(*curve, strict=True)
             ax.plot(it, loss, color=COLORS[method], lw=1.2, label=LABELS[method])
-    ax.set_yscale("log")
-    ax.set_xlabel("meta-iteration")
-    ax.set_title(f"training query MSE after the inner loop (K={k})")
+    ax.set(
+        yscale="log",
+        xlabel="meta-iteration",
+        ylabel="query MSE after the inner loop",
+        title=f"meta-training (K={k})",
+    )
     if any(curves.values()):
-        ax.legend(fontsize=7)
+        ax.legend()
     if "metasgd" in methods:
-        ax = axes[4]
+        ax = fig.add_subplot(spec[1, 3:])
         alphas = results["step_sizes"][str(k)]
         names = list(alphas)
         ax.boxplot([alphas[n] for n in names], showfliers=False)
-        ax.axhline(
-            MAML_ALPHA, color=COLORS["maml"], ls="--", lw=1, label=f"MAML alpha={MAML_ALPHA}"
-        )
-        ax.set_xticks(
-            range(1, len(names) + 1),
-            [n.replace(".weight", ".w").replace(".bias", ".b") for n in names],
-            fontsize=7,
+        ax.axhline(MAML_ALPHA, color=COLORS["maml"], ls="--", lw=1)
+        ax.set_xticks(range(1, len(names) + 1), names)
+        ax.set(
+            yscale="symlog",
+            xlabel="parameter tensor",
+            ylabel="learned step size alpha (symlog)",
+            title=f"Meta-SGD's learned step sizes (K={k}; dashed: MAML's {MAML_ALPHA})",
         )
         ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set_title(f"Meta-SGD learned step sizes (K={k})")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
