@@ -445,19 +445,28 @@ def _mean(values):
 
 
 def print_table(summary: dict, methods: list[str], lrs=LRS, seeds: int = 1) -> str:
-    """Mean test loss and its ratio to the best-tuned SGD's (with the worst seed's, if several)."""
+    """Mean test loss and its ratio to the best-tuned SGD's (with the worst seed's, if several).
+
+    Adam runs once, at its default lr: its row has one cell, under the first lr.
+    """
     lines = []
     for name, s in summary.items():
         best = s["best_sgd_test_loss"]
+        has_accuracy = any(row["test_acc"] is not None for row in s["rows"].values())
         lines.append(
-            f"\n## {name}: final test loss (ratio to best-tuned SGD {best:.4f}) / accuracy"
+            f"\n## {name}: final test loss (ratio to best-tuned SGD {best:.4f})"
+            + (", test accuracy" if has_accuracy else "")
         )
         header = ["method", *(f"lr={lr:g}" for lr in lrs)]
-        rows = []
+        rows, train_rows = [], []
         for method in methods:
-            cells = []
-            for lr in lrs:
-                row = s["rows"][(method, None if method == "adam" else lr)]
+            keys = [None] if method == "adam" else lrs
+            cells, train_cells = [], []
+            for lr in keys:
+                row = s["rows"][(method, lr)]
+                train_cells.append(
+                    f"{row['train_loss']:.4f}" if math.isfinite(row["train_loss"]) else "diverged"
+                )
                 loss = row["test_loss"]
                 if not math.isfinite(loss):
                     cells.append("diverged")
@@ -469,16 +478,12 @@ def print_table(summary: dict, methods: list[str], lrs=LRS, seeds: int = 1) -> s
                 if row["test_acc"] is not None:
                     cell += f" {100 * row['test_acc']:.1f}%"
                 cells.append(cell)
-            rows.append([method, *cells])
+            blank = [""] * (len(lrs) - len(keys))
+            rows.append([method, *cells, *blank])
+            train_rows.append([method, *train_cells, *blank])
         lines.append(format_table(header, rows))
         lines.append(f"\n{name}: final train loss")
-        rows = []
-        for method in methods:
-            losses = [
-                s["rows"][(method, None if method == "adam" else lr)]["train_loss"] for lr in lrs
-            ]
-            rows.append([method, *(f"{x:.4f}" if math.isfinite(x) else "diverged" for x in losses)])
-        lines.append(format_table(header, rows))
+        lines.append(format_table(header, train_rows))
     text = "\n".join(lines)
     print(text)
     return text
