@@ -549,12 +549,12 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int =
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a short run (about 20 s here)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
     parser.add_argument(
@@ -617,6 +617,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.methods = [m for m in METHODS if m in args.methods]
     if args.quick:
         args.steps, args.seeds = 400, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
 

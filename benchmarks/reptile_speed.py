@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 from _common import (
-    REPO,
     HelpFormatter,
     device_of,
     environment,
@@ -170,7 +169,7 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
@@ -188,12 +187,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--out",
         type=Path,
-        default=REPO / "results" / "reptile_speed",
+        default=Path("results/reptile_speed"),
         help="folder for reptile_speed.json and .png (default: results/reptile_speed)",
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.no_memory = 5, True
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = device_of(args.device)
     results: dict = {"config": {**vars(args), "out": str(args.out)}, "environment": environment()}

@@ -534,7 +534,7 @@ def plot(path: Path, med: dict[str, dict[str, float]], step: dict[str, float], c
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
@@ -589,7 +589,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--out", type=Path, default=Path("results/speed"), help="JSON and PNG folder"
     )
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args._child:
