@@ -1,0 +1,88 @@
+"""The docs cannot rot: README.md's Python blocks run as pasted, and every benchmark
+command of README.md and docs/*.md parses with the script's own parser."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]
+
+
+def blocks(language: str, path: Path) -> dict[str, str]:
+    """The ``language`` code blocks of ``path``, keyed by where they start (``README.md:42``)."""
+    text = path.read_text()
+    return {
+        f"{path.name}:{text.count(chr(10), 0, match.start()) + 1}": match[1]
+        for match in re.finditer(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
+    }
+
+
+def benchmark_commands() -> dict[str, str]:
+    """Every ``benchmarks/<script>.py ...`` command of the bash blocks, ``$NAME`` expanded.
+
+    Commands after a ``git checkout`` in the same block run another version of
+    the scripts and are left out.
+    """
+    commands = {}
+    for path in DOCUMENTS:
+        for where, block in blocks("bash", path).items():
+            variables: dict[str, str] = {}
+            for k, line in enumerate(block.replace("\\\n", " ").splitlines()):
+                line = re.sub(r"(^|\s)#.*", "", line).strip()
+                if line.startswith("git checkout"):
+                    break
+                if assignment := re.fullmatch(r"(\w+)=(.*)", line):
+                    variables[assignment[1]] = shlex.split(assignment[2])[0]
+                elif "benchmarks/" in line:
+                    for name, value in variables.items():
+                        line = line.replace(f"${name}", value)
+                    commands[f"{where}+{k}"] = line
+    return commands
+
+
+PYTHON_BLOCKS = blocks("python", README)
+COMMANDS = benchmark_commands()
+
+
+def test_docs_hold_what_these_tests_read():
+    assert len(PYTHON_BLOCKS) >= 8
+    assert len(COMMANDS) >= 20
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS.values(), ids=PYTHON_BLOCKS.keys())
+def test_python_block_runs_as_pasted(block, tmp_path):
+    # A fresh interpreter in an empty folder: nothing but the block itself.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(
+        [sys.executable, "-c", block],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip(), "a README block should show its result"
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
+def test_benchmark_command_parses(command, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    words = shlex.split(command)
+    script = next(i for i, word in enumerate(words) if word.startswith("benchmarks/"))
+    assert (REPO / words[script]).is_file(), words[script]
+    module = importlib.import_module(Path(words[script]).stem)
+    try:
+        module.parse_args(words[script + 1 :])
+    except SystemExit as exit:
+        pytest.fail(f"{command!r}: the script's parser rejects it (exit {exit.code})")
