@@ -79,8 +79,8 @@ class MetaSGD(Optimizer):
             ``None`` picks it where torch.optim would (default: None).
         fused: the update as one ``torch.compile``-d kernel per device and
             dtype, as ``torch.optim.SGD(fused=True)`` (GradScaler's unscaling
-            and skipping inside); the second step compiles (30-40 s for 100
-            tensors on a 2-core CPU), without a C++ compiler it warns and runs
+            and skipping inside); the second step compiles (about 20 s for
+            100 tensors on a 2-core CPU), without a C++ compiler it warns and runs
             uncompiled, and on CPU it is slower than ``foreach`` (default: None).
         granularity: ``"element"`` (one step size per parameter element, the
             paper's :math:`\alpha`), ``"tensor"`` (one per parameter tensor) or
