@@ -65,6 +65,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first paragraph above the options, the rest below."""
+    description, _, epilog = doc.partition("\n\n")
+    return argparse.ArgumentParser(
+        description=description, epilog=epilog or None, formatter_class=HelpFormatter
+    )
+
+
 def inner_optimizer(method: str, model: nn.Module, alpha: float, seed: int) -> MetaSGD:
     """Meta-SGD: elementwise steps in ALPHA_INIT; the others: a fixed scalar step ``alpha``."""
     if method in ("maml", "fomaml", "reptile"):

@@ -46,12 +46,12 @@ import torch
 import torch.distributed as dist
 from _common import (
     REPO,
-    HelpFormatter,
     device_of,
     environment,
     format_table,
     launch,
     rank,
+    script_parser,
     shard,
     world_size,
     write_json,
@@ -239,11 +239,7 @@ def plot(wall: dict, workloads: list[str], processes: list[int], path: Path) -> 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--workloads",
         nargs="+",

@@ -77,7 +77,6 @@ from _common import (
     LABELS,
     METHODS,
     REPO,
-    HelpFormatter,
     Learner,
     add_cost_arguments,
     add_method_arguments,
@@ -92,6 +91,7 @@ from _common import (
     method_costs,
     peak_memory_mib,
     rank,
+    script_parser,
     seed_everything,
     train_learner,
     world_size,
@@ -490,9 +490,7 @@ def step_size_summary(model: nn.Module, opt: MetaSGD) -> dict[str, dict[str, flo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
-    )
+    parser = script_parser(__doc__)
     add = parser.add_argument
     add("--data", type=Path, default=DEFAULT_DATA, help="folder of the Omniglot zips (or folders)")
     add(

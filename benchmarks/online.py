@@ -54,7 +54,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from _common import HelpFormatter, device_of, environment, format_table
+from _common import device_of, environment, format_table, script_parser
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -550,10 +550,7 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int =
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run (about 20 s here)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")

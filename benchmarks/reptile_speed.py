@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 from _common import (
-    HelpFormatter,
     device_of,
     environment,
     format_table,
     in_fresh_process,
     median_ms_interleaved,
     peak_memory_mib,
+    script_parser,
     write_json,
 )
 from torch import nn
@@ -170,9 +170,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS), help="workloads"
     )

@@ -21,14 +21,15 @@ One model per K and per method, on the same budget, seeds and tasks:
 
 Meta-training: Adam (lr 1e-3) on :func:`torch_metasgd.meta_loss` (Reptile:
 on :func:`torch_metasgd.reptile_loss`), meta-batches of ``--meta-batch``
-tasks, each with K support points and ``--train-query`` query points (default
-K, as MAML's reference code). Evaluation: ``--eval-tasks`` held-out tasks (the same for every method
-and K), each adapted on K support points with the method's own inner loop
-(one step; Reptile: its 5) and scored by the MSE on 100 points drawn
-uniformly from [-5, 5]; the table gives the mean MSE and its 95% confidence
-interval. Cost per method: the median time of a meta-iteration (the methods
-interleaved, ``--timing-rounds`` rounds) and the peak memory of three
-meta-iterations (CPU: peak RSS growth in a fresh process; CUDA:
+tasks, each with K support points and ``--train-query`` query points
+(default K, as MAML's reference code). Evaluation: ``--eval-tasks``
+held-out tasks (the same for every method and K), each adapted on K support
+points with the method's own inner loop (one step; Reptile: its 5) and
+scored by the MSE on 100 points drawn uniformly from [-5, 5]; the table
+gives the mean MSE and its 95% confidence interval. Cost per method: the
+median time of a meta-iteration (the methods interleaved,
+``--timing-rounds`` rounds) and the peak memory of three meta-iterations
+(CPU: peak RSS growth in a fresh process; CUDA:
 ``torch.cuda.max_memory_allocated``).
 
 Under torchrun every meta-batch's tasks are split over the processes (DDP,
@@ -52,7 +53,6 @@ import torch
 from _common import (
     LABELS,
     METHODS,
-    HelpFormatter,
     Learner,
     add_cost_arguments,
     add_method_arguments,
@@ -66,6 +66,7 @@ from _common import (
     method_costs,
     peak_memory_mib,
     rank,
+    script_parser,
     seed_everything,
     train_learner,
     world_size,
@@ -334,9 +335,7 @@ def tables(results: dict, args: argparse.Namespace) -> tuple[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--shots", type=int, nargs="+", default=[5, 10, 20], help="K values (default: 5 10 20)"
     )

@@ -56,7 +56,7 @@ from pathlib import Path
 import higher
 import torch
 import torchopt
-from _common import HelpFormatter, device_of, environment, format_table
+from _common import device_of, environment, format_table, script_parser
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
@@ -535,11 +535,7 @@ def plot(path: Path, med: dict[str, dict[str, float]], step: dict[str, float], c
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--quick",
         action="store_true",
