@@ -349,6 +349,15 @@ def environment() -> dict[str, Any]:
     }
 
 
+def save_figure(fig: Any, path: Path, *, dpi: int) -> None:
+    """Write a matplotlib figure (its folder made if need be) and free it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")

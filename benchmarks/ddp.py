@@ -51,6 +51,7 @@ from _common import (
     format_table,
     launch,
     rank,
+    save_figure,
     script_parser,
     shard,
     world_size,
@@ -233,9 +234,7 @@ def plot(wall: dict, workloads: list[str], processes: list[int], path: Path) -> 
         ax.set_title(w)
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -91,6 +91,7 @@ from _common import (
     method_costs,
     peak_memory_mib,
     rank,
+    save_figure,
     script_parser,
     seed_everything,
     train_learner,
@@ -468,9 +469,7 @@ def plot(results: dict, path: Path) -> None:
     axes[2].set_title("Meta-SGD: learned step sizes per tensor")
     if any(run["method"] == "metasgd" for run in runs):
         axes[2].legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def step_size_summary(model: nn.Module, opt: MetaSGD) -> dict[str, dict[str, float]]:

@@ -54,7 +54,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from _common import device_of, environment, format_table, script_parser
+from _common import device_of, environment, format_table, save_figure, script_parser
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -545,8 +545,7 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int =
         Line2D([], [], color="gray", ls="--", label="step sizes: biases"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,6 +42,7 @@ from _common import (
     in_fresh_process,
     median_ms_interleaved,
     peak_memory_mib,
+    save_figure,
     script_parser,
     write_json,
 )
@@ -164,9 +165,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("ms per meta-iteration (median)")
         ax.set_title(f"{workload}: {WORKLOADS[workload]['arch']}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -66,6 +66,7 @@ from _common import (
     method_costs,
     peak_memory_mib,
     rank,
+    save_figure,
     script_parser,
     seed_everything,
     train_learner,
@@ -294,9 +295,7 @@ def plot(
             title=f"Meta-SGD's learned step sizes (K={k}; dashed: MAML's {MAML_ALPHA})",
         )
         ax.set_yscale("symlog", linthresh=1e-3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def tables(results: dict, args: argparse.Namespace) -> tuple[str, str]:

@@ -56,7 +56,7 @@ from pathlib import Path
 import higher
 import torch
 import torchopt
-from _common import device_of, environment, format_table, script_parser
+from _common import device_of, environment, format_table, save_figure, script_parser
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
@@ -530,8 +530,7 @@ def plot(path: Path, med: dict[str, dict[str, float]], step: dict[str, float], c
     ax.set_xlabel(f"us / step() ({clock}, median)")
     ax.set_title("step() on 100 tensors")
     ax.invert_yaxis()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
