@@ -344,6 +344,34 @@ def _strategy(model: nn.Module, strategy: str, device: torch.device):
     return _STRATEGIES["vmap" if _is_compiling() else strategy]
 
 
+def adapt_batch(
+    model: nn.Module,
+    opt: MetaSGD,
+    loss_fn: LossFn,
+    support: tuple[Tensor, Tensor],
+    query: tuple[Tensor, Tensor] | None,
+    steps: int,
+    first_order: bool,
+    strategy: str,
+    who: str,
+) -> tuple[_Plan, dict[str, Tensor], Callable[[tuple[Tensor, Tensor]], Tensor]]:
+    """What the batched entry points share: every check, then every task's inner loop.
+
+    Returns the plan, the adapted parameters (leading task dimension ``T``)
+    and ``losses(batch)``, the per-task losses at those parameters. Inside
+    ``torch.no_grad()`` the inner loops run first order (evaluation).
+    """
+    require_steps(steps)
+    n_tasks = require_tasks(support, query)
+    adapt_all, losses = _strategy(model, strategy, support[0].device)
+    loss_fn = scalar_loss(loss_fn)
+    evaluation = not torch.is_grad_enabled()
+    with torch.enable_grad():
+        plan = _plan(model, opt, who, n_tasks)
+        adapted = adapt_all(model, plan, loss_fn, tuple(support), steps, first_order or evaluation)
+    return plan, adapted, lambda batch: losses(model, plan, loss_fn, adapted, batch)
+
+
 def meta_loss(
     model: nn.Module,
     opt: MetaSGD,
@@ -402,16 +430,11 @@ def meta_loss(
         >>> loss.backward()
         >>> meta_opt.step()
     """
-    require_steps(steps)
-    n_tasks = require_tasks(support, query)
-    adapt_all, losses = _strategy(model, strategy, support[0].device)
-    loss_fn = scalar_loss(loss_fn)
-    evaluation = not torch.is_grad_enabled()
-    with torch.enable_grad():
-        plan = _plan(model, opt, "meta_loss", n_tasks)
-        adapted = adapt_all(model, plan, loss_fn, tuple(support), steps, first_order or evaluation)
-        loss = losses(model, plan, loss_fn, adapted, tuple(query)).mean()
-    return loss.detach() if evaluation else loss
+    _, _, losses = adapt_batch(
+        model, opt, loss_fn, support, query, steps, first_order, strategy, "meta_loss"
+    )
+    # Inside torch.no_grad() the losses are computed without a graph.
+    return losses(tuple(query)).mean()
 
 
 def _auto_strategy(model: nn.Module, device: torch.device) -> str:
@@ -495,13 +518,7 @@ def adapt_tasks(
         >>> fast["0.weight"].shape
         torch.Size([25, 40, 1])
     """
-    require_steps(steps)
-    n_tasks = require_tasks(support)
-    adapt_all, _ = _strategy(model, strategy, support[0].device)
-    evaluation = not torch.is_grad_enabled()
-    with torch.enable_grad():
-        plan = _plan(model, opt, "adapt_tasks", n_tasks)
-        fast = adapt_all(
-            model, plan, scalar_loss(loss_fn), tuple(support), steps, first_order or evaluation
-        )
-    return {n: p.detach() for n, p in fast.items()} if evaluation else fast
+    _, fast, _ = adapt_batch(
+        model, opt, loss_fn, support, None, steps, first_order, strategy, "adapt_tasks"
+    )
+    return fast if torch.is_grad_enabled() else {n: p.detach() for n, p in fast.items()}

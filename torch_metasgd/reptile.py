@@ -47,7 +47,6 @@ import torch
 from torch import Tensor, nn
 
 from . import batched
-from ._checks import require_steps, require_tasks, scalar_loss
 from .distributed import MetaLearner
 from .optimizer import MetaSGD
 
@@ -112,23 +111,16 @@ def reptile_loss(
         >>> loss.backward()
         >>> outer.step()  # theta <- theta + 0.1 * mean_t(theta_t - theta)
     """
-    require_steps(steps)
-    n_tasks = require_tasks(support, query)
-    adapt_all, losses = batched._strategy(model, strategy, support[0].device)
-    loss_fn = scalar_loss(loss_fn)
+    plan, adapted, losses = batched.adapt_batch(
+        model, opt, loss_fn, support, query, steps, True, strategy, "reptile_loss"
+    )
     scored = tuple(support if query is None else query)
-    evaluation = not torch.is_grad_enabled()
-    with torch.enable_grad():
-        plan = batched._plan(model, opt, "reptile_loss", n_tasks)
-        adapted = adapt_all(model, plan, loss_fn, tuple(support), steps, True)
-        step_sizes = []
-        if query is not None and not evaluation:
-            step_sizes = [s for s in opt.meta_parameters() if s.requires_grad]
-        with torch.set_grad_enabled(bool(step_sizes)):
-            value = losses(model, plan, loss_fn, adapted, scored).mean()
-        step_grads = torch.autograd.grad(value, step_sizes, allow_unused=True) if step_sizes else []
-    if evaluation:
-        return value
+    if not torch.is_grad_enabled():
+        return losses(scored).mean()
+    step_sizes = [s for s in opt.meta_parameters() if s.requires_grad] if query is not None else []
+    with torch.set_grad_enabled(bool(step_sizes)):
+        value = losses(scored).mean()
+    step_grads = torch.autograd.grad(value, step_sizes, allow_unused=True) if step_sizes else []
     theta = [plan.params[n] for n in plan.trainable]
     # The mean of the T displacements, not theta minus the mean of the T
     # adapted weights: the displacements are small, theta need not be.
