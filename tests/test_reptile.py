@@ -337,6 +337,9 @@ def _ddp_worker(rank: int, world: int, path: str) -> None:
     model((support[0][mine], support[1][mine]), (query[0][mine], query[1][mine])).backward()
     if rank == 0:
         torch.save([p.grad for p in model.module.parameters()], f"{path}.grads")
+    # DDP freed and every rank done before the group goes: gloo aborts otherwise.
+    del model
+    dist.barrier()
     dist.destroy_process_group()
 
 
