@@ -687,9 +687,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(results["cost_table"])
     write_json(args.out / "omniglot.json", results)
-    if not args.eval_only:
+    # Without meta-training there are no curves or learned step sizes to draw.
+    plotted = not args.eval_only and args.iterations > 0
+    if plotted:
         plot(results, args.out / "omniglot.png")
-    print(f"\nwrote {args.out}/omniglot.json" + ("" if args.eval_only else " and omniglot.png"))
+    print(f"\nwrote {args.out}/omniglot.json" + (" and omniglot.png" if plotted else ""))
     return results
 
 

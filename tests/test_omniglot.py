@@ -356,6 +356,21 @@ def test_tiny_run_records_validation_protocols_and_alphabets(tmp_path):
     assert "within-alphabet" in saved["table"] and "Tagalog" in saved["per_alphabet_table"]
 
 
+def test_untrained_run_tests_the_initialization_and_draws_no_empty_plot(tmp_path):
+    fake_set(tmp_path, SMALL1, {"Greek": 4, "Balinese": 4})
+    fake_set(tmp_path, SMALL2, {"Tagalog": 5})
+    out = tmp_path / "out"
+    results = omniglot.main(
+        ["--data", str(tmp_path), "--cache", str(tmp_path / "c"), "--ways", "5", "--shots", "1"]
+        + ["--iterations", "0", "--methods", "maml", "--eval-episodes", "3", "--no-memory"]
+        + ["--val-fraction", "0.25"]
+        + ["--out", str(out)]
+    )
+    assert [run["method"] for run in results["runs"]] == ["maml"]
+    assert 0 <= results["runs"][0]["accuracy"] <= 100
+    assert (out / "omniglot.json").is_file() and not (out / "omniglot.png").exists()
+
+
 @pytest.mark.parametrize("method", ["metasgd", "reptile"])
 def test_checkpoint_loads_with_weights_only_and_evaluates_alike(tmp_path, method):
     fake_set(tmp_path, SMALL1, {"Greek": 3})
