@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from torch_metasgd import MetaSGD, hypergradient
+from torch_metasgd import MetaSGD
 from torch_metasgd._parametrizations import parametrization
 from torch_metasgd.hypergradient import (
     DRIFT,
@@ -617,12 +617,51 @@ def test_a_group_across_devices_learns_as_on_one_device(granularity):
         torch.testing.assert_close(x, y)
 
 
-def test_the_multi_tensor_sums_match_torch_sum():
-    tensors = [torch.randn(shape, dtype=DTYPE) for shape in [(3, 4), (5,), (), (2, 2, 2)]]
-    tensors.append(torch.tensor([1e30, -1e30, 1.0], dtype=DTYPE))
-    sums = hypergradient._sums_multi_tensor(tensors)
-    torch.testing.assert_close(torch.stack(sums)[:-1], torch.stack([t.sum() for t in tensors[:-1]]))
-    assert abs(sums[-1].item() - 1.0) <= 1e30 * 1e-15  # cancellation: accurate to |x|_1 eps
+@pytest.mark.parametrize("granularity", ["element", "tensor"])
+@pytest.mark.parametrize("parametrization", ["identity", "log", "softplus"])
+def test_many_tensors_of_any_size_in_one_group_each_follow_the_closed_form(
+    granularity, parametrization
+):
+    # Sizes around the rule's internal row of 64 elements (several rows, a
+    # partial last row, none at all), three dtypes and a complex parameter in
+    # one group, step sizes spread over e^+-4 so that the cap binds: each
+    # tensor's first update is the closed form of its own g and d, as if alone.
+    shapes = [(3, 50), (64,), (128,), (), (0,), (2, 3, 11), (65,), (70,)]
+    dtypes = [DTYPE] * 5 + [torch.float32, torch.float32, torch.complex128]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.zeros(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
+    for p in params:
+        p.requires_grad_()
+    opt = MetaSGD(
+        params,
+        lr=1e-3,
+        granularity=granularity,
+        parametrization=parametrization,
+        hypergrad_lr=0.1,
+    )
+    with torch.no_grad():
+        for s in opt.meta_parameters():
+            spread = 2 * torch.rand(s.shape, dtype=s.dtype, generator=gen) - 1
+            s.copy_(torch.exp(4 * spread) if parametrization == "identity" else 4 * spread)
+    alpha0 = [opt.effective_lr(p).detach().to(DTYPE) for p in params]
+    last, now = ([torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in params] for _ in "ab")
+    for grads in (last, now):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    for p, a, d, g in zip(params, alpha0, last, now, strict=True):
+        products = (g.conj() * d).real.to(DTYPE)  # Re(conj(g) d): the derivative in a real alpha
+        cosine = products.sum() / (g.to(torch.complex128).abs().norm() * d.abs().norm())
+        if p.numel() == 0:
+            cosine = torch.zeros((), dtype=DTYPE)
+        log_alpha = a.log() + 0.1 * (cosine + DRIFT)
+        if granularity == "element":
+            log_alpha = log_alpha + 0.1 * ELEMENT_RATE * products.sign()
+            log_alpha = torch.minimum(log_alpha, log_alpha.mean() + ELEMENT_SPREAD)
+        assert (log_alpha > math.log(1e-3 * FLOOR)).all()  # the floor plays no part here
+        tolerance = 1e-5 if p.dtype is torch.float32 else 1e-7
+        actual = opt.effective_lr(p).detach().to(DTYPE)
+        torch.testing.assert_close(actual, log_alpha.exp(), rtol=tolerance, atol=0)
 
 
 def test_element_step_sizes_do_not_run_away_from_their_tensor():

@@ -68,7 +68,7 @@ def follow_params(
     param_groups: list[dict[str, Any]],
     step_sizes_by_group: list[list[Tensor]],
     state: dict[Tensor, dict[str, Any]],
-) -> None:
+) -> bool:
     """Move step sizes and state to their parameters' devices and dtypes, if one moved.
 
     The step sizes stay the same Python objects (``.data`` is replaced, as
@@ -76,16 +76,20 @@ def follow_params(
     holds them keeps training them. A step size follows its parameter (a
     ``"group"`` one the group's first); state shaped like a parameter
     (momentum buffer, last direction) takes the parameter's dtype, the
-    rest its step size's.
+    rest its step size's. Returns whether anything moved.
     """
+    any_moved = False
     with torch.no_grad():
         for group, step_sizes in zip(param_groups, step_sizes_by_group, strict=True):
             for p, s in zip(group["params"], step_sizes, strict=True):
                 owner = group["params"][0] if group["granularity"] == "group" else p
                 if moved(owner, s):
                     s.data = s.data.to(device=owner.device, dtype=step_size_dtype(owner.dtype))
+                    any_moved = True
                 entry = state[p]
                 for key, value in entry.items():
                     like = p if value.shape == p.shape else s
                     if value is not s and (value.device, value.dtype) != (like.device, like.dtype):
                         entry[key] = value.to(device=like.device, dtype=like.dtype)
+                        any_moved = True
+    return any_moved

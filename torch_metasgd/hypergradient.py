@@ -89,7 +89,6 @@ must run before the step updates that buffer in place) and ``hypergrad_scale``
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -120,6 +119,8 @@ FLOOR = 1e-3
 
 _LOG_FLOOR = math.log(FLOOR)
 _HALF = (torch.float16, torch.bfloat16)
+#: Elements per row of a :class:`_Workspace`.
+_ROW = 64
 
 
 class _Rule(NamedTuple):
@@ -142,27 +143,29 @@ class _Rule(NamedTuple):
 
 
 class _Part(NamedTuple):
-    """A group's tensors of one device and dtype, in the form the rule computes with."""
+    """A group's tensors of one device and dtype, and the workspace the rule computes them in."""
 
     grads: list[Tensor]
     directions: list[Tensor]
     step_sizes: list[Tensor]
-    scales: list[Tensor]
-    #: Complex tensors, seen as real ones with a trailing dimension of 2.
-    paired: bool
+    #: The running magnitudes v, one per tensor, as one vector (see _Workspace.tie_scales).
+    scales: Tensor
+    workspace: _Workspace
 
     @classmethod
-    def of(cls, grads, directions, step_sizes, scales) -> _Part:
-        dtype = grads[0].dtype
-        if dtype in _HALF:
-            # A product of two half-precision gradients of 1e-4 underflows to 0.
-            grads = [g.float() for g in grads]
-            directions = [d.float() for d in directions]
-        paired = dtype.is_complex
-        if paired:
+    def of(cls, params, grads, directions, step_sizes, state, workspaces, element) -> _Part:
+        shapes = tuple(g.shape for g in grads)
+        # The first parameter tells the part's group: a workspace holds its running magnitudes.
+        key = (id(params[0]), grads[0].device, grads[0].dtype, element, shapes)
+        if key not in workspaces:
+            workspaces[key] = _Workspace(shapes, grads[0].dtype, grads[0].device, element)
+        workspace = workspaces[key]
+        if grads[0].dtype.is_complex:
+            # Real tensors with a trailing dimension of 2, as the workspace holds them.
             grads = [torch.view_as_real(g) for g in grads]
             directions = [torch.view_as_real(d) for d in directions]
-        return cls(grads, directions, step_sizes, scales, paired)
+        scales = workspace.tie_scales(params, step_sizes, state) if step_sizes else None
+        return cls(grads, directions, step_sizes, scales, workspace)
 
 
 def hypergradient_step_(
@@ -171,6 +174,7 @@ def hypergradient_step_(
     grads: list[Tensor],
     step_sizes: list[Tensor],
     state: dict[Tensor, dict[str, Any]],
+    workspaces: dict,
     grad_scale: Tensor | None = None,
 ) -> None:
     """Move the step sizes of ``params`` along the hypergradient of the current loss, in place.
@@ -178,9 +182,11 @@ def hypergradient_step_(
     ``params`` and ``grads`` are those of the group that have a gradient now;
     a parameter without a direction from the last step (the first step, or
     no gradient last time, so the step sizes did not move it) is left out.
-    ``grad_scale``: ``GradScaler``'s scale, by which the gradients of a fused
-    step are still multiplied (a skipped step's infs skip this update too).
-    Must run under ``torch.no_grad()``, before the step.
+    ``workspaces``: a dict that the caller keeps between steps and empties
+    when the parameters move (the rule's scratch buffers, see
+    :class:`_Workspace`). ``grad_scale``: ``GradScaler``'s scale, by which
+    the gradients of a fused step are still multiplied (a skipped step's infs
+    skip this update too). Must run under ``torch.no_grad()``, before the step.
     """
     lr = group["lr"]
     if not isinstance(lr, Tensor) and lr == 0:
@@ -206,18 +212,18 @@ def hypergradient_step_(
         group["lr_min"],
         group["lr_max"],
     )
-    scales = _scales(group, params, step_sizes, state)
     if group["granularity"] == "group":
-        by_device = Optimizer._group_tensors_by_device_and_dtype([grads, directions])
-        parts = [_Part.of(*lists, [], []) for lists, _ in by_device.values()]
-        _group_step_(parts, step_sizes[0], scales[0], rule)
+        by_device = Optimizer._group_tensors_by_device_and_dtype([params, grads, directions])
+        parts = [_Part.of(*lists, [], state, workspaces, False) for lists, _ in by_device.values()]
+        _group_step_(parts, step_sizes[0], _group_scale(group, step_sizes[0], state), rule)
         return
-    step = _tensor_step_ if group["granularity"] == "tensor" else _element_step_
+    element = group["granularity"] == "element"
+    step = _element_step_ if element else _tensor_step_
     by_device = Optimizer._group_tensors_by_device_and_dtype(
-        [grads, directions, step_sizes, scales]
+        [params, grads, directions, step_sizes]
     )
     for lists, _ in by_device.values():
-        step(_Part.of(*lists), rule)
+        step(_Part.of(*lists, state, workspaces, element), rule)
 
 
 def remember_directions(
@@ -240,96 +246,151 @@ def remember_directions(
                 state[p].pop("hypergrad_direction", None)
 
 
-def _scales(group, params, step_sizes, state) -> list[Tensor]:
-    """The running magnitudes :math:`v`: 0-dim, one per parameter or one per group.
+def _group_scale(group, s: Tensor, state) -> Tensor:
+    """A group's running magnitude :math:`v`, one tensor in the state of every parameter.
 
-    Created at 0 (no history), real and at least float32. A group's one scale
-    lives in the state of every parameter of the group as one tensor (a
-    loaded state dict holds copies: they are tied again here).
+    A loaded state dict holds copies: they are tied again here.
     """
-    if group["granularity"] != "group":
-        scales = []
-        for p, s in zip(params, step_sizes, strict=True):
-            entry = state[p]
-            if "hypergrad_scale" not in entry:
-                entry["hypergrad_scale"] = _new_scale(s)
-            scales.append(entry["hypergrad_scale"])
-        return scales
-    scale = state[params[0]].get("hypergrad_scale")
+    scale = state[group["params"][0]].get("hypergrad_scale")
     if scale is None:
-        scale = _new_scale(step_sizes[0])
+        scale = _new_scale(s)
     for p in group["params"]:
         state[p]["hypergrad_scale"] = scale
-    return [scale]
+    return scale
 
 
 def _new_scale(s: Tensor) -> Tensor:
+    """A running magnitude with no history (0), real and at least float32."""
     return torch.zeros((), dtype=torch.promote_types(s.dtype, torch.float32), device=s.device)
 
 
-def _sums(tensors: list[Tensor]) -> Tensor:
-    """The sum of each tensor, stacked."""
-    if tensors[0].device.type == "cpu":
-        # On CPU a multi-tensor kernel is itself a loop over the tensors.
-        return torch.stack([t.sum() for t in tensors])
-    return torch.stack(_sums_multi_tensor(tensors))
+class _Workspace:
+    """Rows of :data:`_ROW` elements into which a part's tensors are copied, each from a new row.
+
+    A tensor's sum is then a sum over its rows, and a value per tensor
+    reaches its elements as a column that broadcasts over its rows, so the
+    rule is a fixed number of kernels whatever the number of tensors
+    (multi-tensor operations cost, on a CPU, a dispatch per tensor and pass).
+    The padding after a tensor's last element stays finite: zeros, moved only
+    by finite per-tensor changes and clamped. Kept between steps, so that its
+    views are made once; its buffers hold about twice the part's elements
+    (three times at ``"element"`` granularity), in the dtype the rule
+    computes in (float32 for half precision, real for complex).
+    """
+
+    def __init__(
+        self,
+        shapes: tuple[torch.Size, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        element: bool,
+    ) -> None:
+        numels = [math.prod(shape) for shape in shapes]
+        rows = [max(1, -(-n // _ROW)) for n in numels]
+        owners = [i for i, r in enumerate(rows) for _ in range(r)]
+        compute = torch.float32 if dtype in _HALF else dtype.to_real()
+        # Cached: made on an accelerator every step, they would wait for the device.
+        self.scale_views: tuple[Tensor, ...] = ()
+        self.rows = torch.tensor(rows, device=device)
+        self.owners = torch.tensor(owners, device=device)
+        self.inverse_counts = (1 / torch.tensor(numels, dtype=compute).clamp_min(1)).to(device)
+        # A complex element is a (real, imaginary) pair: a row holds _ROW pairs.
+        pair = (2,) if dtype.is_complex else ()
+        width = _ROW * (2 if pair else 1)
+        self.grads = torch.zeros(len(owners), width, dtype=compute, device=device)
+        self.directions = torch.zeros_like(self.grads)
+        paired_shapes = [(*shape, *pair) for shape in shapes]
+        self.grad_views = _views(self.grads, paired_shapes, rows)
+        self.direction_views = _views(self.directions, paired_shapes, rows)
+        if element:
+            self.logs = torch.zeros(len(owners), _ROW, dtype=compute, device=device)
+            self.log_views = _views(self.logs, shapes, rows)
+            self.counted = torch.zeros_like(self.logs)
+            for view in _views(self.counted, shapes, rows):
+                view.fill_(1.0)
+
+    def tie_scales(self, params: list[Tensor], step_sizes: list[Tensor], state) -> Tensor:
+        """The parameters' running magnitudes :math:`v` as one vector that their state views.
+
+        Tied at the first step, and again after a load or a move replaced a
+        state entry: a step then reads and moves every :math:`v` of the part
+        in one kernel, not one per parameter.
+        """
+        scales = [state[p].get("hypergrad_scale") for p in params]
+        if len(scales) == len(self.scale_views) and all(
+            a is b for a, b in zip(scales, self.scale_views, strict=True)
+        ):
+            return self.scale_vector
+        self.scale_vector = torch.stack(
+            [_new_scale(s) if v is None else v for v, s in zip(scales, step_sizes, strict=True)]
+        )
+        self.scale_views = self.scale_vector.unbind()
+        for p, v in zip(params, self.scale_views, strict=True):
+            state[p]["hypergrad_scale"] = v
+        return self.scale_vector
+
+    def sums(self, rows: Tensor) -> Tensor:
+        """Per tensor, the sum of its rows' ``rows`` (a value, or a row of values, per row)."""
+        return torch.segment_reduce(rows, "sum", lengths=self.rows, unsafe=True)
+
+    def per_row(self, values: Tensor) -> Tensor:
+        """Each tensor's value (``values``: one per tensor) on each of its rows."""
+        return values.index_select(0, self.owners)
 
 
-def _sums_multi_tensor(tensors: list[Tensor]) -> list[Tensor]:
-    """The sums in four multi-tensor kernels, not one kernel per tensor: |x + |x||_1 - |x|_1."""
-    magnitudes = torch._foreach_abs(tensors)
-    norms = torch._foreach_norm([*torch._foreach_add(tensors, magnitudes), *magnitudes], 1)
-    return torch._foreach_sub(norms[: len(tensors)], norms[len(tensors) :])
+def _views(buffer: Tensor, shapes: list[tuple[int, ...]], rows: list[int]) -> list[Tensor]:
+    """Views of ``buffer`` shaped as ``shapes``, each from the first of its ``rows``."""
+    flat, views, start = buffer.view(-1), [], 0
+    for shape, n in zip(shapes, rows, strict=True):
+        views.append(flat[start : start + math.prod(shape)].view(shape))
+        start += n * buffer.shape[1]
+    return views
 
 
-@functools.lru_cache(maxsize=64)
-def _reciprocal_counts(counts: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    # Cached: creating it on an accelerator every step would wait for the device.
-    return 1 / torch.tensor(counts, dtype=dtype).to(device)
-
-
-def _inner_products(part: _Part) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
-    """``g * d`` per element, and stacked per tensor ``<g, d>``, ``|g|`` and ``|d|``."""
-    n = len(part.grads)
-    norms = torch.stack(torch._foreach_norm([*part.grads, *part.directions]))
-    products = torch._foreach_mul(part.grads, part.directions)
-    dots = _sums(products)
-    if part.paired:
-        products = [p.sum(-1) for p in products]  # Re(conj(g) d) per complex element
-    return products, dots, norms[:n], norms[n:]
+def _inner_products(part: _Part) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``g * d`` per element (in rows), and per tensor ``<g, d>``, ``|g|`` and ``|d|``."""
+    workspace = part.workspace
+    torch._foreach_copy_(workspace.grad_views, part.grads)
+    torch._foreach_copy_(workspace.direction_views, part.directions)
+    g, d = workspace.grads, workspace.directions
+    # A norm is one pass, where a dot product is two (its products, then their sum).
+    g_squares, d_squares = (torch.linalg.vector_norm(x, dim=1).square() for x in (g, d))
+    products = g.mul_(d)
+    sums = workspace.sums(torch.stack([products.sum(1), g_squares, d_squares], 1))
+    if products.shape[1] != _ROW:
+        products = products.view(-1, _ROW, 2).sum(-1)  # Re(conj(g) d) per complex element
+    return products, sums[:, 0], sums[:, 1].sqrt(), sums[:, 2].sqrt()
 
 
 def _tensor_changes(
-    dots: Tensor, g_norms: Tensor, d_norms: Tensor, scales: list[Tensor], beta: float
+    dots: Tensor, g_norms: Tensor, d_norms: Tensor, scales: Tensor, beta: float
 ) -> tuple[Tensor, Tensor]:
-    """Per tensor, stacked: ``beta * (h + DRIFT)`` and 1, or 0 and 0 where either is not finite.
+    """Per tensor: ``beta * (h + DRIFT)`` and 1, or 0 and 0 where either is not finite.
 
-    Moves the running magnitudes ``scales`` (not where the hypergradient is not
-    finite); a scale of 0 (no history) starts at the magnitude itself, and
-    ``h`` is 0 where ``v`` is.
+    Moves the running magnitudes ``scales`` in place (not where the
+    hypergradient is not finite); a scale of 0 (no history) starts at the
+    magnitude itself, and ``h`` is 0 where ``v`` is.
     """
-    old = torch.stack(scales)
-    dots, magnitudes = dots.to(old.dtype), (g_norms * d_norms).to(old.dtype)
-    v = torch.where(old == 0, magnitudes, torch.lerp(magnitudes, old, SCALE_DECAY))
+    dots, magnitudes = dots.to(scales.dtype), (g_norms * d_norms).to(scales.dtype)
+    v = torch.where(scales == 0, magnitudes, torch.lerp(magnitudes, scales, SCALE_DECAY))
     h = (dots / v.clamp_min(torch.finfo(v.dtype).tiny)).clamp(-MAX_SHRINK, 1.0)
     finite = torch.isfinite(h) & torch.isfinite(v)
-    torch._foreach_copy_(scales, torch.where(finite, v, old).unbind())
+    scales.copy_(torch.where(finite, v, scales))
     return torch.where(finite, beta * (h + DRIFT), 0.0), finite.to(v.dtype)
 
 
 def _element_step_(part: _Part, rule: _Rule) -> None:
     products, dots, g_norms, d_norms = _inner_products(part)
     changes, finite = _tensor_changes(dots, g_norms, d_norms, part.scales, rule.beta)
-    signs = products
-    torch._foreach_sign_(signs)  # sign(nan) = 0
-    logs = _log_ratios(part.step_sizes, rule)
-    torch._foreach_add_(logs, changes.unbind())
-    torch._foreach_addcmul_(logs, signs, (finite * (rule.beta * ELEMENT_RATE)).unbind())
-    torch._foreach_clamp_min_(logs, _LOG_FLOOR)
-    sums = _sums(logs)
-    counts = _reciprocal_counts(tuple(t.numel() for t in logs), sums.dtype, sums.device)
-    torch._foreach_minimum_(logs, (sums * counts + ELEMENT_SPREAD).unbind())
-    _store_(part.step_sizes, logs, rule)
+    workspace = part.workspace
+    torch._foreach_copy_(workspace.log_views, part.step_sizes)
+    logs = _log_ratios_(workspace.logs, rule)
+    per_row = workspace.per_row(torch.stack([changes, finite * (rule.beta * ELEMENT_RATE)], 1))
+    logs.add_(per_row[:, :1]).addcmul_(products.sign_(), per_row[:, 1:])  # sign(nan) = 0
+    logs.clamp_min_(_LOG_FLOOR)
+    means = workspace.sums(torch.linalg.vecdot(logs, workspace.counted)) * workspace.inverse_counts
+    torch.minimum(logs, workspace.per_row(means + ELEMENT_SPREAD)[:, None], out=logs)
+    _store_(part.step_sizes, logs, workspace.log_views, rule)
 
 
 def _tensor_step_(part: _Part, rule: _Rule) -> None:
@@ -348,47 +409,43 @@ def _group_step_(parts: list[_Part], s: Tensor, scale: Tensor, rule: _Rule) -> N
         g_square = g_square + g_norms.square().sum().to(scale)
         d_square = d_square + d_norms.square().sum().to(scale)
     changes, _ = _tensor_changes(
-        dot[None], g_square.sqrt()[None], d_square.sqrt()[None], [scale], rule.beta
+        dot[None], g_square.sqrt()[None], d_square.sqrt()[None], scale.view(1), rule.beta
     )
     _vector_step_(s.view(1), changes, rule)
 
 
 def _vector_step_(s: Tensor, changes: Tensor, rule: _Rule) -> None:
     """The tensor-level update of a vector of step sizes ``s``, one change each, in place."""
-    logs = _log_ratios([s], rule)
-    logs[0].add_(changes).clamp_min_(_LOG_FLOOR)
-    _store_([s], logs, rule)
+    logs = _log_ratios_(s.clone(), rule).add_(changes).clamp_min_(_LOG_FLOOR)
+    _store_([s], logs, [logs], rule)
 
 
-def _log_ratios(step_sizes: list[Tensor], rule: _Rule) -> list[Tensor]:
-    """``log(alpha / lr)``, lifted to the floor; the step sizes themselves in log space."""
+def _log_ratios_(s: Tensor, rule: _Rule) -> Tensor:
+    """``s`` (a copy of step sizes) made ``log(alpha / lr)``, lifted to the floor, in place."""
     if rule.in_log_space:
-        torch._foreach_clamp_min_(step_sizes, _LOG_FLOOR)
-        return step_sizes
-    if rule.phi.is_identity and not rule.bounded:
-        ratios = step_sizes
-    else:
-        ratios = [
-            effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max) / rule.lr
-            for s in step_sizes
-        ]
-    logs = torch._foreach_clamp_min(ratios, FLOOR)
-    torch._foreach_log_(logs)
-    return logs
+        return s.clamp_min_(_LOG_FLOOR)
+    if not (rule.phi.is_identity and not rule.bounded):
+        s.copy_(effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max) / rule.lr)
+    return s.clamp_min_(FLOOR).log_()
 
 
-def _store_(step_sizes: list[Tensor], logs: list[Tensor], rule: _Rule) -> None:
-    """Write ``alpha / lr = exp(logs)`` into the step sizes, within the bounds."""
+def _store_(step_sizes: list[Tensor], logs: Tensor, views: list[Tensor], rule: _Rule) -> None:
+    """Write ``alpha / lr = exp(logs)`` into the step sizes, within the bounds.
+
+    ``views``: ``logs`` as one tensor per step size.
+    """
     if rule.in_log_space:
+        torch._foreach_copy_(step_sizes, views)
         return
     if rule.phi.is_identity and not rule.bounded:
-        torch._foreach_exp_(logs)
-        torch._foreach_copy_(step_sizes, logs)
+        logs.exp_()
+        torch._foreach_copy_(step_sizes, views)
         return
-    for s, new_logs, old_logs in zip(step_sizes, logs, _log_ratios(step_sizes, rule), strict=True):
+    for s, new_logs in zip(step_sizes, views, strict=True):
         alpha = new_logs.exp() * rule.lr
         if rule.bounded:
             alpha = alpha.clamp(rule.lr_min, rule.lr_max)
         new = rule.phi.inverse(alpha / rule.lr)
+        old_logs = _log_ratios_(s.clone(), rule)
         # Where alpha did not move, s stays exact rather than make a round trip through phi.
         s.copy_(torch.where(torch.isfinite(new) & (new_logs != old_logs), new, s))

@@ -168,6 +168,7 @@ class MetaSGD(Optimizer):
         # step() reads each group's step sizes from this list: hashing every
         # parameter into self.state costs as much as the update on small tensors.
         self._step_sizes: list[list[Tensor]] = []
+        self._hypergradient_workspaces: dict = {}
         super().__init__(params, defaults)
         if fused:
             # GradScaler hands a fused step its scale and inf flag instead of unscaling.
@@ -190,6 +191,7 @@ class MetaSGD(Optimizer):
             group.setdefault("lr_min", None)
             group.setdefault("lr_max", None)
             group.setdefault("hypergrad_lr", 0.0)
+        self._hypergradient_workspaces = {}
         self._list_step_sizes()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -259,7 +261,9 @@ class MetaSGD(Optimizer):
         return _kernels.effective_lrs(group, [self.step_size(p)])[0]
 
     def _follow_params(self) -> None:
-        follow_params(self.param_groups, self._step_sizes, self.state)
+        if follow_params(self.param_groups, self._step_sizes, self.state):
+            # Scratch buffers on the old device or in the old dtype.
+            self._hypergradient_workspaces.clear()
 
     def state_dict(self) -> dict[str, Any]:
         self._follow_params()
@@ -373,7 +377,13 @@ class MetaSGD(Optimizer):
                 # Before the update: the last direction may be the momentum
                 # buffer, which the update advances in place.
                 hypergradient.hypergradient_step_(
-                    group, params, grads, step_sizes, self.state, amp["grad_scale"]
+                    group,
+                    params,
+                    grads,
+                    step_sizes,
+                    self.state,
+                    self._hypergradient_workspaces,
+                    amp["grad_scale"],
                 )
             if group["fused"] or amp["grad_scale"] is not None or amp["found_inf"] is not None:
                 directions = _fused.metasgd_fused(
