@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -662,6 +663,116 @@ def test_many_tensors_of_any_size_in_one_group_each_follow_the_closed_form(
         tolerance = 1e-5 if p.dtype is torch.float32 else 1e-7
         actual = opt.effective_lr(p).detach().to(DTYPE)
         torch.testing.assert_close(actual, log_alpha.exp(), rtol=tolerance, atol=0)
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize("parametrization", ["identity", "log"])
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        dict(),
+        dict(momentum=0.9),
+        dict(momentum=0.9, dampening=0.3, weight_decay=0.01),
+        dict(momentum=0.5, nesterov=True, maximize=True),
+    ],
+    ids=["plain", "momentum", "dampening-wd", "nesterov-maximize"],
+)
+def test_every_online_step_moves_each_parameter_by_its_step_sizes_times_sgds_direction(
+    granularity, parametrization, hyper
+):
+    # theta_t = theta_{t-1} - alpha_t * d_t, alpha_t as the optimizer reports it
+    # after the step, d_t SGD's direction written here. Tensors of sizes around
+    # the rule's internal rows; one parameter misses a step (no gradient), and
+    # the optimizer is saved and reloaded half way.
+    shapes = [(3, 50), (64,), (), (2, 3, 11), (70,)]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(shape, dtype=DTYPE, generator=gen).requires_grad_() for shape in shapes]
+
+    def make(params):
+        return MetaSGD(
+            params,
+            lr=0.01,
+            granularity=granularity,
+            parametrization=parametrization,
+            hypergrad_lr=0.1,
+            **hyper,
+        )
+
+    opt = make(params)
+    momentum, dampening = hyper.get("momentum", 0.0), hyper.get("dampening", 0.0)
+    sign = -1.0 if hyper.get("maximize") else 1.0
+    buffers = [None] * len(params)
+    for step in range(8):
+        if step == 4:
+            saved = io.BytesIO()
+            torch.save(opt.state_dict(), saved)
+            saved.seek(0)
+            opt = make(params)
+            opt.load_state_dict(torch.load(saved))
+        grads = [torch.randn(p.shape, dtype=DTYPE, generator=gen) for p in params]
+        skipped = 3 if step == 2 else None
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            p.grad = None if i == skipped else g.clone()
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        for i, (p, g, old) in enumerate(zip(params, grads, before, strict=True)):
+            if i == skipped:
+                torch.testing.assert_close(p.detach(), old, rtol=0, atol=0)
+                continue
+            g = sign * g + hyper.get("weight_decay", 0.0) * old
+            d = g
+            if momentum:
+                b = g if buffers[i] is None else momentum * buffers[i] + (1 - dampening) * g
+                buffers[i] = b
+                d = g + momentum * b if hyper.get("nesterov") else b
+                torch.testing.assert_close(opt.state[p]["momentum_buffer"], b)
+            expected = old - opt.effective_lr(p).detach() * d
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("parametrization", ["identity", "log"])
+def test_step_sizes_changed_between_steps_in_place_or_replaced_are_where_the_next_step_starts(
+    parametrization,
+):
+    # The same gradient twice from a fresh optimizer: the first hypergradient
+    # is a cosine of 1, so every step size grows by e^(beta (1 + DRIFT + ELEMENT_RATE)).
+    params = [torch.ones(70, dtype=DTYPE, requires_grad=True) for _ in range(3)]
+    opt = MetaSGD(params, lr=0.1, hypergrad_lr=0.1, parametrization=parametrization)
+    grads = [torch.linspace(1, 2, 70, dtype=DTYPE) for _ in params]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    opt.step()
+    start = [1.0, 2.0, 3.0]  # alpha / lr: as it was, changed in place, replaced
+    with torch.no_grad():
+        opt.step_size(params[1]).copy_(_step_size_for(2.0, parametrization))
+        replaced = opt.step_size(params[2])
+        replaced.data = torch.full_like(replaced, _step_size_for(3.0, parametrization))
+    opt.step()
+    growth = math.exp(0.1 * (1 + DRIFT + ELEMENT_RATE))
+    for p, a in zip(params, start, strict=True):
+        expected = torch.full((70,), 0.1 * a * growth, dtype=DTYPE)
+        torch.testing.assert_close(opt.effective_lr(p).detach(), expected)
+    assert opt.step_size(params[2]) is replaced
+
+
+def _step_size_for(ratio: float, name: str) -> float:
+    """The s at which alpha / lr = ratio."""
+    return ratio if name == "identity" else math.log(ratio)
+
+
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+def test_a_deep_copy_of_model_and_optimizer_trains_as_the_original(granularity):
+    model, opt = _train(
+        lambda ps: MetaSGD(ps, lr=0.05, momentum=0.9, granularity=granularity, hypergrad_lr=0.1)
+    )
+    _run(model, opt, 5, seed=1)
+    twin, twin_opt = copy.deepcopy((model, opt))
+    _run(model, opt, 5, seed=2)
+    _run(twin, twin_opt, 5, seed=2)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        torch.testing.assert_close(opt.step_size(p), twin_opt.step_size(q), rtol=0, atol=0)
+        assert opt.step_size(p).data_ptr() != twin_opt.step_size(q).data_ptr()
 
 
 def test_element_step_sizes_do_not_run_away_from_their_tensor():

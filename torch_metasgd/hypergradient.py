@@ -96,7 +96,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from ._kernels import effective_lr
+from ._kernels import IN_PLACE, effective_lr, sgd_direction
 from ._parametrizations import Parametrization, parametrization
 
 __all__ = [
@@ -108,6 +108,8 @@ __all__ = [
     "FLOOR",
     "hypergradient_step_",
     "remember_directions",
+    "steps_in_workspace",
+    "online_step_",
 ]
 
 SCALE_DECAY = 0.99
@@ -132,6 +134,16 @@ class _Rule(NamedTuple):
     lr_min: float | None
     lr_max: float | None
 
+    @classmethod
+    def of(cls, group: dict[str, Any]) -> _Rule:
+        return cls(
+            group["hypergrad_lr"],
+            group["lr"],
+            parametrization(group["parametrization"]),
+            group["lr_min"],
+            group["lr_max"],
+        )
+
     @property
     def bounded(self) -> bool:
         return self.lr_min is not None or self.lr_max is not None
@@ -141,31 +153,25 @@ class _Rule(NamedTuple):
         # s = log(alpha / lr): the rule's own variable, updated in place.
         return self.phi.is_exp and not self.bounded
 
+    @property
+    def folds_into_lr(self) -> bool:
+        # alpha = lr * phi(s): a float lr scales the update, not every alpha.
+        return not self.bounded and not isinstance(self.lr, Tensor)
+
 
 class _Part(NamedTuple):
-    """A group's tensors of one device and dtype, and the workspace the rule computes them in."""
+    """A group's parameters of one device and dtype, and the workspace they step in."""
 
+    params: list[Tensor]
     grads: list[Tensor]
-    directions: list[Tensor]
     step_sizes: list[Tensor]
-    #: The running magnitudes v, one per tensor, as one vector (see _Workspace.tie_scales).
-    scales: Tensor
     workspace: _Workspace
-
-    @classmethod
-    def of(cls, params, grads, directions, step_sizes, state, workspaces, element) -> _Part:
-        shapes = tuple(g.shape for g in grads)
-        # The first parameter tells the part's group: a workspace holds its running magnitudes.
-        key = (id(params[0]), grads[0].device, grads[0].dtype, element, shapes)
-        if key not in workspaces:
-            workspaces[key] = _Workspace(shapes, grads[0].dtype, grads[0].device, element)
-        workspace = workspaces[key]
-        if grads[0].dtype.is_complex:
-            # Real tensors with a trailing dimension of 2, as the workspace holds them.
-            grads = [torch.view_as_real(g) for g in grads]
-            directions = [torch.view_as_real(d) for d in directions]
-        scales = workspace.tie_scales(params, step_sizes, state) if step_sizes else None
-        return cls(grads, directions, step_sizes, scales, workspace)
+    #: The running magnitudes v, one per tensor (see _Workspace.tie_scales); None for "group".
+    scales: Tensor | None
+    #: Whether the last directions were the workspace's views already.
+    tied: bool
+    #: The momentum buffers in the state (None before the first step, or without momentum).
+    momentum_buffers: list[Tensor | None]
 
 
 def hypergradient_step_(
@@ -183,47 +189,27 @@ def hypergradient_step_(
     a parameter without a direction from the last step (the first step, or
     no gradient last time, so the step sizes did not move it) is left out.
     ``workspaces``: a dict that the caller keeps between steps and empties
-    when the parameters move (the rule's scratch buffers, see
-    :class:`_Workspace`). ``grad_scale``: ``GradScaler``'s scale, by which
-    the gradients of a fused step are still multiplied (a skipped step's infs
-    skip this update too). Must run under ``torch.no_grad()``, before the step.
+    when the parameters move (see :class:`_Workspace`). ``grad_scale``:
+    ``GradScaler``'s scale, by which the gradients of a fused step are still
+    multiplied (a skipped step's infs skip this update too). Must run under
+    ``torch.no_grad()``, before the step.
     """
-    lr = group["lr"]
-    if not isinstance(lr, Tensor) and lr == 0:
-        return
+    entries = [state[p] for p in params]
     kept = [
-        (p, g, s, state[p]["hypergrad_direction"])
-        for p, g, s in zip(params, grads, step_sizes, strict=True)
-        if "hypergrad_direction" in state[p]
+        (p, g, s, entry["hypergrad_direction"], entry.get("hypergrad_scale"))
+        for p, g, s, entry in zip(params, grads, step_sizes, entries, strict=True)
+        if "hypergrad_direction" in entry
     ]
-    if not kept:
+    if not kept or _learns_nothing(group):
         return
-    params, grads, step_sizes, directions = map(list, zip(*kept, strict=True))
+    params, grads, step_sizes, directions, scales = map(list, zip(*kept, strict=True))
     if grad_scale is not None:
         grads = torch._foreach_div(grads, grad_scale)
-    if group["maximize"]:
-        grads = torch._foreach_neg(grads)
-    if group["weight_decay"] != 0:
-        grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-    rule = _Rule(
-        group["hypergrad_lr"],
-        lr,
-        parametrization(group["parametrization"]),
-        group["lr_min"],
-        group["lr_max"],
+    grads = _objective_gradients(group, params, grads)
+    parts = _parts(
+        group, params, grads, step_sizes, directions, scales, [], "directions", state, workspaces
     )
-    if group["granularity"] == "group":
-        by_device = Optimizer._group_tensors_by_device_and_dtype([params, grads, directions])
-        parts = [_Part.of(*lists, [], state, workspaces, False) for lists, _ in by_device.values()]
-        _group_step_(parts, step_sizes[0], _group_scale(group, step_sizes[0], state), rule)
-        return
-    element = group["granularity"] == "element"
-    step = _element_step_ if element else _tensor_step_
-    by_device = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, directions, step_sizes]
-    )
-    for lists, _ in by_device.values():
-        step(_Part.of(*lists, state, workspaces, element), rule)
+    _rule_(group, parts, "directions", state)
 
 
 def remember_directions(
@@ -246,6 +232,217 @@ def remember_directions(
                 state[p].pop("hypergrad_direction", None)
 
 
+def steps_in_workspace(
+    group: dict[str, Any], grads: list[Tensor], momentum_buffers: list[Tensor | None], amp: bool
+) -> bool:
+    """Whether :func:`online_step_` takes ``group``'s step (``fused`` or not: it is a
+    fixed number of kernels already).
+
+    It does for float32 and float64 gradients, unless a ``GradScaler`` hands
+    the step its scale (``amp``), or some parameters have a momentum buffer
+    and others not yet (their first buffer is their direction).
+    """
+    if amp or not all(g.dtype in _WHOLE_STEP_DTYPES for g in grads):
+        return False
+    fresh = [buf is None for buf in momentum_buffers]
+    return all(fresh) or not any(fresh)
+
+
+def online_step_(
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    step_sizes: list[Tensor],
+    state: dict[Tensor, dict[str, Any]],
+    workspaces: dict,
+) -> None:
+    r"""The whole step of a group with online step sizes, in its workspaces, in place.
+
+    The hypergradient update of the step sizes, then
+    :math:`\theta \leftarrow \theta - \alpha \odot d` with SGD's direction
+    (:func:`~torch_metasgd._kernels.sgd_direction` on the workspace's rows).
+    The momentum buffers and last directions in the state are views of the
+    workspace (tied at the first step, and again after a load or a move), so
+    a step copies each gradient in, and each parameter's update out, once.
+    ``momentum_buffers``: the state's (empty without momentum). Where
+    :func:`steps_in_workspace` says so; must run under ``torch.no_grad()``.
+    """
+    entries = [state[p] for p in params]
+    directions = [entry.get("hypergrad_direction") for entry in entries]
+    learns = all(d is not None for d in directions) and not _learns_nothing(group)
+    if not learns:
+        # The first step, or a parameter back after a step without a gradient.
+        hypergradient_step_(group, params, grads, step_sizes, state, workspaces)
+    slot = _direction_slot(group)
+    grads = _objective_gradients(group, params, grads)
+    scales = [entry.get("hypergrad_scale") for entry in entries]
+    parts = _parts(
+        group,
+        params,
+        grads,
+        step_sizes,
+        directions if learns else [],
+        scales,
+        momentum_buffers,
+        slot,
+        state,
+        workspaces,
+    )
+    if learns:
+        _rule_(group, parts, slot, state)
+    for part in parts:
+        _update_(group, part, state, learns)
+    if not (learns and all(part.tied for part in parts) and len(params) == len(group["params"])):
+        remember_directions(
+            group,
+            [p for part in parts for p in part.params],
+            [d for part in parts for d in part.workspace.views(slot)],
+            state,
+        )
+
+
+#: Dtypes whose momentum buffers and directions can live in a workspace as themselves.
+_WHOLE_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def _learns_nothing(group: dict[str, Any]) -> bool:
+    lr = group["lr"]
+    return not isinstance(lr, Tensor) and lr == 0
+
+
+def _objective_gradients(group, params, grads) -> list[Tensor]:
+    """The gradients of the objective the step descends: ``+-grad + weight_decay * param``."""
+    if group["maximize"]:
+        grads = torch._foreach_neg(grads)
+    if group["weight_decay"] != 0:
+        grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+    return grads
+
+
+def _direction_slot(group: dict[str, Any]) -> str:
+    # With momentum and without nesterov, the direction is the momentum buffer itself.
+    return "buffers" if group["momentum"] != 0 and not group["nesterov"] else "directions"
+
+
+def _parts(
+    group, params, grads, step_sizes, directions, scales, momentum_buffers, slot, state, workspaces
+) -> list[_Part]:
+    """The group's tensors by device and dtype, each part's gradients (and ``directions``,
+    unless empty) in its workspace, the directions in buffer ``slot``.
+
+    ``scales`` and ``momentum_buffers`` (empty without momentum): the state's, None where
+    there is none yet.
+    """
+    n = len(params)
+    lists = [
+        params,
+        grads,
+        step_sizes,
+        scales,
+        directions or [None] * n,
+        momentum_buffers or [None] * n,
+    ]
+    parts = []
+    for (
+        part_params,
+        part_grads,
+        part_step_sizes,
+        part_scales,
+        part_directions,
+        part_buffers,
+    ), _ in Optimizer._group_tensors_by_device_and_dtype(lists).values():
+        shapes = tuple(p.shape for p in part_params)
+        # The first parameter tells the part's group: a workspace holds its running magnitudes.
+        key = (id(part_params[0]), part_params[0].device, part_params[0].dtype, shapes)
+        if key not in workspaces:
+            workspaces[key] = _Workspace(shapes, part_params[0].dtype, part_params[0].device)
+        workspace = workspaces[key]
+        workspace.load("grads", part_grads)
+        tied = bool(directions) and not workspace.load(slot, part_directions)
+        if group["granularity"] != "group":
+            part_scales = workspace.tie_scales(part_params, part_step_sizes, part_scales, state)
+        parts.append(
+            _Part(
+                part_params, part_grads, part_step_sizes, workspace, part_scales, tied, part_buffers
+            )
+        )
+    return parts
+
+
+def _rule_(group, parts: list[_Part], slot: str, state) -> None:
+    """The hypergradient update of every part's step sizes (directions in buffer ``slot``)."""
+    rule = _Rule.of(group)
+    if group["granularity"] == "group":
+        s = parts[0].step_sizes[0]
+        _group_step_(parts, slot, s, _group_scale(group, s, state), rule)
+    elif group["granularity"] == "tensor":
+        for part in parts:
+            _tensor_step_(part, slot, rule)
+    else:
+        for part in parts:
+            _element_step_(part, slot, rule)
+
+
+def _update_(group, part: _Part, state, learned: bool) -> None:
+    r"""The part's step :math:`\theta \leftarrow \theta - \alpha \odot d`, in its workspace.
+
+    ``learned``: the rule has just run, and left the part's step sizes in the
+    workspace (``"element"``, ``"tensor"``). Leaves the direction in the workspace's buffer
+    :func:`_direction_slot`, and the momentum buffers in ``"buffers"``.
+    """
+    workspace, rule = part.workspace, _Rule.of(group)
+    momentum, nesterov = group["momentum"], group["nesterov"]
+    g = workspace.buffer("grads")
+    if momentum == 0:
+        d = g
+    else:
+        buffers, views = workspace.buffer("buffers"), workspace.views("buffers")
+        held = part.momentum_buffers
+        first = held[0] is None  # then every buffer is new (steps_in_workspace)
+        tied = not first and workspace.holds("buffers", held)
+        if not first and not tied:
+            torch._foreach_copy_(views, held)
+        # Maximize and weight decay are in g already (_objective_gradients).
+        options = (0, momentum, group["dampening"], nesterov, False)
+        d, new = sgd_direction(None, g, None if first else buffers, *options, IN_PLACE)
+        if first:
+            buffers.copy_(new)
+            d = d if nesterov else buffers
+        if not tied:
+            for p, view in zip(part.params, views, strict=True):
+                state[p]["momentum_buffer"] = view
+    if _direction_slot(group) == "directions":
+        # Kept for the next step, where the next gradient takes g's place.
+        d = workspace.buffer("directions").copy_(d)
+    # alpha * d goes where g was: its views have the parameters' shapes.
+    torch.mul(d, _step_size_factors(group, part, rule, learned), out=g)
+    if rule.folds_into_lr:
+        torch._foreach_add_(part.params, workspace.views("grads"), alpha=-rule.lr)
+    else:
+        torch._foreach_sub_(part.params, workspace.views("grads"))
+
+
+def _step_size_factors(group, part: _Part, rule: _Rule, learned: bool) -> Tensor:
+    """``alpha`` (``alpha / lr`` where lr folds into the update), broadcastable to the rows."""
+    workspace = part.workspace
+    granularity = group["granularity"]
+    if granularity == "element":
+        s = (
+            workspace.buffer("steps")
+            if learned
+            else _element_steps(workspace, part.step_sizes, rule)
+        )
+    elif granularity == "tensor":
+        stacked = workspace.tensor_step_sizes if learned else torch.stack(part.step_sizes)
+        s = workspace.per_row(stacked)[:, None]
+    else:
+        s = part.step_sizes[0]
+    if rule.folds_into_lr:
+        return rule.phi.forward(s)
+    return effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max)
+
+
 def _group_scale(group, s: Tensor, state) -> Tensor:
     """A group's running magnitude :math:`v`, one tensor in the state of every parameter.
 
@@ -265,58 +462,99 @@ def _new_scale(s: Tensor) -> Tensor:
 
 
 class _Workspace:
-    """Rows of :data:`_ROW` elements into which a part's tensors are copied, each from a new row.
+    """Buffers of rows of :data:`_ROW` elements, one row or more per tensor of a part.
 
-    A tensor's sum is then a sum over its rows, and a value per tensor
-    reaches its elements as a column that broadcasts over its rows, so the
-    rule is a fixed number of kernels whatever the number of tensors
-    (multi-tensor operations cost, on a CPU, a dispatch per tensor and pass).
-    The padding after a tensor's last element stays finite: zeros, moved only
-    by finite per-tensor changes and clamped. Kept between steps, so that its
-    views are made once; its buffers hold about twice the part's elements
-    (three times at ``"element"`` granularity), in the dtype the rule
-    computes in (float32 for half precision, real for complex).
+    Each tensor starts a row, with zeros after its last element. A tensor's
+    sum is then a sum over its rows, and a value per tensor reaches its
+    elements as a column that broadcasts over its rows: the rule and the step
+    are a fixed number of kernels whatever the number of tensors, where
+    multi-tensor (``torch._foreach_*``) operations cost, on a CPU, a dispatch
+    per tensor and pass. Each buffer, made at first use, has views shaped as
+    the tensors (complex ones as real pairs); padding stays finite.
+
+    Kept between steps, so that the views are made once. Its buffers, in the
+    dtype the rule computes in (float32 for half precision, real for complex),
+    hold the gradients, the products of the last direction and the
+    gradient (``"element"``), the step sizes (``"element"``), the momentum
+    buffers and the last directions (with nesterov or without momentum):
+    about three times the part's parameters at ``"element"`` granularity, one
+    or two otherwise, beyond the momentum buffers, which live here.
     """
 
     def __init__(
-        self,
-        shapes: tuple[torch.Size, ...],
-        dtype: torch.dtype,
-        device: torch.device,
-        element: bool,
+        self, shapes: tuple[torch.Size, ...], dtype: torch.dtype, device: torch.device
     ) -> None:
+        self.shapes = shapes
+        self.dtype = torch.float32 if dtype in _HALF else dtype.to_real()
+        self.device = device
+        self.paired = dtype.is_complex
         numels = [math.prod(shape) for shape in shapes]
-        rows = [max(1, -(-n // _ROW)) for n in numels]
-        owners = [i for i, r in enumerate(rows) for _ in range(r)]
-        compute = torch.float32 if dtype in _HALF else dtype.to_real()
+        self.row_counts = [max(1, -(-n // _ROW)) for n in numels]
+        ends = torch.tensor(self.row_counts).cumsum(0)
         # Cached: made on an accelerator every step, they would wait for the device.
+        self.rows = torch.tensor(self.row_counts, device=device)
+        self.owners = torch.repeat_interleave(torch.arange(len(shapes)), self.rows.cpu()).to(device)
+        self.last_rows = (ends - 1).to(device)
+        left = torch.tensor(
+            [n - (r - 1) * _ROW for n, r in zip(numels, self.row_counts, strict=True)]
+        )
+        self.last_row_mask = (torch.arange(_ROW) < left[:, None]).to(self.dtype).to(device)
+        self.inverse_counts = (1 / torch.tensor(numels, dtype=self.dtype).clamp_min(1)).to(device)
         self.scale_views: tuple[Tensor, ...] = ()
-        self.rows = torch.tensor(rows, device=device)
-        self.owners = torch.tensor(owners, device=device)
-        self.inverse_counts = (1 / torch.tensor(numels, dtype=compute).clamp_min(1)).to(device)
-        # A complex element is a (real, imaginary) pair: a row holds _ROW pairs.
-        pair = (2,) if dtype.is_complex else ()
-        width = _ROW * (2 if pair else 1)
-        self.grads = torch.zeros(len(owners), width, dtype=compute, device=device)
-        self.directions = torch.zeros_like(self.grads)
-        paired_shapes = [(*shape, *pair) for shape in shapes]
-        self.grad_views = _views(self.grads, paired_shapes, rows)
-        self.direction_views = _views(self.directions, paired_shapes, rows)
-        if element:
-            self.logs = torch.zeros(len(owners), _ROW, dtype=compute, device=device)
-            self.log_views = _views(self.logs, shapes, rows)
-            self.counted = torch.zeros_like(self.logs)
-            for view in _views(self.counted, shapes, rows):
-                view.fill_(1.0)
+        self.tensor_step_sizes: Tensor | None = None
+        self._buffers: dict[str, tuple[Tensor, list[Tensor]]] = {}
 
-    def tie_scales(self, params: list[Tensor], step_sizes: list[Tensor], state) -> Tensor:
-        """The parameters' running magnitudes :math:`v` as one vector that their state views.
+    def _get(self, name: str) -> tuple[Tensor, list[Tensor]]:
+        if name not in self._buffers:
+            # Gradients and directions of complex tensors come as (real, imaginary) pairs.
+            pair = (2,) if self.paired and name in ("grads", "directions", "products") else ()
+            buffer = torch.zeros(
+                sum(self.row_counts),
+                _ROW * (2 if pair else 1),
+                dtype=self.dtype,
+                device=self.device,
+            )
+            flat, views, start = buffer.view(-1), [], 0
+            for shape, rows in zip(self.shapes, self.row_counts, strict=True):
+                views.append(
+                    flat[start : start + math.prod(shape) * (2 if pair else 1)].view(
+                        (*shape, *pair)
+                    )
+                )
+                start += rows * buffer.shape[1]
+            self._buffers[name] = buffer, views
+        return self._buffers[name]
+
+    def buffer(self, name: str) -> Tensor:
+        return self._get(name)[0]
+
+    def views(self, name: str) -> list[Tensor]:
+        return self._get(name)[1]
+
+    def holds(self, name: str, tensors: list[Tensor | None]) -> bool:
+        """Whether ``tensors`` are this workspace's views ``name`` (so hold its values already)."""
+        views = self.views(name)
+        return len(tensors) == len(views) and all(
+            t is v for t, v in zip(tensors, views, strict=True)
+        )
+
+    def load(self, name: str, tensors: list[Tensor]) -> bool:
+        """Copy ``tensors`` into buffer ``name`` unless they are its views; whether it did."""
+        if self.holds(name, tensors):
+            return False
+        if self.paired and name in ("grads", "directions"):
+            tensors = [torch.view_as_real(t) for t in tensors]
+        torch._foreach_copy_(self.views(name), tensors)
+        return True
+
+    def tie_scales(self, params, step_sizes, scales: list[Tensor | None], state) -> Tensor:
+        """The parameters' running magnitudes :math:`v` (``scales``, the state's, None where
+        there is none yet) as one vector that their state views.
 
         Tied at the first step, and again after a load or a move replaced a
         state entry: a step then reads and moves every :math:`v` of the part
         in one kernel, not one per parameter.
         """
-        scales = [state[p].get("hypergrad_scale") for p in params]
         if len(scales) == len(self.scale_views) and all(
             a is b for a, b in zip(scales, self.scale_views, strict=True)
         ):
@@ -333,32 +571,37 @@ class _Workspace:
         """Per tensor, the sum of its rows' ``rows`` (a value, or a row of values, per row)."""
         return torch.segment_reduce(rows, "sum", lengths=self.rows, unsafe=True)
 
+    def element_sums(self, x: Tensor) -> Tensor:
+        """Per tensor, the sum of its elements (not its padding) in rows ``x``."""
+        rows = x.sum(1)
+        last = torch.linalg.vecdot(x.index_select(0, self.last_rows), self.last_row_mask)
+        return self.sums(rows.index_copy_(0, self.last_rows, last))
+
     def per_row(self, values: Tensor) -> Tensor:
         """Each tensor's value (``values``: one per tensor) on each of its rows."""
         return values.index_select(0, self.owners)
 
 
-def _views(buffer: Tensor, shapes: list[tuple[int, ...]], rows: list[int]) -> list[Tensor]:
-    """Views of ``buffer`` shaped as ``shapes``, each from the first of its ``rows``."""
-    flat, views, start = buffer.view(-1), [], 0
-    for shape, n in zip(shapes, rows, strict=True):
-        views.append(flat[start : start + math.prod(shape)].view(shape))
-        start += n * buffer.shape[1]
-    return views
+def _inner_products(
+    part: _Part, slot: str, element: bool
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """``g * d`` per element (in rows, if ``element``), and per tensor ``<g, d>``, ``|g|``, ``|d|``.
 
-
-def _inner_products(part: _Part) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``g * d`` per element (in rows), and per tensor ``<g, d>``, ``|g|`` and ``|d|``."""
+    ``d``: the last directions, in the workspace's buffer ``slot``.
+    """
     workspace = part.workspace
-    torch._foreach_copy_(workspace.grad_views, part.grads)
-    torch._foreach_copy_(workspace.direction_views, part.directions)
-    g, d = workspace.grads, workspace.directions
+    g, d = workspace.buffer("grads"), workspace.buffer(slot)
     # A norm is one pass, where a dot product is two (its products, then their sum).
     g_squares, d_squares = (torch.linalg.vector_norm(x, dim=1).square() for x in (g, d))
-    products = g.mul_(d)
-    sums = workspace.sums(torch.stack([products.sum(1), g_squares, d_squares], 1))
-    if products.shape[1] != _ROW:
-        products = products.view(-1, _ROW, 2).sum(-1)  # Re(conj(g) d) per complex element
+    products = None
+    if element:
+        products = torch.mul(g, d, out=workspace.buffer("products"))
+        dots = products.sum(1)
+        if workspace.paired:
+            products = products.view(-1, _ROW, 2).sum(-1)  # Re(conj(g) d) per complex element
+    else:
+        dots = torch.linalg.vecdot(g, d)
+    sums = workspace.sums(torch.stack([dots, g_squares, d_squares], 1))
     return products, sums[:, 0], sums[:, 1].sqrt(), sums[:, 2].sqrt()
 
 
@@ -379,32 +622,61 @@ def _tensor_changes(
     return torch.where(finite, beta * (h + DRIFT), 0.0), finite.to(v.dtype)
 
 
-def _element_step_(part: _Part, rule: _Rule) -> None:
-    products, dots, g_norms, d_norms = _inner_products(part)
+def _element_step_(part: _Part, slot: str, rule: _Rule) -> None:
+    """Leaves the new step sizes in the workspace's buffer ``"steps"`` (:func:`_element_steps`)."""
+    products, dots, g_norms, d_norms = _inner_products(part, slot, element=True)
     changes, finite = _tensor_changes(dots, g_norms, d_norms, part.scales, rule.beta)
     workspace = part.workspace
-    torch._foreach_copy_(workspace.log_views, part.step_sizes)
-    logs = _log_ratios_(workspace.logs, rule)
+    steps = _element_steps(workspace, part.step_sizes, rule)
+    logs = _log_ratios_(steps if rule.in_log_space else workspace.buffer("logs").copy_(steps), rule)
     per_row = workspace.per_row(torch.stack([changes, finite * (rule.beta * ELEMENT_RATE)], 1))
     logs.add_(per_row[:, :1]).addcmul_(products.sign_(), per_row[:, 1:])  # sign(nan) = 0
     logs.clamp_min_(_LOG_FLOOR)
-    means = workspace.sums(torch.linalg.vecdot(logs, workspace.counted)) * workspace.inverse_counts
+    means = workspace.element_sums(logs) * workspace.inverse_counts
     torch.minimum(logs, workspace.per_row(means + ELEMENT_SPREAD)[:, None], out=logs)
-    _store_(part.step_sizes, logs, workspace.log_views, rule)
+    if rule.in_log_space:
+        return
+    if rule.phi.is_identity and not rule.bounded:
+        torch.exp(logs, out=steps)
+        return
+    _store_(part.step_sizes, logs, workspace.views("logs"), rule)
+    workspace.load("steps", part.step_sizes)
 
 
-def _tensor_step_(part: _Part, rule: _Rule) -> None:
-    _, dots, g_norms, d_norms = _inner_products(part)
+def _element_steps(workspace: _Workspace, step_sizes: list[Tensor], rule: _Rule) -> Tensor:
+    """The step sizes in the workspace's buffer ``"steps"``: their own storage where the
+    rule writes them there (unbounded, identity or log), a copy otherwise.
+
+    Their own storage: each step-size parameter's ``.data`` is made a view of
+    the buffer (its values copied in first), as ``nn.Module.to`` swaps a
+    parameter's ``.data``; an outer optimizer keeps training the same
+    objects. Tied again whenever a load or a move gave one other storage.
+    """
+    if rule.bounded or not (rule.phi.is_identity or rule.phi.is_exp):
+        workspace.load("steps", step_sizes)
+        return workspace.buffer("steps")
+    views = workspace.views("steps")
+    if not all(s.data_ptr() == v.data_ptr() for s, v in zip(step_sizes, views, strict=True)):
+        torch._foreach_copy_(views, step_sizes)
+        for s, view in zip(step_sizes, views, strict=True):
+            s.data = view
+    return workspace.buffer("steps")
+
+
+def _tensor_step_(part: _Part, slot: str, rule: _Rule) -> None:
+    """Leaves the new step sizes, stacked, in the workspace's ``tensor_step_sizes``."""
+    _, dots, g_norms, d_norms = _inner_products(part, slot, element=False)
     changes, _ = _tensor_changes(dots, g_norms, d_norms, part.scales, rule.beta)
     stacked = torch.stack(part.step_sizes)
     _vector_step_(stacked, changes, rule)
     torch._foreach_copy_(part.step_sizes, stacked.unbind())
+    part.workspace.tensor_step_sizes = stacked
 
 
-def _group_step_(parts: list[_Part], s: Tensor, scale: Tensor, rule: _Rule) -> None:
+def _group_step_(parts: list[_Part], slot: str, s: Tensor, scale: Tensor, rule: _Rule) -> None:
     dot, g_square, d_square = (torch.zeros((), dtype=scale.dtype, device=scale.device),) * 3
     for part in parts:
-        _, dots, g_norms, d_norms = _inner_products(part)
+        _, dots, g_norms, d_norms = _inner_products(part, slot, element=False)
         dot = dot + dots.sum().to(scale)
         g_square = g_square + g_norms.square().sum().to(scale)
         d_square = d_square + d_norms.square().sum().to(scale)
@@ -430,10 +702,8 @@ def _log_ratios_(s: Tensor, rule: _Rule) -> Tensor:
 
 
 def _store_(step_sizes: list[Tensor], logs: Tensor, views: list[Tensor], rule: _Rule) -> None:
-    """Write ``alpha / lr = exp(logs)`` into the step sizes, within the bounds.
-
-    ``views``: ``logs`` as one tensor per step size.
-    """
+    """Write ``alpha / lr = exp(logs)`` into the step sizes, within the bounds (``views``:
+    ``logs`` as one tensor per step size)."""
     if rule.in_log_space:
         torch._foreach_copy_(step_sizes, views)
         return

@@ -373,6 +373,20 @@ class MetaSGD(Optimizer):
             # As torch.optim.SGD: sparse gradients take the single-tensor path.
             foreach = foreach and not has_sparse_grad
             online = group["hypergrad_lr"] != 0
+            amp_step = amp["grad_scale"] is not None or amp["found_inf"] is not None
+            if online and hypergradient.steps_in_workspace(
+                group, grads, momentum_buffers, amp_step
+            ):
+                hypergradient.online_step_(
+                    group,
+                    params,
+                    grads,
+                    momentum_buffers,
+                    step_sizes,
+                    self.state,
+                    self._hypergradient_workspaces,
+                )
+                continue
             if online:
                 # Before the update: the last direction may be the momentum
                 # buffer, which the update advances in place.
@@ -385,7 +399,7 @@ class MetaSGD(Optimizer):
                     self._hypergradient_workspaces,
                     amp["grad_scale"],
                 )
-            if group["fused"] or amp["grad_scale"] is not None or amp["found_inf"] is not None:
+            if group["fused"] or amp_step:
                 directions = _fused.metasgd_fused(
                     params,
                     grads,
