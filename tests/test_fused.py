@@ -148,6 +148,22 @@ def test_an_lr_scheduler_does_not_recompile_the_fused_step():
             scheduler.step()
 
 
+def test_a_parameter_laid_out_anew_gets_a_fused_step_for_its_strides():
+    # The compiled step leaves checking its inputs' strides to dynamo's guards
+    # (no size_asserts): a weight transposed in memory, same shape, must not
+    # run through the kernel compiled for the contiguous one.
+    model, reference = _mlp(), _mlp()
+    opt = MetaSGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+    torch_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    for m, o in ((model, opt), (reference, torch_opt)):
+        _train(m, o, 2)
+        m[0].weight.data = m[0].weight.data.t().contiguous().t()
+        _train(m, o, 3)
+    assert model[0].weight.stride() == (1, 8)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
 def test_fused_rejects_foreach_and_non_floating_parameters_before_any_change():
     with pytest.raises(ValueError, match="Invalid fused=True with foreach=True"):
         MetaSGD([torch.zeros(2, requires_grad=True)], fused=True, foreach=True)

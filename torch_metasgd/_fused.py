@@ -106,7 +106,12 @@ def _run_fused_step(args: tuple, first: tuple[bool, ...], compiled: bool) -> lis
             if _compiled_fused_step is None:
                 # Not fullgraph: past dynamo's recompile limit (8 distinct
                 # groups in a process) a new group runs uncompiled, not fails.
-                _compiled_fused_step = torch.compile(_fused_step)
+                # Static shapes: dynamo's guards check every input's sizes and
+                # strides before the call, so inductor's second check of them
+                # (size_asserts, half of a small model's step on CPU) is redundant.
+                _compiled_fused_step = torch.compile(
+                    _fused_step, dynamic=False, options={"size_asserts": False}
+                )
         except RuntimeError as error:  # no torch.compile on this platform
             _give_up(error)
         else:
