@@ -148,6 +148,27 @@ def test_an_lr_scheduler_does_not_recompile_the_fused_step():
             scheduler.step()
 
 
+def test_a_group_of_several_dtypes_steps_in_one_fused_call_as_torch_sgd():
+    # The whole group is one compiled call: inductor, not the caller, splits it by dtype.
+    def leaves():
+        g = torch.Generator().manual_seed(0)
+        dtypes = (torch.float32, torch.float64, torch.float32)
+        return [torch.randn(3, 4, generator=g, dtype=d).requires_grad_() for d in dtypes]
+
+    ps, qs = leaves(), leaves()
+    opt = MetaSGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, fused=True)
+    torch_opt = torch.optim.SGD(qs, lr=0.1, momentum=0.9, weight_decay=0.01)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for p, q in zip(ps, qs, strict=True):
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        torch_opt.step()
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p, q)
+
+
 def test_a_parameter_laid_out_anew_gets_a_fused_step_for_its_strides():
     # The compiled step leaves checking its inputs' strides to dynamo's guards
     # (no size_asserts): a weight transposed in memory, same shape, must not
