@@ -146,7 +146,7 @@ def validate_gradients(
     """An error for a gradient that ``group``'s step cannot take, before any group moves."""
     if group["fused"]:
         for p, grad in zip(params, grads, strict=True):
-            if grad.is_sparse or not fusable(p):
+            if not fusable(p) or (has_sparse_grad and grad.is_sparse):
                 raise ValueError(
                     f"Invalid parameter for fused=True: {describe(p)} on {p.device}"
                     f"{' with a sparse gradient' if grad.is_sparse else ''} (fused steps take "
