@@ -74,17 +74,29 @@ half-precision gradients are reduced in float32, and a complex parameter
 uses the real inner product :math:`\operatorname{Re}\langle g, d\rangle` (the
 derivative in its real step size).
 
-The update is a fixed number of multi-tensor (``torch._foreach_*``)
-operations per device and dtype, and reads no value back to the host. At
-``"element"`` granularity it makes eleven passes over each tensor with
-``"log"`` (two norms, a product, its sign and sum, the update, the floor, a
-sum and the cap), three more with ``"identity"`` (a log, an exp and a copy).
+How it runs. The tensors of a group's device and dtype are copied into a
+workspace (:class:`_Workspace`): buffers of rows of :data:`_ROW` elements,
+each tensor from a new row, so that a per-tensor sum is a row sum and a
+short segment sum, and a per-tensor value reaches its elements as a column
+that broadcasts. The rule is then a fixed number of kernels, whatever the
+number of tensors (on a CPU a multi-tensor ``torch._foreach_*`` operation is
+a loop with a dispatch per tensor, which cost more than the arithmetic), and
+reads no value back to the host. For float32 and float64 parameters the whole
+step runs there (:func:`online_step_`): the momentum buffers, the last
+directions, the running magnitudes and (unbounded ``"identity"`` or ``"log"``)
+the element step sizes are views of the workspace, so that a step copies
+each gradient in and each parameter's update out, once. A ``GradScaler``
+with ``fused=True``, half precision and complex parameters take
+:func:`hypergradient_step_` and then the ordinary step. The workspace costs
+memory: one to three buffers the size of the parameters beyond the momentum
+buffers, which live there.
 
 State, per parameter, in the optimizer's ``state`` (and so in its
 ``state_dict()``): ``hypergrad_direction`` (:math:`d_{t-1}`; with momentum and
 without nesterov it is the momentum buffer itself, so :func:`hypergradient_step_`
 must run before the step updates that buffer in place) and ``hypergrad_scale``
 (:math:`v`, 0-dim, at least float32; one tensor shared by the group for ``"group"``).
+A loaded or moved state is copied back into the workspace at the next step.
 """
 
 from __future__ import annotations
@@ -123,6 +135,8 @@ _LOG_FLOOR = math.log(FLOOR)
 _HALF = (torch.float16, torch.bfloat16)
 #: Elements per row of a :class:`_Workspace`.
 _ROW = 64
+#: Dtypes whose momentum buffers and directions can live in a workspace as themselves.
+_WHOLE_STEP_DTYPES = (torch.float32, torch.float64)
 
 
 class _Rule(NamedTuple):
@@ -163,7 +177,6 @@ class _Part(NamedTuple):
     """A group's parameters of one device and dtype, and the workspace they step in."""
 
     params: list[Tensor]
-    grads: list[Tensor]
     step_sizes: list[Tensor]
     workspace: _Workspace
     #: The running magnitudes v, one per tensor (see _Workspace.tie_scales); None for "group".
@@ -302,10 +315,6 @@ def online_step_(
         )
 
 
-#: Dtypes whose momentum buffers and directions can live in a workspace as themselves.
-_WHOLE_STEP_DTYPES = (torch.float32, torch.float64)
-
-
 def _learns_nothing(group: dict[str, Any]) -> bool:
     lr = group["lr"]
     return not isinstance(lr, Tensor) and lr == 0
@@ -363,9 +372,7 @@ def _parts(
         if group["granularity"] != "group":
             part_scales = workspace.tie_scales(part_params, part_step_sizes, part_scales, state)
         parts.append(
-            _Part(
-                part_params, part_grads, part_step_sizes, workspace, part_scales, tied, part_buffers
-            )
+            _Part(part_params, part_step_sizes, workspace, part_scales, tied, part_buffers)
         )
     return parts
 
@@ -412,32 +419,40 @@ def _update_(group, part: _Part, state, learned: bool) -> None:
         if not tied:
             for p, view in zip(part.params, views, strict=True):
                 state[p]["momentum_buffer"] = view
-    if _direction_slot(group) == "directions":
+    slot = _direction_slot(group)
+    if slot == "directions":
         # Kept for the next step, where the next gradient takes g's place.
-        d = workspace.buffer("directions").copy_(d)
-    # alpha * d goes where g was: its views have the parameters' shapes.
-    torch.mul(d, _step_size_factors(group, part, rule, learned), out=g)
-    if rule.folds_into_lr:
-        torch._foreach_add_(part.params, workspace.views("grads"), alpha=-rule.lr)
-    else:
-        torch._foreach_sub_(part.params, workspace.views("grads"))
+        workspace.buffer("directions").copy_(d)
+    alphas = _step_size_factors(group, part, rule, learned)
+    torch._foreach_addcmul_(
+        part.params, workspace.views(slot), alphas, value=-rule.lr if rule.folds_into_lr else -1
+    )
 
 
-def _step_size_factors(group, part: _Part, rule: _Rule, learned: bool) -> Tensor:
-    """``alpha`` (``alpha / lr`` where lr folds into the update), broadcastable to the rows."""
+def _step_size_factors(group, part: _Part, rule: _Rule, learned: bool) -> list[Tensor]:
+    """Per parameter, ``alpha`` (``alpha / lr`` where lr folds into the update), broadcastable."""
     workspace = part.workspace
     granularity = group["granularity"]
     if granularity == "element":
-        s = (
-            workspace.buffer("steps")
-            if learned
-            else _element_steps(workspace, part.step_sizes, rule)
-        )
-    elif granularity == "tensor":
+        steps = workspace.buffer("steps")
+        if not learned:
+            _element_steps(workspace, part.step_sizes, rule)
+        if rule.folds_into_lr and rule.phi.is_identity:
+            return workspace.views("steps")
+        # The products of the rule are spent: alpha takes their place.
+        alphas = workspace.buffer("products")
+        if rule.folds_into_lr and rule.phi.is_exp:
+            torch.exp(steps, out=alphas)
+        else:
+            alphas.copy_(_alpha(steps, rule))
+        return workspace.views("products")
+    if granularity == "tensor":
         stacked = workspace.tensor_step_sizes if learned else torch.stack(part.step_sizes)
-        s = workspace.per_row(stacked)[:, None]
-    else:
-        s = part.step_sizes[0]
+        return list(_alpha(stacked, rule).unbind())
+    return [_alpha(part.step_sizes[0], rule)] * len(part.params)
+
+
+def _alpha(s: Tensor, rule: _Rule) -> Tensor:
     if rule.folds_into_lr:
         return rule.phi.forward(s)
     return effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max)
@@ -628,7 +643,7 @@ def _element_step_(part: _Part, slot: str, rule: _Rule) -> None:
     changes, finite = _tensor_changes(dots, g_norms, d_norms, part.scales, rule.beta)
     workspace = part.workspace
     steps = _element_steps(workspace, part.step_sizes, rule)
-    logs = _log_ratios_(steps if rule.in_log_space else workspace.buffer("logs").copy_(steps), rule)
+    logs = _log_ratios(steps, rule, out=None if rule.in_log_space else workspace.buffer("logs"))
     per_row = workspace.per_row(torch.stack([changes, finite * (rule.beta * ELEMENT_RATE)], 1))
     logs.add_(per_row[:, :1]).addcmul_(products.sign_(), per_row[:, 1:])  # sign(nan) = 0
     logs.clamp_min_(_LOG_FLOOR)
@@ -688,17 +703,18 @@ def _group_step_(parts: list[_Part], slot: str, s: Tensor, scale: Tensor, rule: 
 
 def _vector_step_(s: Tensor, changes: Tensor, rule: _Rule) -> None:
     """The tensor-level update of a vector of step sizes ``s``, one change each, in place."""
-    logs = _log_ratios_(s.clone(), rule).add_(changes).clamp_min_(_LOG_FLOOR)
+    logs = _log_ratios(s, rule, out=torch.empty_like(s)).add_(changes).clamp_min_(_LOG_FLOOR)
     _store_([s], logs, [logs], rule)
 
 
-def _log_ratios_(s: Tensor, rule: _Rule) -> Tensor:
-    """``s`` (a copy of step sizes) made ``log(alpha / lr)``, lifted to the floor, in place."""
+def _log_ratios(s: Tensor, rule: _Rule, out: Tensor | None = None) -> Tensor:
+    """``log(alpha / lr)`` of step sizes ``s``, lifted to the floor, into ``out`` (or ``s``)."""
+    out = s if out is None else out
     if rule.in_log_space:
-        return s.clamp_min_(_LOG_FLOOR)
+        return torch.clamp_min(s, _LOG_FLOOR, out=out)
     if not (rule.phi.is_identity and not rule.bounded):
-        s.copy_(effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max) / rule.lr)
-    return s.clamp_min_(FLOOR).log_()
+        s = effective_lr(s, rule.lr, rule.phi, rule.lr_min, rule.lr_max) / rule.lr
+    return torch.clamp_min(s, FLOOR, out=out).log_()
 
 
 def _store_(step_sizes: list[Tensor], logs: Tensor, views: list[Tensor], rule: _Rule) -> None:
@@ -716,6 +732,6 @@ def _store_(step_sizes: list[Tensor], logs: Tensor, views: list[Tensor], rule: _
         if rule.bounded:
             alpha = alpha.clamp(rule.lr_min, rule.lr_max)
         new = rule.phi.inverse(alpha / rule.lr)
-        old_logs = _log_ratios_(s.clone(), rule)
+        old_logs = _log_ratios(s, rule, out=torch.empty_like(s))
         # Where alpha did not move, s stays exact rather than make a round trip through phi.
         s.copy_(torch.where(torch.isfinite(new) & (new_logs != old_logs), new, s))
