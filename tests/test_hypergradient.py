@@ -620,14 +620,22 @@ def test_a_group_across_devices_learns_as_on_one_device(granularity):
 
 @pytest.mark.parametrize("granularity", ["element", "tensor"])
 @pytest.mark.parametrize("parametrization", ["identity", "log", "softplus"])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(3, 50), (64,), (128,), (), (0,), (2, 3, 11), (65,), (70,)],
+        [(300, 70), (5000,), (), (0,), (3,), (64, 65), (700,), (2, 900)],
+    ],
+    ids=["small", "large"],
+)
 def test_many_tensors_of_any_size_in_one_group_each_follow_the_closed_form(
-    granularity, parametrization
+    granularity, parametrization, shapes
 ):
-    # Sizes around the rule's internal row of 64 elements (several rows, a
-    # partial last row, none at all), three dtypes and a complex parameter in
-    # one group, step sizes spread over e^+-4 so that the cap binds: each
-    # tensor's first update is the closed form of its own g and d, as if alone.
-    shapes = [(3, 50), (64,), (128,), (), (0,), (2, 3, 11), (65,), (70,)]
+    # Sizes around the rule's internal rows (64 elements for the small
+    # tensors, 256 for the large: several rows, a partial last row, none at
+    # all), three dtypes and a complex parameter in one group, step sizes
+    # spread over e^+-4 so that the cap binds: each tensor's first update is
+    # the closed form of its own g and d, as if it were alone.
     dtypes = [DTYPE] * 5 + [torch.float32, torch.float32, torch.complex128]
     gen = torch.Generator().manual_seed(0)
     params = [torch.zeros(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]

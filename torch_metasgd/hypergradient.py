@@ -75,7 +75,7 @@ uses the real inner product :math:`\operatorname{Re}\langle g, d\rangle` (the
 derivative in its real step size).
 
 How it runs. The tensors of a group's device and dtype are copied into a
-workspace (:class:`_Workspace`): buffers of rows of :data:`_ROW` elements,
+workspace (:class:`_Workspace`): buffers of rows of 64 to 4096 elements,
 each tensor from a new row, so that a per-tensor sum is a row sum and a
 short segment sum, and a per-tensor value reaches its elements as a column
 that broadcasts. The rule is then a fixed number of kernels, whatever the
@@ -133,8 +133,6 @@ FLOOR = 1e-3
 
 _LOG_FLOOR = math.log(FLOOR)
 _HALF = (torch.float16, torch.bfloat16)
-#: Elements per row of a :class:`_Workspace`.
-_ROW = 64
 #: Dtypes whose momentum buffers and directions can live in a workspace as themselves.
 _WHOLE_STEP_DTYPES = (torch.float32, torch.float64)
 
@@ -477,7 +475,7 @@ def _new_scale(s: Tensor) -> Tensor:
 
 
 class _Workspace:
-    """Buffers of rows of :data:`_ROW` elements, one row or more per tensor of a part.
+    """Buffers of rows of ``width`` elements, one row or more per tensor of a part.
 
     Each tensor starts a row, with zeros after its last element. A tensor's
     sum is then a sum over its rows, and a value per tensor reaches its
@@ -504,16 +502,17 @@ class _Workspace:
         self.device = device
         self.paired = dtype.is_complex
         numels = [math.prod(shape) for shape in shapes]
-        self.row_counts = [max(1, -(-n // _ROW)) for n in numels]
+        self.width = _row_width(numels)
+        self.row_counts = [max(1, -(-n // self.width)) for n in numels]
         ends = torch.tensor(self.row_counts).cumsum(0)
         # Cached: made on an accelerator every step, they would wait for the device.
         self.rows = torch.tensor(self.row_counts, device=device)
         self.owners = torch.repeat_interleave(torch.arange(len(shapes)), self.rows.cpu()).to(device)
         self.last_rows = (ends - 1).to(device)
         left = torch.tensor(
-            [n - (r - 1) * _ROW for n, r in zip(numels, self.row_counts, strict=True)]
+            [n - (r - 1) * self.width for n, r in zip(numels, self.row_counts, strict=True)]
         )
-        self.last_row_mask = (torch.arange(_ROW) < left[:, None]).to(self.dtype).to(device)
+        self.last_row_mask = (torch.arange(self.width) < left[:, None]).to(self.dtype).to(device)
         self.inverse_counts = (1 / torch.tensor(numels, dtype=self.dtype).clamp_min(1)).to(device)
         self.scale_views: tuple[Tensor, ...] = ()
         self.tensor_step_sizes: Tensor | None = None
@@ -525,7 +524,7 @@ class _Workspace:
             pair = (2,) if self.paired and name in ("grads", "directions", "products") else ()
             buffer = torch.zeros(
                 sum(self.row_counts),
-                _ROW * (2 if pair else 1),
+                self.width * (2 if pair else 1),
                 dtype=self.dtype,
                 device=self.device,
             )
@@ -597,6 +596,13 @@ class _Workspace:
         return values.index_select(0, self.owners)
 
 
+def _row_width(numels: list[int]) -> int:
+    """A power of two in [64, 4096], at most an eighth of the mean size: padding adds at most
+    an eighth to the elements, and wide rows make row sums run as fast as whole sums."""
+    mean = sum(numels) / len(numels)
+    return 1 << min(12, max(6, int(math.log2(max(mean / 8, 1)))))
+
+
 def _inner_products(
     part: _Part, slot: str, element: bool
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
@@ -613,7 +619,7 @@ def _inner_products(
         products = torch.mul(g, d, out=workspace.buffer("products"))
         dots = products.sum(1)
         if workspace.paired:
-            products = products.view(-1, _ROW, 2).sum(-1)  # Re(conj(g) d) per complex element
+            products = products.view(-1, workspace.width, 2).sum(-1)  # Re(conj(g) d) per element
     else:
         dots = torch.linalg.vecdot(g, d)
     sums = workspace.sums(torch.stack([dots, g_squares, d_squares], 1))

@@ -77,11 +77,13 @@ class MetaSGD(Optimizer):
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor (``torch._foreach_*``) implementation;
             ``None`` picks it where torch.optim would (default: None).
-        fused: the update as one ``torch.compile``-d kernel per device and
-            dtype, as ``torch.optim.SGD(fused=True)`` (GradScaler's unscaling
-            and skipping inside); the second step compiles (about 20 s for
-            100 tensors on a 2-core CPU), without a C++ compiler it warns and runs
-            uncompiled, and on CPU it is slower than ``foreach`` (default: None).
+        fused: the update compiled by ``torch.compile`` into one call per
+            group (a kernel per device), as ``torch.optim.SGD(fused=True)``
+            (GradScaler's unscaling and skipping inside); the second step
+            compiles, and without a C++ compiler it warns and runs uncompiled.
+            With ``hypergrad_lr > 0`` and no GradScaler the step runs in the
+            hypergradient's workspace instead, a few kernels for all tensors
+            (default: None).
         granularity: ``"element"`` (one step size per parameter element, the
             paper's :math:`\alpha`), ``"tensor"`` (one per parameter tensor) or
             ``"group"`` (one shared by the param group) (default: "element").
@@ -103,7 +105,11 @@ class MetaSGD(Optimizer):
             step sizes by hypergradient descent; 0 turns it off
             (default: 0). 0.1 is a good start at any granularity; see
             ``benchmarks/online.py`` and the README for what it reaches
-            from initial learning rates between 1e-4 and 1.
+            from initial learning rates between 1e-4 and 1. The online step
+            of float32 and float64 parameters runs in a workspace whose views
+            are the momentum buffers, the last directions and the per-element
+            step sizes; it holds one to three more buffers the size of the
+            parameters (:mod:`torch_metasgd.hypergradient`).
 
     The step sizes are ``nn.Parameter`` leaves in their parameters' device and
     dtype, float32 for float16/bfloat16 ones (master weights: a change of 1e-3
