@@ -421,13 +421,13 @@ def _update_(group, part: _Part, state, learned: bool) -> None:
     if slot == "directions":
         # Kept for the next step, where the next gradient takes g's place.
         workspace.buffer("directions").copy_(d)
-    alphas = _step_size_factors(group, part, rule, learned)
+    alphas = _alphas(group, part, rule, learned)
     torch._foreach_addcmul_(
         part.params, workspace.views(slot), alphas, value=-rule.lr if rule.folds_into_lr else -1
     )
 
 
-def _step_size_factors(group, part: _Part, rule: _Rule, learned: bool) -> list[Tensor]:
+def _alphas(group, part: _Part, rule: _Rule, learned: bool) -> list[Tensor]:
     """Per parameter, ``alpha`` (``alpha / lr`` where lr folds into the update), broadcastable."""
     workspace = part.workspace
     granularity = group["granularity"]
