@@ -605,6 +605,30 @@ def test_a_complex_element_follows_the_sign_of_its_real_hypergradient():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_online_step_on_cuda_follows_the_one_on_cpu(granularity, dtype):
+    def run(device):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            *[torch.nn.Linear(20, 20) for _ in range(10)], torch.nn.Linear(20, 1)
+        ).to(device, dtype)
+        opt = MetaSGD(
+            model.parameters(), lr=0.05, momentum=0.9, granularity=granularity, hypergrad_lr=0.1
+        )
+        g = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            x = torch.randn(16, 20, generator=g, dtype=dtype).to(device)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        return [t.detach().cpu() for p in model.parameters() for t in (p, opt.effective_lr(p))]
+
+    for x, y in zip(run("cuda"), run("cpu"), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
 def test_a_group_across_devices_learns_as_on_one_device(granularity):
     def run(devices):
         params = [
