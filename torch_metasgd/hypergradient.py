@@ -80,8 +80,8 @@ each tensor from a new row, so that a per-tensor sum is a row sum and a
 short segment sum, and a per-tensor value reaches its elements as a column
 that broadcasts. The rule is then a fixed number of kernels, whatever the
 number of tensors (on a CPU a multi-tensor ``torch._foreach_*`` operation is
-a loop with a dispatch per tensor, which cost more than the arithmetic), and
-reads no value back to the host. For float32 and float64 parameters the whole
+a loop with a dispatch per tensor, which on small tensors costs more than
+the arithmetic), and reads no value back to the host. For float32 and float64 parameters the whole
 step runs there (:func:`online_step_`): the momentum buffers, the last
 directions, the running magnitudes and (unbounded ``"identity"`` or ``"log"``)
 the element step sizes are views of the workspace, so that a step copies
