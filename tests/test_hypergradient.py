@@ -713,12 +713,17 @@ def test_every_online_step_moves_each_parameter_by_its_step_sizes_times_sgds_dir
     granularity, parametrization, hyper
 ):
     # theta_t = theta_{t-1} - alpha_t * d_t, alpha_t as the optimizer reports it
-    # after the step, d_t SGD's direction written here. Tensors of sizes around
-    # the rule's internal rows; one parameter misses a step (no gradient), and
-    # the optimizer is saved and reloaded half way.
-    shapes = [(3, 50), (64,), (), (2, 3, 11), (70,)]
+    # after the step, d_t SGD's direction written here (in float64). Tensors of
+    # sizes around the rule's internal rows, two of them float32 (a second
+    # workspace); one parameter misses a step (no gradient), and the optimizer
+    # is saved and reloaded half way.
+    shapes = [(3, 50), (64,), (), (2, 3, 11), (70,), (5, 7)]
+    dtypes = [DTYPE] * 4 + [torch.float32] * 2
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(shape, dtype=DTYPE, generator=gen).requires_grad_() for shape in shapes]
+    params = [
+        torch.randn(shape, dtype=DTYPE, generator=gen).to(dtype).requires_grad_()
+        for shape, dtype in zip(shapes, dtypes, strict=True)
+    ]
 
     def make(params):
         return MetaSGD(
@@ -741,7 +746,7 @@ def test_every_online_step_moves_each_parameter_by_its_step_sizes_times_sgds_dir
             saved.seek(0)
             opt = make(params)
             opt.load_state_dict(torch.load(saved))
-        grads = [torch.randn(p.shape, dtype=DTYPE, generator=gen) for p in params]
+        grads = [torch.randn(p.shape, dtype=DTYPE, generator=gen).to(p.dtype) for p in params]
         skipped = 3 if step == 2 else None
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             p.grad = None if i == skipped else g.clone()
@@ -751,15 +756,21 @@ def test_every_online_step_moves_each_parameter_by_its_step_sizes_times_sgds_dir
             if i == skipped:
                 torch.testing.assert_close(p.detach(), old, rtol=0, atol=0)
                 continue
+            tolerance = (
+                dict(rtol=1e-12, atol=1e-14) if p.dtype is DTYPE else dict(rtol=1e-5, atol=1e-6)
+            )
+            g, old = g.to(DTYPE), old.to(DTYPE)
             g = sign * g + hyper.get("weight_decay", 0.0) * old
             d = g
             if momentum:
                 b = g if buffers[i] is None else momentum * buffers[i] + (1 - dampening) * g
                 buffers[i] = b
                 d = g + momentum * b if hyper.get("nesterov") else b
-                torch.testing.assert_close(opt.state[p]["momentum_buffer"], b)
-            expected = old - opt.effective_lr(p).detach() * d
-            torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+                torch.testing.assert_close(
+                    opt.state[p]["momentum_buffer"].to(DTYPE), b, **tolerance
+                )
+            expected = old - opt.effective_lr(p).detach().to(DTYPE) * d
+            torch.testing.assert_close(p.detach().to(DTYPE), expected, **tolerance)
 
 
 @pytest.mark.parametrize("parametrization", ["identity", "log"])
