@@ -220,7 +220,7 @@ def hypergradient_step_(
     parts = _parts(
         group, params, grads, step_sizes, directions, scales, [], "directions", state, workspaces
     )
-    _rule_(group, parts, "directions", state)
+    _rule_(group, _Rule.of(group), parts, "directions", state)
 
 
 def remember_directions(
@@ -300,10 +300,11 @@ def online_step_(
         state,
         workspaces,
     )
+    rule = _Rule.of(group)
     if learns:
-        _rule_(group, parts, slot, state)
+        _rule_(group, rule, parts, slot, state)
     for part in parts:
-        _update_(group, part, state, learns)
+        _update_(group, rule, part, slot, state, learns)
     if not (learns and all(part.tied for part in parts) and len(params) == len(group["params"])):
         remember_directions(
             group,
@@ -375,9 +376,8 @@ def _parts(
     return parts
 
 
-def _rule_(group, parts: list[_Part], slot: str, state) -> None:
+def _rule_(group, rule: _Rule, parts: list[_Part], slot: str, state) -> None:
     """The hypergradient update of every part's step sizes (directions in buffer ``slot``)."""
-    rule = _Rule.of(group)
     if group["granularity"] == "group":
         s = parts[0].step_sizes[0]
         _group_step_(parts, slot, s, _group_scale(group, s, state), rule)
@@ -389,14 +389,14 @@ def _rule_(group, parts: list[_Part], slot: str, state) -> None:
             _element_step_(part, slot, rule)
 
 
-def _update_(group, part: _Part, state, learned: bool) -> None:
+def _update_(group, rule: _Rule, part: _Part, slot: str, state, learned: bool) -> None:
     r"""The part's step :math:`\theta \leftarrow \theta - \alpha \odot d`, in its workspace.
 
     ``learned``: the rule has just run, and left the part's step sizes in the
     workspace (``"element"``, ``"tensor"``). Leaves the direction in the workspace's buffer
-    :func:`_direction_slot`, and the momentum buffers in ``"buffers"``.
+    ``slot`` (:func:`_direction_slot`), and the momentum buffers in ``"buffers"``.
     """
-    workspace, rule = part.workspace, _Rule.of(group)
+    workspace = part.workspace
     momentum, nesterov = group["momentum"], group["nesterov"]
     g = workspace.buffer("grads")
     if momentum == 0:
@@ -417,7 +417,6 @@ def _update_(group, part: _Part, state, learned: bool) -> None:
         if not tied:
             for p, view in zip(part.params, views, strict=True):
                 state[p]["momentum_buffer"] = view
-    slot = _direction_slot(group)
     if slot == "directions":
         # Kept for the next step, where the next gradient takes g's place.
         workspace.buffer("directions").copy_(d)
@@ -432,9 +431,11 @@ def _alphas(group, part: _Part, rule: _Rule, learned: bool) -> list[Tensor]:
     workspace = part.workspace
     granularity = group["granularity"]
     if granularity == "element":
-        steps = workspace.buffer("steps")
-        if not learned:
-            _element_steps(workspace, part.step_sizes, rule)
+        steps = (
+            workspace.buffer("steps")
+            if learned
+            else _element_steps(workspace, part.step_sizes, rule)
+        )
         if rule.folds_into_lr and rule.phi.is_identity:
             return workspace.views("steps")
         # The products of the rule are spent: alpha takes their place.
@@ -514,6 +515,7 @@ class _Workspace:
         )
         self.last_row_mask = (torch.arange(self.width) < left[:, None]).to(self.dtype).to(device)
         self.inverse_counts = (1 / torch.tensor(numels, dtype=self.dtype).clamp_min(1)).to(device)
+        self.scale_vector: Tensor | None = None
         self.scale_views: tuple[Tensor, ...] = ()
         self.tensor_step_sizes: Tensor | None = None
         self._buffers: dict[str, tuple[Tensor, list[Tensor]]] = {}
