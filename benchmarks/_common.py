@@ -544,5 +544,15 @@ def method_costs(
     return costs
 
 
+def print_cost_table(table: str, device: torch.device) -> None:
+    """Print :func:`method_costs`' table under the title that says how it was measured."""
+    memory = "CUDA tensors" if device.type == "cuda" else "RSS, in a fresh process"
+    print(
+        "\nCost per meta-iteration: median ms (methods interleaved), peak extra memory in MiB "
+        f"over 3 meta-iterations ({memory})\n"
+    )
+    print(table)
+
+
 def cost_cell(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}"

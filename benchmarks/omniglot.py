@@ -90,6 +90,7 @@ from _common import (
     mean_ci95,
     method_costs,
     peak_memory_mib,
+    print_cost_table,
     rank,
     save_figure,
     script_parser,
@@ -680,12 +681,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nPer test alphabet (mixed episodes):\n")
     print(results["per_alphabet_table"])
     if not args.eval_only:
-        memory = "CUDA tensors" if device.type == "cuda" else "RSS, in a fresh process"
-        print(
-            "\nCost per meta-iteration: median ms (methods interleaved), peak extra memory in MiB "
-            f"over 3 meta-iterations ({memory})\n"
-        )
-        print(results["cost_table"])
+        print_cost_table(results["cost_table"], device)
     write_json(args.out / "omniglot.json", results)
     # Without meta-training there are no curves or learned step sizes to draw.
     plotted = not args.eval_only and args.iterations > 0

@@ -65,6 +65,7 @@ from _common import (
     mean_ci95,
     method_costs,
     peak_memory_mib,
+    print_cost_table,
     rank,
     save_figure,
     script_parser,
@@ -439,12 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{results['wall_seconds']:.0f} s in all\n"
     )
     print(results["table"])
-    memory = "CUDA tensors" if device.type == "cuda" else "RSS, in a fresh process"
-    print(
-        "\nCost per meta-iteration: median ms (methods interleaved), peak extra memory in MiB "
-        f"over 3 meta-iterations ({memory})\n"
-    )
-    print(results["cost_table"])
+    print_cost_table(results["cost_table"], device)
     write_json(args.out / "sinusoid.json", results)
     if not args.no_plot:
         plot(results, learners, args.shots, args, args.out / "sinusoid.png")
