@@ -9,6 +9,7 @@ benchmarks run under torchrun on 127.0.0.1.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -232,6 +233,9 @@ def _worker(rank: int, folder: str) -> None:
     )
     try:
         out = _rank_runs(rank)
+        # The DDP wrappers of the runs sit in reference cycles: freed now, not
+        # after the group is gone (gloo then aborts the process at exit).
+        gc.collect()
         dist.barrier()  # no rank leaves while another still talks: gloo would abort it
     finally:
         dist.destroy_process_group()
