@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import copy
+import gc
 import json
 import math
 import multiprocessing
@@ -394,8 +395,11 @@ def launch(device: torch.device) -> torch.device:
 
 
 def _leave() -> None:
-    # Every rank arrives (the others wait for rank 0's evaluation) before any
-    # tears the group down: gloo aborts a process whose peer left first, at random.
+    # DDP wrappers left in reference cycles go while the group lives (freed
+    # after it, gloo aborts the process at exit); every rank arrives (the others
+    # wait for rank 0's evaluation) before any tears the group down: gloo aborts
+    # a process whose peer left first, at random.
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
