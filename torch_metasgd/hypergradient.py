@@ -102,6 +102,7 @@ A loaded or moved state is copied back into the workspace at the next step.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, NamedTuple
 
 import torch
@@ -359,7 +360,7 @@ def _parts(
         part_scales,
         part_directions,
         part_buffers,
-    ), _ in Optimizer._group_tensors_by_device_and_dtype(lists).values():
+    ) in _by_device_and_dtype(lists):
         shapes = tuple(p.shape for p in part_params)
         # The first parameter tells the part's group: a workspace holds its running magnitudes.
         key = (id(part_params[0]), part_params[0].device, part_params[0].dtype, shapes)
@@ -374,6 +375,17 @@ def _parts(
             _Part(part_params, part_step_sizes, workspace, part_scales, tied, part_buffers)
         )
     return parts
+
+
+def _by_device_and_dtype(lists: list[list]) -> list[list[list]]:
+    """``lists`` (parameters first, then lists alike) split by the parameters' device and dtype."""
+    params = lists[0]
+    device, dtype = params[0].device, params[0].dtype
+    # The common case, checked in a fifth of the time torch's grouping takes.
+    if all(p.dtype is dtype for p in params) and all(p.device == device for p in params):
+        return [lists]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(lists)
+    return [part for part, _ in grouped.values()]
 
 
 def _rule_(group, rule: _Rule, parts: list[_Part], slot: str, state) -> None:
@@ -518,9 +530,9 @@ class _Workspace:
         self.scale_vector: Tensor | None = None
         self.scale_views: tuple[Tensor, ...] = ()
         self.tensor_step_sizes: Tensor | None = None
-        self._buffers: dict[str, tuple[Tensor, list[Tensor]]] = {}
+        self._buffers: dict[str, tuple[Tensor, list[Tensor], list[int]]] = {}
 
-    def _get(self, name: str) -> tuple[Tensor, list[Tensor]]:
+    def _get(self, name: str) -> tuple[Tensor, list[Tensor], list[int]]:
         if name not in self._buffers:
             # Gradients and directions of complex tensors come as (real, imaginary) pairs.
             pair = (2,) if self.paired and name in ("grads", "directions", "products") else ()
@@ -538,7 +550,7 @@ class _Workspace:
                     )
                 )
                 start += rows * buffer.shape[1]
-            self._buffers[name] = buffer, views
+            self._buffers[name] = buffer, views, [v.data_ptr() for v in views]
         return self._buffers[name]
 
     def buffer(self, name: str) -> Tensor:
@@ -547,12 +559,14 @@ class _Workspace:
     def views(self, name: str) -> list[Tensor]:
         return self._get(name)[1]
 
+    def stores(self, name: str, tensors: list[Tensor]) -> bool:
+        """Whether ``tensors`` have views ``name`` as their data (see :func:`_element_steps`)."""
+        return [t.data_ptr() for t in tensors] == self._get(name)[2]
+
     def holds(self, name: str, tensors: list[Tensor | None]) -> bool:
         """Whether ``tensors`` are this workspace's views ``name`` (so hold its values already)."""
         views = self.views(name)
-        return len(tensors) == len(views) and all(
-            t is v for t, v in zip(tensors, views, strict=True)
-        )
+        return len(tensors) == len(views) and all(map(operator.is_, tensors, views))
 
     def load(self, name: str, tensors: list[Tensor]) -> bool:
         """Copy ``tensors`` into buffer ``name`` unless they are its views; whether it did."""
@@ -571,9 +585,8 @@ class _Workspace:
         state entry: a step then reads and moves every :math:`v` of the part
         in one kernel, not one per parameter.
         """
-        if len(scales) == len(self.scale_views) and all(
-            a is b for a, b in zip(scales, self.scale_views, strict=True)
-        ):
+        views = self.scale_views
+        if len(scales) == len(views) and all(map(operator.is_, scales, views)):
             return self.scale_vector
         self.scale_vector = torch.stack(
             [_new_scale(s) if v is None else v for v, s in zip(scales, step_sizes, strict=True)]
@@ -678,8 +691,8 @@ def _element_steps(workspace: _Workspace, step_sizes: list[Tensor], rule: _Rule)
     if rule.bounded or not (rule.phi.is_identity or rule.phi.is_exp):
         workspace.load("steps", step_sizes)
         return workspace.buffer("steps")
-    views = workspace.views("steps")
-    if not all(s.data_ptr() == v.data_ptr() for s, v in zip(step_sizes, views, strict=True)):
+    if not workspace.stores("steps", step_sizes):
+        views = workspace.views("steps")
         torch._foreach_copy_(views, step_sizes)
         for s, view in zip(step_sizes, views, strict=True):
             s.data = view
