@@ -773,14 +773,18 @@ def test_every_online_step_moves_each_parameter_by_its_step_sizes_times_sgds_dir
             torch.testing.assert_close(p.detach().to(DTYPE), expected, **tolerance)
 
 
+@pytest.mark.parametrize("granularity", ["element", "tensor"])
 @pytest.mark.parametrize("parametrization", ["identity", "log"])
 def test_step_sizes_changed_between_steps_in_place_or_replaced_are_where_the_next_step_starts(
-    parametrization,
+    parametrization, granularity
 ):
     # The same gradient twice from a fresh optimizer: the first hypergradient
-    # is a cosine of 1, so every step size grows by e^(beta (1 + DRIFT + ELEMENT_RATE)).
+    # is a cosine of 1, so every step size grows by e^(beta (1 + DRIFT)), and
+    # per element by e^(beta ELEMENT_RATE) more (every sign agrees).
     params = [torch.ones(70, dtype=DTYPE, requires_grad=True) for _ in range(3)]
-    opt = MetaSGD(params, lr=0.1, hypergrad_lr=0.1, parametrization=parametrization)
+    opt = MetaSGD(
+        params, lr=0.1, hypergrad_lr=0.1, parametrization=parametrization, granularity=granularity
+    )
     grads = [torch.linspace(1, 2, 70, dtype=DTYPE) for _ in params]
     for p, g in zip(params, grads, strict=True):
         p.grad = g.clone()
@@ -791,9 +795,9 @@ def test_step_sizes_changed_between_steps_in_place_or_replaced_are_where_the_nex
         replaced = opt.step_size(params[2])
         replaced.data = torch.full_like(replaced, _step_size_for(3.0, parametrization))
     opt.step()
-    growth = math.exp(0.1 * (1 + DRIFT + ELEMENT_RATE))
+    growth = math.exp(0.1 * (1 + DRIFT + (ELEMENT_RATE if granularity == "element" else 0)))
     for p, a in zip(params, start, strict=True):
-        expected = torch.full((70,), 0.1 * a * growth, dtype=DTYPE)
+        expected = torch.full(opt.step_size(p).shape, 0.1 * a * growth, dtype=DTYPE)
         torch.testing.assert_close(opt.effective_lr(p).detach(), expected)
     assert opt.step_size(params[2]) is replaced
 

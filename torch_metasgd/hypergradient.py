@@ -83,9 +83,9 @@ number of tensors (on a CPU a multi-tensor ``torch._foreach_*`` operation is
 a loop with a dispatch per tensor, which on small tensors costs more than
 the arithmetic), and reads no value back to the host. For float32 and float64 parameters the whole
 step runs there (:func:`online_step_`): the momentum buffers, the last
-directions, the running magnitudes and (unbounded ``"identity"`` or ``"log"``)
-the element step sizes are views of the workspace, so that a step copies
-each gradient in and each parameter's update out, once. A ``GradScaler``
+directions, the running magnitudes, the step sizes per tensor and (unbounded
+``"identity"`` or ``"log"``) per element are views of the workspace, so that a
+step copies each gradient in and each parameter's update out, once. A ``GradScaler``
 with ``fused=True``, half precision and complex parameters take
 :func:`hypergradient_step_` and then the ordinary step. The workspace costs
 memory: one to three buffers the size of the parameters beyond the momentum
@@ -458,8 +458,11 @@ def _alphas(group, part: _Part, rule: _Rule, learned: bool) -> list[Tensor]:
             alphas.copy_(_alpha(steps, rule))
         return workspace.views("products")
     if granularity == "tensor":
-        stacked = workspace.tensor_step_sizes if learned else torch.stack(part.step_sizes)
-        return list(_alpha(stacked, rule).unbind())
+        vector = workspace.tie_step_sizes(part.step_sizes)
+        if rule.folds_into_lr and rule.phi.is_identity:
+            return workspace.step_size_views
+        workspace.alpha_vector.copy_(_alpha(vector, rule))
+        return workspace.alpha_views
     return [_alpha(part.step_sizes[0], rule)] * len(part.params)
 
 
@@ -529,7 +532,11 @@ class _Workspace:
         self.inverse_counts = (1 / torch.tensor(numels, dtype=self.dtype).clamp_min(1)).to(device)
         self.scale_vector: Tensor | None = None
         self.scale_views: tuple[Tensor, ...] = ()
-        self.tensor_step_sizes: Tensor | None = None
+        self.step_size_vector: Tensor | None = None
+        self.step_size_views: list[Tensor] = []
+        self._step_size_pointers: list[int] = []
+        self.alpha_vector: Tensor | None = None
+        self.alpha_views: list[Tensor] = []
         self._buffers: dict[str, tuple[Tensor, list[Tensor], list[int]]] = {}
 
     def _get(self, name: str) -> tuple[Tensor, list[Tensor], list[int]]:
@@ -595,6 +602,27 @@ class _Workspace:
         for p, v in zip(params, self.scale_views, strict=True):
             state[p]["hypergrad_scale"] = v
         return self.scale_vector
+
+    def tie_step_sizes(self, step_sizes: list[Tensor]) -> Tensor:
+        """The parameters' step sizes at ``"tensor"`` granularity (0-dim) as one vector whose
+        elements they are (:attr:`step_size_views`); :attr:`alpha_views` are
+        those of a vector beside it, for the step sizes the update applies.
+
+        Tied as the element step sizes are (:func:`_element_steps`): each step
+        size's ``.data`` is made an element of the vector, its value copied in
+        first, and again whenever a load or a move gave one other storage. The
+        rule then moves them all in one kernel and the update reads them as
+        they are, not stacked and unbound again at every step.
+        """
+        if [s.data_ptr() for s in step_sizes] != self._step_size_pointers:
+            self.step_size_vector = torch.stack(step_sizes)
+            self.step_size_views = list(self.step_size_vector.unbind())
+            self.alpha_vector = torch.empty_like(self.step_size_vector)
+            self.alpha_views = list(self.alpha_vector.unbind())
+            for s, view in zip(step_sizes, self.step_size_views, strict=True):
+                s.data = view
+            self._step_size_pointers = [s.data_ptr() for s in step_sizes]
+        return self.step_size_vector
 
     def sums(self, rows: Tensor) -> Tensor:
         """Per tensor, the sum of its rows' ``rows`` (a value, or a row of values, per row)."""
@@ -700,13 +728,9 @@ def _element_steps(workspace: _Workspace, step_sizes: list[Tensor], rule: _Rule)
 
 
 def _tensor_step_(part: _Part, slot: str, rule: _Rule) -> None:
-    """Leaves the new step sizes, stacked, in the workspace's ``tensor_step_sizes``."""
     _, dots, g_norms, d_norms = _inner_products(part, slot, element=False)
     changes, _ = _tensor_changes(dots, g_norms, d_norms, part.scales, rule.beta)
-    stacked = torch.stack(part.step_sizes)
-    _vector_step_(stacked, changes, rule)
-    torch._foreach_copy_(part.step_sizes, stacked.unbind())
-    part.workspace.tensor_step_sizes = stacked
+    _vector_step_(part.workspace.tie_step_sizes(part.step_sizes), changes, rule)
 
 
 def _group_step_(parts: list[_Part], slot: str, s: Tensor, scale: Tensor, rule: _Rule) -> None:
