@@ -458,10 +458,11 @@ def _alphas(group, part: _Part, rule: _Rule, learned: bool) -> list[Tensor]:
             alphas.copy_(_alpha(steps, rule))
         return workspace.views("products")
     if granularity == "tensor":
-        vector = workspace.tie_step_sizes(part.step_sizes)
+        if not learned:  # else the rule tied them already
+            workspace.tie_step_sizes(part.step_sizes)
         if rule.folds_into_lr and rule.phi.is_identity:
             return workspace.step_size_views
-        workspace.alpha_vector.copy_(_alpha(vector, rule))
+        workspace.alpha_vector.copy_(_alpha(workspace.step_size_vector, rule))
         return workspace.alpha_views
     return [_alpha(part.step_sizes[0], rule)] * len(part.params)
 
