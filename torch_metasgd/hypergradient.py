@@ -740,6 +740,7 @@ def _element_steps(workspace: _Workspace, step_sizes: list[Tensor], rule: _Rule)
 
 
 def _tensor_step_(part: _Part, slot: str, rule: _Rule) -> None:
+    """Moves the step sizes per tensor in place, as the workspace's vector (``tie_step_sizes``)."""
     _, dots, g_norms, d_norms = _inner_products(part, slot, element=False)
     changes, _ = _tensor_changes(dots, g_norms, d_norms, part.scales, rule.beta)
     _vector_step_(part.workspace.tie_step_sizes(part.step_sizes), changes, rule)
