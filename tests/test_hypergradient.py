@@ -629,6 +629,38 @@ def test_the_online_step_on_cuda_follows_the_one_on_cpu(granularity, dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize("parametrization", ["identity", "log"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_online_step_on_cuda_reads_nothing_back_to_the_host(
+    granularity, parametrization, momentum
+):
+    # Past the first steps (workspaces made, step sizes tied), a step only
+    # queues kernels: torch raises on any synchronizing call in this mode.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(20, 20) for _ in range(10)]).cuda()
+    opt = MetaSGD(
+        model.parameters(),
+        lr=0.05,
+        momentum=momentum,
+        granularity=granularity,
+        parametrization=parametrization,
+        hypergrad_lr=0.1,
+    )
+    x = torch.randn(16, 20, device="cuda")
+    for step in range(5):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if step >= 3:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(opt.effective_lr(p)).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
 def test_a_group_across_devices_learns_as_on_one_device(granularity):
     def run(devices):
         params = [
