@@ -107,8 +107,8 @@ class MetaSGD(Optimizer):
             ``benchmarks/online.py`` and the README for what it reaches
             from initial learning rates between 1e-4 and 1. The online step
             of float32 and float64 parameters runs in a workspace whose views
-            are the momentum buffers, the last directions and the per-element
-            step sizes; it holds one to three more buffers the size of the
+            are the momentum buffers, the last directions and the step
+            sizes; it holds one to three more buffers the size of the
             parameters (:mod:`torch_metasgd.hypergradient`).
 
     The step sizes are ``nn.Parameter`` leaves in their parameters' device and
