@@ -82,7 +82,7 @@ def _reference_adapt(model, opt, loss_fn, x, y, steps, first_order):
         # at a bound, its outward gradient is blocked for this task as a whole.
         alphas = {}
         for p in group["params"]:
-            s = opt.state[p]["step_size"]
+            s = opt.step_size(p)
             if id(s) not in alphas:
                 alpha = group["lr"] * _phi(s, group["parametrization"])
                 if group["lr_min"] is not None or group["lr_max"] is not None:

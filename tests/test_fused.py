@@ -186,13 +186,18 @@ def test_a_parameter_laid_out_anew_gets_a_fused_step_for_its_strides():
 
 
 def test_fused_rejects_foreach_and_non_floating_parameters_before_any_change():
+    # A ValueError, that torch's RuntimeError for the same input catches too.
     with pytest.raises(ValueError, match="Invalid fused=True with foreach=True"):
+        MetaSGD([torch.zeros(2, requires_grad=True)], fused=True, foreach=True)
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
         MetaSGD([torch.zeros(2, requires_grad=True)], fused=True, foreach=True)
     a = torch.ones(2, requires_grad=True)
     z = torch.ones(2, dtype=torch.complex64, requires_grad=True)
     opt = MetaSGD([{"params": [a]}, {"params": [z]}], lr=0.1, fused=True)
     a.grad, z.grad = torch.ones(2), torch.ones(2, dtype=torch.complex64)
     with pytest.raises(ValueError, match=r"Invalid parameter for fused=True: .*complex64"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating"):
         opt.step()
     assert torch.equal(a, torch.ones(2)) and torch.equal(z, torch.ones(2, dtype=torch.complex64))
 

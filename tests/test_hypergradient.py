@@ -177,8 +177,10 @@ def test_state_dict_round_trip_mid_training_continues_the_same_trajectory(granul
 
     buffer.seek(0)
     resumed, resumed_opt = _train(factory, seed=5, start=torch.load(buffer))
+    # With momentum (and without nesterov) the last direction is the momentum buffer.
+    direction = "momentum_buffer" if momentum else "hypergrad_direction"
     for p in resumed.parameters():
-        assert {"hypergrad_direction", "hypergrad_scale"} <= resumed_opt.state[p].keys()
+        assert {direction, "hypergrad_scale", "step_size"} <= resumed_opt.state[p].keys()
     _run(resumed, resumed_opt, 10, seed=2)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
@@ -341,21 +343,30 @@ def test_mixed_dtypes_in_one_group_step_as_if_alone(granularity):
     assert not torch.equal(together[1], torch.full_like(together[1], 0.1))
 
 
-def test_parameter_without_gradient_keeps_its_step_size():
+@pytest.mark.parametrize(
+    "granularity, rate", [("element", 1 + DRIFT + ELEMENT_RATE), ("tensor", 1 + DRIFT)]
+)
+def test_a_parameter_without_gradient_keeps_its_step_size_and_then_learns_from_its_last_move(
+    granularity, rate
+):
     a = torch.ones(3, dtype=DTYPE, requires_grad=True)
     b = torch.ones(3, dtype=DTYPE, requires_grad=True)
-    opt = MetaSGD([a, b], lr=0.1, hypergrad_lr=0.1)
+    opt = MetaSGD([a, b], lr=0.1, hypergrad_lr=0.1, granularity=granularity)
     (a.square().sum() + b.square().sum()).backward()
-    opt.step()
+    opt.step()  # b: 1 -> 0.8, by its direction d = 2
     opt.zero_grad(set_to_none=True)
     a.square().sum().backward()  # b gets no gradient and does not move
     opt.step()
-    assert "hypergrad_direction" not in opt.state[b]
+    assert torch.equal(opt.step_size(b), torch.ones_like(opt.step_size(b)))
+    assert torch.equal(b.detach(), torch.full((3,), 0.8, dtype=DTYPE))
     opt.zero_grad(set_to_none=True)
     (a.square().sum() + b.square().sum()).backward()
     opt.step()
-    # b's last move was two steps ago: no hypergradient for it yet.
-    assert torch.equal(opt.step_size(b), torch.ones(3, dtype=DTYPE))
+    # b's last move was by d = 2, two steps ago, and its step sizes have not
+    # moved since: its hypergradient is exact, cos(g = 1.6, d = 2) = 1, and the
+    # running magnitude starts at |g||d|, so log(alpha) grows by beta * rate.
+    expected = torch.full_like(opt.step_size(b), math.exp(0.1 * rate))
+    torch.testing.assert_close(opt.step_size(b), expected, rtol=1e-14, atol=0)
 
 
 def test_direction_survives_zero_grad_in_place():

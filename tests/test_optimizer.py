@@ -712,7 +712,7 @@ BAD_OPTIONS = [
     (dict(lr_max=-0.1, parametrization="log"), "lr_max value: -0.1"),
     (dict(lr_min=-0.1, parametrization="log"), "lr_min value: -0.1"),
     (dict(lr_min=-1e-3, parametrization="softplus"), "lr_min value: -0.001"),
-    (dict(lr=torch.tensor([0.1, 0.2])), "one element"),
+    (dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
     (dict(lr="0.1"), "learning rate: 0.1"),
     (dict(momentum=None), "momentum value: None"),
     (dict(hypergrad_lr=True), "hypergrad_lr value: True"),
@@ -755,20 +755,33 @@ def test_rejects_non_leaf_parameter():
     assert_unchanged(opt, snap)
 
 
-def test_rejects_parameter_appearing_twice():
+def test_a_parameter_twice_warns_as_torch_sgd_does_and_across_groups_raises():
     p, q = random_leaves([(3,), (2,)])
-    with pytest.raises(ValueError, match="twice"):
-        MetaSGD([p, q, p], lr=0.1)
-    with pytest.raises(ValueError, match="more than one"):
-        MetaSGD([{"params": [p]}, {"params": [q, p]}], lr=0.1)
+    for cls in (torch.optim.SGD, MetaSGD):
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            cls([p, q, p], lr=0.1)
+        with pytest.raises(ValueError, match="more than one"):
+            cls([{"params": [p]}, {"params": [q, p]}], lr=0.1)
     opt = MetaSGD([p], lr=0.1)
     snap = snapshot(opt)
-    for group in ({"params": [q, q]}, {"params": [q, p]}, {"params": p}):
+    for group in ({"params": [q, p]}, {"params": p}):
         with pytest.raises(ValueError):
             opt.add_param_group(group)
         assert len(opt.param_groups) == 1
         assert_unchanged(opt, snap)
     assert q not in opt.state
+
+
+def test_a_parameter_twice_in_an_online_group_raises_before_anything_changes():
+    p, q = random_leaves([(3,), (2,)])
+    with pytest.raises(ValueError, match="appears twice, with hypergrad_lr=0.1"):
+        MetaSGD([p, q, p], lr=0.1, hypergrad_lr=0.1)
+    opt = MetaSGD([p], lr=0.1, hypergrad_lr=0.1)
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match="appears twice"):
+        opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups) == 1
+    assert_unchanged(opt, snap)
 
 
 def test_add_param_group_creates_step_sizes_with_group_options():
@@ -895,7 +908,7 @@ def test_negative_lower_bound_is_accepted_for_identity_step_sizes():
         (torch.arange(3), ValueError, "Invalid parameter 1: .* dtype torch.int64"),
         (torch.zeros(2, dtype=torch.bool), ValueError, "Invalid parameter 1: .* torch.bool"),
         (torch.zeros(2, dtype=torch.uint8), ValueError, "Invalid parameter 1: .* torch.uint8"),
-        ([1.0, 2.0], TypeError, "parameter 1 is list"),
+        ([1.0, 2.0], TypeError, "can only optimize Tensors, but one of the params is list"),
     ],
     ids=["int64", "bool", "uint8", "list"],
 )

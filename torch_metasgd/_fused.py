@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _parametrizations
-from ._kernels import SGDOptions, effective_lr, sgd_direction, sgd_options
+from ._kernels import SGDOptions, effective_lr, group_lr, sgd_direction, sgd_options
 
-__all__ = ["FUSED_DEVICES", "fusable", "metasgd_fused"]
+if TYPE_CHECKING:
+    from ._groups import Batch
+
+__all__ = ["FUSED_DEVICES", "AmpFlags", "fusable", "metasgd_fused"]
 
 #: The device types whose step ``torch.compile`` can fuse.
 FUSED_DEVICES = ("cpu", "cuda", "xpu")
@@ -31,19 +34,33 @@ def fusable(p: Tensor) -> bool:
     return p.dtype.is_floating_point and (p.is_cpu or p.is_cuda or p.is_xpu)
 
 
+class AmpFlags(NamedTuple):
+    """What a ``GradScaler`` hands a fused step: the scale still in the gradients, and a
+    nonzero ``found_inf`` where a gradient is not finite (the step must then change nothing)."""
+
+    grad_scale: Tensor | None
+    found_inf: Tensor | None
+
+    @property
+    def given(self) -> bool:
+        return self.grad_scale is not None or self.found_inf is not None
+
+    def skips_new_state(self, batch: Batch, new_state: bool) -> bool:
+        """Whether the step of ``batch``, which would create state (``new_state``), is one
+        that the scaler skips.
+
+        Read back from the device, once per parameter's first steps only: a
+        skipped step must leave no state behind (a zero momentum buffer is not
+        "no buffer" under dampening), and only the host can decide to create
+        none. Later steps skip on the device, without a read.
+        """
+        return new_state and self.found_inf is not None and bool(self.found_inf.item())
+
+
 def metasgd_fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    step_sizes: list[Tensor],
-    group: dict[str, Any],
-    *,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    compiled: bool = True,
-    keep_directions: bool = False,
+    batch: Batch, amp: AmpFlags, *, compiled: bool = True, keep_directions: bool = False
 ) -> list[Tensor] | None:
-    """:func:`~torch_metasgd._kernels.metasgd` with ``group``'s options, one compiled call.
+    """:func:`~torch_metasgd._kernels.metasgd` of a batch, with its group's options, in one call.
 
     The step is written per tensor (:func:`~torch_metasgd._kernels.sgd_direction`
     and :func:`~torch_metasgd._kernels.effective_lr`, as every other path) and
@@ -59,8 +76,8 @@ def metasgd_fused(
     is passed as a tensor, so that a scheduler does not recompile. Returns the
     directions as :func:`~torch_metasgd._kernels.metasgd` does.
     """
-    if not params:
-        return [] if keep_directions else None
+    params, grads, momentum_buffers = batch.params, batch.grads, batch.momentum_buffers
+    group = batch.group
     options = sgd_options(group)
     momentum, nesterov = options.momentum, options.nesterov
     first: tuple[bool, ...] = ()
@@ -69,17 +86,17 @@ def metasgd_fused(
         for i, new in enumerate(first):
             if new:
                 momentum_buffers[i] = torch.zeros_like(params[i])
-    lr = group["lr"]
+    lr = group_lr(group)
     if not isinstance(lr, Tensor):
         lr = torch.tensor(lr, dtype=torch.float64)
     args = (
         params,
         grads,
         momentum_buffers if momentum != 0 else [],
-        step_sizes,
+        batch.step_sizes,
         lr,
-        grad_scale,
-        found_inf,
+        amp.grad_scale,
+        amp.found_inf,
         options,
         group["parametrization"],
         group["lr_min"],

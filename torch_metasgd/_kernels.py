@@ -30,6 +30,8 @@ from ._parametrizations import Parametrization
 __all__ = [
     "SGDOptions",
     "sgd_options",
+    "group_lr",
+    "step_options",
     "sgd_direction",
     "effective_lr",
     "effective_lrs",
@@ -52,6 +54,27 @@ class SGDOptions(NamedTuple):
 def sgd_options(group: dict[str, Any]) -> SGDOptions:
     """A param group's :class:`SGDOptions`."""
     return SGDOptions(*(group[key] for key in SGDOptions._fields))
+
+
+def group_lr(group: dict[str, Any]) -> float | Tensor:
+    """A group's ``lr``; a one-element tensor of any shape as a 0-dim one (differentiably)."""
+    lr = group["lr"]
+    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() != 0 else lr
+
+
+def step_options(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's options as :func:`metasgd`'s keyword arguments (but ``foreach``)."""
+    return dict(
+        lr=group_lr(group),
+        weight_decay=group["weight_decay"],
+        momentum=group["momentum"],
+        dampening=group["dampening"],
+        nesterov=group["nesterov"],
+        maximize=group["maximize"],
+        parametrization=group["parametrization"],
+        lr_min=group["lr_min"],
+        lr_max=group["lr_max"],
+    )
 
 
 class Arithmetic(NamedTuple):
@@ -199,7 +222,7 @@ def effective_lrs(
     for s in step_sizes:
         if id(s) not in computed:
             computed[id(s)] = effective_lr(
-                s, group["lr"], phi, group["lr_min"], group["lr_max"], tasks
+                s, group_lr(group), phi, group["lr_min"], group["lr_max"], tasks
             )
     return [computed[id(s)] for s in step_sizes]
 

@@ -9,8 +9,24 @@ from torch import Tensor, nn
 
 from ._parametrizations import parametrization
 
-__all__ = ["step_size_dtype", "new_step_sizes", "follow_params", "moved"]
+try:  # torch >= 2.4; FSDP2's parameters are DTensors
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - older torch, or no torch.distributed
+    DTensor = Replicate = None
 
+__all__ = [
+    "STATE_KEY",
+    "PARAM_LIKE_STATE",
+    "step_size_dtype",
+    "new_step_sizes",
+    "follow_group",
+    "is_dtensor",
+]
+
+#: Where a parameter's step size sits in ``optimizer.state[p]`` (and so in the state dict).
+STATE_KEY = "step_size"
+#: The state shaped and typed as the parameter; every other entry takes its step size's dtype.
+PARAM_LIKE_STATE = ("momentum_buffer", "hypergrad_direction")
 
 # Step sizes of half-precision parameters are float32, as mixed-precision
 # training keeps master weights: a learned change of 1e-3 to s = 1 is below
@@ -29,20 +45,33 @@ def step_size_dtype(dtype: torch.dtype) -> torch.dtype:
     return _STEP_SIZE_DTYPES.get(dtype, dtype)
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter sharded by FSDP2, or any distributed tensor)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _scalar_like(p: Tensor, value: float) -> Tensor:
+    """A 0-dim ``value`` for ``p``: on its device in its step sizes' dtype, replicated on its
+    mesh if ``p`` is a DTensor (so that it meets ``p`` in the update without a collective)."""
+    local = torch.full((), value, dtype=step_size_dtype(p.dtype), device=p.device)
+    if is_dtensor(p):
+        mesh = p.device_mesh
+        return DTensor.from_local(local, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return local
+
+
 def new_step_sizes(params: list[Tensor], group: dict[str, Any]) -> list[nn.Parameter]:
+    """Fresh step sizes for ``params`` with ``group``'s granularity: each :math:`\\phi(s) = 1`.
+
+    ``"element"`` ones are shaped (and, for a DTensor, sharded) as their
+    parameters; a ``"group"`` one is one tensor listed once per parameter.
+    """
     s0 = parametrization(group["parametrization"]).initial
     granularity = group["granularity"]
     if granularity == "group":
-        if not params:
-            return []
-        first = params[0]
-        shared = _leaf(torch.full((), s0, dtype=step_size_dtype(first.dtype), device=first.device))
-        return [shared] * len(params)
+        return [_leaf(_scalar_like(params[0], s0))] * len(params) if params else []
     if granularity == "tensor":
-        return [
-            _leaf(torch.full((), s0, dtype=step_size_dtype(p.dtype), device=p.device))
-            for p in params
-        ]
+        return [_leaf(_scalar_like(p, s0)) for p in params]
     return [
         _leaf(
             torch.full_like(
@@ -53,43 +82,41 @@ def new_step_sizes(params: list[Tensor], group: dict[str, Any]) -> list[nn.Param
     ]
 
 
-def moved(p: Tensor, s: Tensor) -> bool:
-    """Whether step size ``s`` is not where parameter ``p``'s would be (device, dtype)."""
-    return s.device != p.device or s.dtype is not step_size_dtype(p.dtype)
-
-
 def _leaf(t: Tensor) -> nn.Parameter:
     # A Parameter, so that a module can register the step sizes themselves
     # (e.g. for DistributedDataParallel to average their gradients).
     return nn.Parameter(t.detach())
 
 
-def follow_params(
-    param_groups: list[dict[str, Any]],
-    step_sizes_by_group: list[list[Tensor]],
+def moved(p: Tensor, s: Tensor) -> bool:
+    """Whether step size ``s`` is not where parameter ``p``'s would be (device, dtype)."""
+    return s.device != p.device or s.dtype is not step_size_dtype(p.dtype)
+
+
+def follow_group(
+    params: list[Tensor],
+    step_sizes: list[Tensor],
     state: dict[Tensor, dict[str, Any]],
-) -> bool:
-    """Move step sizes and state to their parameters' devices and dtypes, if one moved.
+    granularity: str,
+) -> None:
+    """Move step sizes and state to their parameters' devices and dtypes, where one moved.
 
     The step sizes stay the same Python objects (``.data`` is replaced, as
-    ``nn.Module.to`` does for parameters), so an outer optimizer that
-    holds them keeps training them. A step size follows its parameter (a
-    ``"group"`` one the group's first); state shaped like a parameter
-    (momentum buffer, last direction) takes the parameter's dtype, the
-    rest its step size's. Returns whether anything moved.
+    ``nn.Module.to`` does for parameters), so an outer optimizer that holds
+    them keeps training them. A ``"group"`` step size follows the group's
+    first parameter; state shaped like a parameter (momentum buffer, last
+    direction: :data:`PARAM_LIKE_STATE`) takes the parameter's dtype, the rest its
+    step size's.
     """
-    any_moved = False
     with torch.no_grad():
-        for group, step_sizes in zip(param_groups, step_sizes_by_group, strict=True):
-            for p, s in zip(group["params"], step_sizes, strict=True):
-                owner = group["params"][0] if group["granularity"] == "group" else p
-                if moved(owner, s):
-                    s.data = s.data.to(device=owner.device, dtype=step_size_dtype(owner.dtype))
-                    any_moved = True
-                entry = state[p]
-                for key, value in entry.items():
-                    like = p if value.shape == p.shape else s
-                    if value is not s and (value.device, value.dtype) != (like.device, like.dtype):
-                        entry[key] = value.to(device=like.device, dtype=like.dtype)
-                        any_moved = True
-    return any_moved
+        for p, s in zip(params, step_sizes, strict=True):
+            owner = params[0] if granularity == "group" else p
+            if moved(owner, s):
+                s.data = s.data.to(device=owner.device, dtype=step_size_dtype(owner.dtype))
+            entry = state.get(p)
+            for key, value in (entry or {}).items():
+                if not isinstance(value, Tensor) or value is s:
+                    continue
+                like = p if key in PARAM_LIKE_STATE else s
+                if (value.device, value.dtype) != (like.device, like.dtype):
+                    entry[key] = value.to(device=like.device, dtype=like.dtype)

@@ -1,4 +1,4 @@
-"""What ``MetaSGD`` accepts: its options and its parameters.
+"""What ``MetaSGD`` accepts: its options, its parameters, the state dicts it loads.
 
 Each check raises before anything changes, naming the value.
 """
@@ -6,6 +6,7 @@ Each check raises before anything changes, naming the value.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from torch import Tensor
@@ -25,41 +26,69 @@ __all__ = [
 GRANULARITIES = ("element", "tensor", "group")
 
 
+class InvalidForTorchError(ValueError, RuntimeError):
+    """Bad input that ``torch.optim.SGD`` rejects with a ``RuntimeError``: a ``ValueError``, as
+    every bad input to MetaSGD, that code written for torch's type still catches."""
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a real number torch takes as a scalar (Python, NumPy or a
+    one-element tensor; not a bool), else None."""
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _finite(group: dict[str, Any], key: str, what: str) -> float:
+    value = _real(group[key])
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"Invalid {what}: {group[key]}")
+    return value
+
+
 def validate_group(group: dict[str, Any]) -> None:
+    """A ``ValueError`` for an option that :class:`MetaSGD` (or one of its groups) cannot take."""
     lr = group["lr"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"Invalid learning rate: a tensor lr must have one element, got {lr}")
-    if not _is_real(lr) or not math.isfinite(lr) or lr < 0.0:
+        raise ValueError(
+            f"Invalid learning rate: Tensor lr must be 1-element, got shape {tuple(lr.shape)}"
+        )
+    if _finite(group, "lr", "learning rate") < 0:
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not _is_real(group["momentum"]) or not math.isfinite(group["momentum"]):
+    if _finite(group, "momentum", "momentum value") < 0:
         raise ValueError(f"Invalid momentum value: {group['momentum']}")
-    if group["momentum"] < 0.0:
-        raise ValueError(f"Invalid momentum value: {group['momentum']}")
-    if not _is_real(group["weight_decay"]) or not math.isfinite(group["weight_decay"]):
+    if _finite(group, "weight_decay", "weight_decay value") < 0:
         raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-    if group["weight_decay"] < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-    if not _is_real(group["dampening"]) or not math.isfinite(group["dampening"]):
-        raise ValueError(f"Invalid dampening value: {group['dampening']}")
+    _finite(group, "dampening", "dampening value")
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     if group["fused"] and group["foreach"]:
-        raise ValueError("Invalid fused=True with foreach=True: a step is one or the other")
+        raise InvalidForTorchError(
+            "Invalid fused=True with foreach=True: `fused` and `foreach` cannot be `True` together"
+        )
+    if group["fused"] and group["differentiable"]:
+        raise InvalidForTorchError(
+            "Invalid fused=True with differentiable=True: `fused` does not support `differentiable`"
+        )
     if group["granularity"] not in GRANULARITIES:
         raise ValueError(
             f"Invalid granularity: {group['granularity']!r} (expected one of {GRANULARITIES})"
         )
     phi = parametrization(group["parametrization"])
-    lr_min, lr_max = group["lr_min"], group["lr_max"]
-    for name, bound in (("lr_min", lr_min), ("lr_max", lr_max)):
+    for name in ("lr_min", "lr_max"):
+        bound = group[name]
         if bound is None:
             continue
-        if not _is_real(bound) or isinstance(bound, Tensor) or not math.isfinite(bound):
-            raise ValueError(f"Invalid {name} value: {bound}")
-        if phi.positive and bound < 0:
+        if isinstance(bound, Tensor):
+            raise ValueError(f"Invalid {name} value: {bound} (a number, not a tensor)")
+        value = _finite(group, name, f"{name} value")
+        if phi.positive and value < 0:
             raise ValueError(
                 f"Invalid {name} value: {bound} ({phi.name!r} step sizes are positive)"
             )
+    lr_min, lr_max = group["lr_min"], group["lr_max"]
     if lr_max is not None and lr_max <= 0:
         raise ValueError(
             f"Invalid lr_max value: {lr_max} (step sizes at most {lr_max} could only ascend)"
@@ -67,53 +96,46 @@ def validate_group(group: dict[str, Any]) -> None:
     if lr_min is not None and lr_max is not None and lr_min > lr_max:
         raise ValueError(f"Invalid step-size bounds: lr_min={lr_min} > lr_max={lr_max}")
     hypergrad_lr = group["hypergrad_lr"]
-    if isinstance(hypergrad_lr, Tensor) or not _is_real(hypergrad_lr):
+    if isinstance(hypergrad_lr, Tensor) or _finite(group, "hypergrad_lr", "hypergrad_lr value") < 0:
         raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr}")
-    if not math.isfinite(hypergrad_lr) or hypergrad_lr < 0:
-        raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr}")
+    if hypergrad_lr != 0 and group["differentiable"]:
+        raise ValueError(
+            f"Invalid hypergrad_lr value: {hypergrad_lr} with differentiable=True (the online "
+            "rule moves the step sizes in place, outside any graph)"
+        )
 
 
-def validate_params(params: list[Any]) -> None:
-    seen = set()
+def validate_params(params: list[Tensor], group: dict[str, Any]) -> None:
+    """A ``ValueError`` for a parameter a step cannot take (torch.optim checked its type)."""
     for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise TypeError(
-                f"optimizer can only optimize Tensors, but parameter {i} is {type(p).__name__}"
-            )
-        if not p.is_leaf:
-            raise ValueError(f"can't optimize a non-leaf Tensor: {describe(p)}")
         if not (p.is_floating_point() or p.is_complex()):
             raise ValueError(
                 f"Invalid parameter {i}: {describe(p)} (MetaSGD optimizes floating-point "
                 "and complex tensors)"
             )
-        if id(p) in seen:
-            raise ValueError(f"Parameter appears twice in a param group: {describe(p)}")
-        seen.add(id(p))
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float, Tensor)) and not isinstance(x, bool)
+    if group["hypergrad_lr"] != 0 and len({id(p) for p in params}) != len(params):
+        # torch.optim only warns; the online rule keeps one state per parameter and step.
+        raise ValueError(
+            "Invalid param group: a parameter appears twice, with hypergrad_lr="
+            f"{group['hypergrad_lr']}"
+        )
 
 
 def validate_state_dict(
-    param_groups: list[dict[str, Any]],
-    step_sizes_by_group: list[list[Tensor]],
-    state_dict: dict[str, Any],
-) -> list[tuple[Tensor, Any, Tensor]]:
-    """Check that ``state_dict`` fits the optimizer; ``(parameter, saved index, step size)``s.
+    param_groups: list[dict[str, Any]], step_sizes: list[list[Tensor]], state_dict: dict[str, Any]
+) -> None:
+    """Check that ``state_dict`` fits the optimizer.
 
     The same groups and group sizes, granularities and parametrizations (where
-    saved), and a step size of the right shape for every parameter or for none
-    (a ``torch.optim.SGD`` state dict).
+    saved), options the constructor would take, and a step size of the right
+    shape for every parameter or for none (a ``torch.optim.SGD`` state dict).
     """
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(param_groups):
         raise ValueError("loaded state dict has a different number of parameter groups")
-    pairs = []
-    for group, saved, step_sizes in zip(
-        param_groups, saved_groups, step_sizes_by_group, strict=True
-    ):
+    saved_state = state_dict["state"]
+    found = []
+    for group, saved, group_step_sizes in zip(param_groups, saved_groups, step_sizes, strict=True):
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(
                 f"loaded state dict has a group of {len(saved['params'])} parameters "
@@ -125,19 +147,18 @@ def validate_state_dict(
                     f"loaded state dict has {key}={saved[key]!r} "
                     f"where this optimizer has {group[key]!r}"
                 )
-        pairs += zip(group["params"], saved["params"], step_sizes, strict=True)
-    saved_state = state_dict["state"]
-    saved_step_sizes = [saved_state.get(index, {}).get("step_size") for _, index, _ in pairs]
-    has_step_sizes = any(t is not None for t in saved_step_sizes)
-    for (_, index, s), saved in zip(pairs, saved_step_sizes, strict=True):
-        if has_step_sizes and saved is None:
-            raise ValueError(f"loaded state dict has no step size for parameter {index}")
-        if saved is not None and saved.shape != s.shape:
-            raise ValueError(
-                f"loaded step size of parameter {index} has shape {tuple(saved.shape)}, "
-                f"expected {tuple(s.shape)}"
-            )
-    return pairs
+        validate_group({**group, **{k: v for k, v in saved.items() if k != "params"}})
+        for index, s in zip(saved["params"], group_step_sizes, strict=True):
+            found.append((index, s, saved_state.get(index, {}).get("step_size")))
+    if any(saved is not None for _, _, saved in found):
+        for index, s, saved in found:
+            if saved is None:
+                raise ValueError(f"loaded state dict has no step size for parameter {index}")
+            if saved.shape != s.shape:
+                raise ValueError(
+                    f"loaded step size of parameter {index} has shape {tuple(saved.shape)}, "
+                    f"expected {tuple(s.shape)}"
+                )
 
 
 def validate_gradients(
@@ -147,10 +168,11 @@ def validate_gradients(
     if group["fused"]:
         for p, grad in zip(params, grads, strict=True):
             if not fusable(p) or (has_sparse_grad and grad.is_sparse):
-                raise ValueError(
+                raise InvalidForTorchError(
                     f"Invalid parameter for fused=True: {describe(p)} on {p.device}"
-                    f"{' with a sparse gradient' if grad.is_sparse else ''} (fused steps take "
-                    f"dense floating-point tensors on {FUSED_DEVICES})"
+                    f"{' with a sparse gradient' if grad.is_sparse else ''} (`fused=True` "
+                    "requires all the params to be floating point Tensors of supported devices: "
+                    f"{', '.join(FUSED_DEVICES)}, with dense gradients)"
                 )
     if has_sparse_grad and (group["weight_decay"] != 0 or group["hypergrad_lr"] != 0):
         option = "weight_decay" if group["weight_decay"] != 0 else "hypergrad_lr"

@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
-from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
-
-from . import _fused, _kernels, hypergradient
-from ._parametrizations import parametrization
-from ._step_sizes import follow_params, moved, new_step_sizes
-from ._validation import (
-    describe,
-    validate_gradients,
-    validate_group,
-    validate_params,
-    validate_state_dict,
+from torch import Tensor, nn
+from torch.optim.optimizer import (
+    Optimizer,
+    _default_to_fused_or_foreach,
+    _use_grad_for_differentiable,
 )
 
+from . import _checkpoint, _fused, _kernels, _workspace, hypergradient
+from ._groups import Batch, GroupView
+from ._parametrizations import parametrization
+from ._step_sizes import STATE_KEY, follow_group, new_step_sizes
+from ._validation import describe, validate_gradients, validate_group, validate_params
+
 __all__ = ["MetaSGD", "for_each_subclass"]
+
+#: What a group's options default to in a checkpoint or a pickle that predates them.
+_LATER_OPTIONS = dict(
+    nesterov=False,
+    maximize=False,
+    foreach=None,
+    differentiable=False,
+    fused=None,
+    granularity="element",
+    parametrization="identity",
+    lr_min=None,
+    lr_max=None,
+    hypergrad_lr=0.0,
+)
 
 
 class MetaSGD(Optimizer):
@@ -54,20 +67,16 @@ class MetaSGD(Optimizer):
     With ``hypergrad_lr=0`` the step sizes are not trained by :meth:`step`:
     hand :meth:`meta_parameters` to an outer optimizer and differentiate
     through the inner steps with :func:`torch_metasgd.inner_loop`,
-    ``higher.innerloop_ctx`` or :func:`torch_metasgd.meta_loss`, or let
-    :class:`torch_metasgd.LookAhead` do it against held-out data. With
-    ``hypergrad_lr`` :math:`\beta > 0`, every :meth:`step` first moves the
-    step sizes by hypergradient descent, at no extra forward or backward
-    pass: :math:`\log|\alpha|` follows the (clipped, scale-free) cosine
-    between the current gradient and the last direction, with a small upward
-    drift; per element, also each element's own sign, capped at :math:`e`
-    times its tensor's geometric mean; never below ``lr / 1000``, and a
-    tensor whose gradient is not finite skips the update. The rule, its
-    constants and its state are written out in :mod:`torch_metasgd.hypergradient`.
+    ``higher.innerloop_ctx``, :func:`torch_metasgd.meta_loss`, or this
+    optimizer itself with ``differentiable=True``. With ``hypergrad_lr``
+    :math:`\beta > 0`, every :meth:`step` first moves the step sizes by
+    hypergradient descent, at no extra forward or backward pass
+    (:mod:`torch_metasgd.hypergradient` writes the rule out).
 
     Args:
-        params: an iterable of tensors or of dicts defining parameter groups;
-            every keyword below can be overridden per group.
+        params: an iterable of tensors, of ``(name, tensor)`` pairs
+            (``model.named_parameters()``), or of dicts defining parameter
+            groups; every keyword below can be overridden per group.
         lr: base learning rate :math:`\gamma`, a float or a 1-element tensor
             (default: 1e-3).
         momentum: momentum factor :math:`\mu` (default: 0).
@@ -77,12 +86,15 @@ class MetaSGD(Optimizer):
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor (``torch._foreach_*``) implementation;
             ``None`` picks it where torch.optim would (default: None).
+        differentiable: :meth:`step` runs with autograd on, so the update is
+            differentiable in the parameters' history, a tensor ``lr`` and the
+            step sizes: give it non-leaf parameters (e.g. clones of a
+            model's weights) whose ``.grad`` was computed with
+            ``create_graph=True`` (default: False).
         fused: the update compiled by ``torch.compile`` into one call per
             group (a kernel per device), as ``torch.optim.SGD(fused=True)``
             (GradScaler's unscaling and skipping inside); the second step
-            compiles, and without a C++ compiler it warns and runs uncompiled.
-            With ``hypergrad_lr > 0`` and no GradScaler the step runs in the
-            hypergradient's workspace instead, a few kernels for all tensors
+            compiles, and without a C++ compiler it warns and runs uncompiled
             (default: None).
         granularity: ``"element"`` (one step size per parameter element, the
             paper's :math:`\alpha`), ``"tensor"`` (one per parameter tensor) or
@@ -98,24 +110,21 @@ class MetaSGD(Optimizer):
             meta-gradient a bound blocks only what points further out: where
             :math:`\alpha` sits at a bound, the gradient of :math:`s` passes if
             a descent step would bring it back inside (decided per use: per
-            inner loop, that is per task), so a clamped step size is never
-            pinned for good. :meth:`step` and the hypergradient rule apply the
-            bounds as a projection.
+            inner loop, that is per task). :meth:`step` and the online rule
+            apply the bounds as a projection.
         hypergrad_lr: :math:`\beta`, the rate at which :meth:`step` learns the
-            step sizes by hypergradient descent; 0 turns it off
-            (default: 0). 0.1 is a good start at any granularity; see
-            ``benchmarks/online.py`` and the README for what it reaches
-            from initial learning rates between 1e-4 and 1. The online step
-            of float32 and float64 parameters runs in a workspace whose views
-            are the momentum buffers, the last directions and the step
-            sizes; it holds one to three more buffers the size of the
-            parameters (:mod:`torch_metasgd.hypergradient`).
+            step sizes online; 0 turns it off (default: 0). 0.1 is a good
+            start at any granularity.
 
-    The step sizes are ``nn.Parameter`` leaves in their parameters' device and
-    dtype, float32 for float16/bfloat16 ones (master weights: a change of 1e-3
-    to :math:`s = 1` is below bfloat16's resolution), real for complex ones;
-    they and the state follow a model moved or cast after the optimizer was
-    built, in place. Sparse gradients work as in ``torch.optim.SGD``.
+    State: ``state[p]`` is created at ``p``'s first step (or by a load), as in
+    torch's optimizers, and holds ``"step_size"`` (its step-size parameter),
+    ``"momentum_buffer"`` (with momentum) and the online rule's entries. The
+    step sizes exist from construction (for :meth:`meta_parameters` and an
+    outer optimizer) and :meth:`state_dict` always holds them. They are
+    ``nn.Parameter`` leaves in their parameters' device and dtype (sharded
+    like them for a DTensor), float32 for float16/bfloat16 ones, real for
+    complex ones; they and the state follow a model moved or cast as a whole
+    after the optimizer was built, as the same tensors.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -139,8 +148,8 @@ class MetaSGD(Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
         momentum: float = 0,
         dampening: float = 0,
         weight_decay: float = 0,
@@ -148,6 +157,7 @@ class MetaSGD(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        differentiable: bool = False,
         fused: bool | None = None,
         granularity: str = "element",
         parametrization: str = "identity",
@@ -163,6 +173,7 @@ class MetaSGD(Optimizer):
             nesterov=nesterov,
             maximize=maximize,
             foreach=foreach,
+            differentiable=differentiable,
             fused=fused,
             granularity=granularity,
             parametrization=parametrization,
@@ -171,10 +182,10 @@ class MetaSGD(Optimizer):
             hypergrad_lr=hypergrad_lr,
         )
         validate_group(defaults)
-        # step() reads each group's step sizes from this list: hashing every
-        # parameter into self.state costs as much as the update on small tensors.
-        self._step_sizes: list[list[Tensor]] = []
-        self._hypergradient_workspaces: dict = {}
+        # Each parameter's step size, by the parameter: in state[p] too once p
+        # has state, which then holds the live one (see _held_step_size).
+        self._step_sizes: dict[Tensor, nn.Parameter] = {}
+        self._views: dict[int, GroupView] = {}
         super().__init__(params, defaults)
         if fused:
             # GradScaler hands a fused step its scale and inf flag instead of unscaling.
@@ -185,48 +196,74 @@ class MetaSGD(Optimizer):
         for hook in _SUBCLASS_HOOKS:
             hook(cls)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_step_sizes": self._step_sizes}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if not isinstance(self.__dict__.get("_step_sizes"), dict):
+            self._step_sizes = {}  # a pickle of an older MetaSGD: its state holds them all
+        self._views = {}
         for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
-            group.setdefault("granularity", "element")
-            group.setdefault("parametrization", "identity")
-            group.setdefault("lr_min", None)
-            group.setdefault("lr_max", None)
-            group.setdefault("hypergrad_lr", 0.0)
-        self._hypergradient_workspaces = {}
-        self._list_step_sizes()
+            for key, value in _LATER_OPTIONS.items():
+                group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group and create its step-size parameters.
+        """Add a param group, with fresh step sizes for its parameters.
 
-        Everything is validated, and the step sizes are built, before the
-        group is added: a failed call leaves the optimizer as it was.
+        Takes what ``torch.optim.Optimizer.add_param_group`` takes (named
+        parameters too); every option and parameter is checked, and the step
+        sizes built, before the group counts: a failed call leaves the
+        optimizer as it was.
         """
-        group = dict(param_group)
-        params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        options = {**self.defaults, **group}
-        validate_group(options)
-        validate_params(params)
-        step_sizes = new_step_sizes(params, options)
-        if isinstance(group["params"], Iterator):
-            # Consumed above: hand torch the list, not an exhausted generator.
-            group["params"] = params
-        super().add_param_group(group)
-        for p, s in zip(params, step_sizes, strict=True):
-            self.state[p]["step_size"] = s
-        self._step_sizes.append(step_sizes)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            validate_group(group)
+            validate_params(group["params"], group)
+            step_sizes = new_step_sizes(group["params"], group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        self._step_sizes.update(zip(group["params"], step_sizes, strict=True))
 
-    def _list_step_sizes(self) -> None:
-        # Inside load_state_dict a loaded SGD state has no step sizes yet:
-        # they are put back, and listed again, right after.
-        self._step_sizes = [
-            [self.state[p].get("step_size") for p in group["params"]] for group in self.param_groups
-        ]
+    def _held_step_size(self, p: Tensor) -> Tensor | None:
+        entry = self.state.get(p)
+        s = entry.get(STATE_KEY) if entry else None
+        return self._step_sizes.get(p) if s is None else s
+
+    def _view(self, group: dict[str, Any]) -> GroupView:
+        view = self._views.get(id(group))
+        if view is None or not view.fits(group, self.state):
+            view = self._views[id(group)] = self._derive_view(group)
+        return view
+
+    def _derive_view(self, group: dict[str, Any]) -> GroupView:
+        params = group["params"]
+        step_sizes = [self._held_step_size(p) for p in params]
+        if group["granularity"] == "group" and params:
+            shared = next((s for s in step_sizes if s is not None), None)
+            shared = shared if shared is not None else new_step_sizes(params[:1], group)[0]
+            step_sizes = [shared] * len(params)
+        elif any(s is None for s in step_sizes):
+            # Parameters put into param_groups directly, not by add_param_group.
+            fresh = iter(
+                new_step_sizes(
+                    [p for p, s in zip(params, step_sizes, strict=True) if s is None], group
+                )
+            )
+            step_sizes = [next(fresh) if s is None else s for s in step_sizes]
+        for i, (p, s) in enumerate(zip(params, step_sizes, strict=True)):
+            shape = tuple(p.shape) if group["granularity"] == "element" else ()
+            if tuple(s.shape) != shape:
+                raise ValueError(
+                    f"Invalid step size of parameter {i}: shape {tuple(s.shape)}, where "
+                    f"granularity={group['granularity']!r} needs {shape} (the granularity of a "
+                    "group is fixed when its step sizes are made)"
+                )
+        follow_group(params, step_sizes, self.state, group["granularity"])
+        self._step_sizes.update(zip(params, step_sizes, strict=True))
+        return GroupView(group, step_sizes, self.state)
 
     def meta_parameters(self) -> list[Tensor]:
         """The step-size parameters, in parameter order, each listed once.
@@ -234,19 +271,11 @@ class MetaSGD(Optimizer):
         Hand them to an outer optimizer, e.g.
         ``torch.optim.Adam([*model.parameters(), *opt.meta_parameters()])``.
         """
-        self._follow_params()
         seen: dict[int, Tensor] = {}
-        for step_sizes in self._step_sizes:
-            for s in step_sizes:
+        for group in self.param_groups:
+            for s in self._view(group).step_sizes:
                 seen.setdefault(id(s), s)
         return list(seen.values())
-
-    def step_size(self, p: Tensor) -> Tensor:
-        """The step-size parameter ``s`` of ``p`` (a leaf tensor, the live one)."""
-        s = self.state[p].get("step_size") if p in self.state else None
-        if s is None:
-            raise ValueError(f"Tensor is not a parameter of this optimizer: {describe(p)}")
-        return s
 
     def step_sizes_by_group(self) -> list[list[Tensor]]:
         """The step-size parameter of every parameter, group by group, in parameter order.
@@ -254,26 +283,27 @@ class MetaSGD(Optimizer):
         A ``"group"`` step size is listed once per parameter. The tensors are
         the live ones, on their parameters' devices.
         """
-        self._follow_params()
-        return [list(step_sizes) for step_sizes in self._step_sizes]
+        return [list(self._view(group).step_sizes) for group in self.param_groups]
+
+    def step_size(self, p: Tensor) -> Tensor:
+        """The step-size parameter ``s`` of ``p`` (a leaf tensor, the live one)."""
+        group, index = self._locate(p)
+        return self._view(group).step_sizes[index]
 
     def effective_lr(self, p: Tensor) -> Tensor:
         r"""The step size :math:`\alpha` applied to ``p``: ``clamp(lr * f(s), lr_min, lr_max)``.
 
         Broadcastable to ``p`` and differentiable in the step-size parameter.
         """
-        group = self._group_of(p)
-        self._follow_params()
-        return _kernels.effective_lrs(group, [self.step_size(p)])[0]
+        group, index = self._locate(p)
+        return _kernels.effective_lrs(group, [self._view(group).step_sizes[index]])[0]
 
-    def _follow_params(self) -> None:
-        if follow_params(self.param_groups, self._step_sizes, self.state):
-            # Scratch buffers on the old device or in the old dtype.
-            self._hypergradient_workspaces.clear()
-
-    def state_dict(self) -> dict[str, Any]:
-        self._follow_params()
-        return super().state_dict()
+    def _locate(self, p: Tensor) -> tuple[dict[str, Any], int]:
+        for group in self.param_groups:
+            for index, q in enumerate(group["params"]):
+                if q is p:
+                    return group, index
+        raise ValueError(f"Tensor is not a parameter of this optimizer: {describe(p)}")
 
     @torch.no_grad()
     def uniform_step_sizes_(
@@ -287,7 +317,6 @@ class MetaSGD(Optimizer):
         """
         if not (math.isfinite(low) and math.isfinite(high)) or low > high:
             raise ValueError(f"Invalid step-size range: [{low}, {high}]")
-        self._follow_params()
         for group in self.param_groups:
             if group["lr"] <= 0:
                 raise ValueError(f"Invalid learning rate for uniform_step_sizes_: {group['lr']}")
@@ -296,50 +325,40 @@ class MetaSGD(Optimizer):
                     f"Invalid step-size range for {group['parametrization']!r}: "
                     f"[{low}, {high}] (step sizes are positive)"
                 )
-        for group, step_sizes in zip(self.param_groups, self._step_sizes, strict=True):
+        for group in self.param_groups:
             phi = parametrization(group["parametrization"])
-            for s in {id(s): s for s in step_sizes}.values():
+            for s in {id(s): s for s in self._view(group).step_sizes}.values():
                 u = torch.rand(s.shape, generator=generator, dtype=s.dtype, device="cpu")
                 u = (low + (high - low) * u).to(s.device)
                 s.copy_(phi.inverse(u / group["lr"]))
         return self
 
-    def _group_of(self, p: Tensor) -> dict[str, Any]:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise ValueError(f"Tensor is not a parameter of this optimizer: {describe(p)}")
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        group_step_sizes: list[Tensor],
-        params: list[Tensor],
-        grads: list[Tensor],
-        momentum_buffers: list[Tensor | None],
-        step_sizes: list[Tensor],
-    ) -> bool:
-        """Gather the parameters with a gradient; returns whether a gradient is sparse."""
-        use_momentum = group["momentum"] != 0
-        has_sparse_grad = False
-        # A model is moved or cast as a whole: its group's first parameter
-        # tells (checking every one would cost ~15% of a small step).
-        if group_step_sizes and moved(group["params"][0], group_step_sizes[0]):
-            self._follow_params()
-        for p, s in zip(group["params"], group_step_sizes, strict=True):
-            grad = p.grad
-            if grad is None:
-                continue
-            has_sparse_grad |= grad.is_sparse
-            params.append(p)
-            grads.append(grad)
-            step_sizes.append(s)
-            if use_momentum:
-                momentum_buffers.append(self.state[p].get("momentum_buffer"))
+    def _gather(self, group: dict[str, Any]) -> Batch | None:
+        """The group's parameters with a gradient, and what their step needs; checked."""
+        view = self._view(group)
+        grads = [p.grad for p in view.params]
+        complete = all(g is not None for g in grads)
+        if complete:
+            params, step_sizes = view.params, view.step_sizes
+        else:
+            kept = [
+                (p, g, s)
+                for p, g, s in zip(view.params, grads, view.step_sizes, strict=True)
+                if g is not None
+            ]
+            if not kept:
+                return None
+            params, grads, step_sizes = map(list, zip(*kept, strict=True))
+        has_sparse_grad = any(g.is_sparse for g in grads)
         validate_gradients(group, params, grads, has_sparse_grad)
-        return has_sparse_grad
+        momentum_buffers = []
+        if group["momentum"] != 0:
+            momentum_buffers = [self.state[p].get("momentum_buffer") for p in params]
+        return Batch(
+            group, view, params, grads, step_sizes, momentum_buffers, has_sparse_grad, complete
+        )
 
-    @torch.no_grad()
+    @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform a single optimization step.
 
@@ -351,95 +370,89 @@ class MetaSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        # Every group is gathered before any is updated: an unsupported sparse
-        # gradient in a later group raises before an earlier one has moved.
-        gathered = []
-        for group, group_step_sizes in zip(self.param_groups, self._step_sizes, strict=True):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            momentum_buffers: list[Tensor | None] = []
-            step_sizes: list[Tensor] = []
-            has_sparse_grad = self._init_group(
-                group, group_step_sizes, params, grads, momentum_buffers, step_sizes
-            )
-            if params:
-                gathered.append(
-                    (group, params, grads, momentum_buffers, step_sizes, has_sparse_grad)
-                )
-
-        # Set by GradScaler for a fused step: the gradients are still scaled.
-        amp = dict(
-            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None)
-        )
-        for group, params, grads, momentum_buffers, step_sizes, has_sparse_grad in gathered:
-            foreach = group["foreach"]
-            if foreach is None and not group["fused"]:
-                _, foreach = _default_to_fused_or_foreach(params, differentiable=False)
-            # As torch.optim.SGD: sparse gradients take the single-tensor path.
-            foreach = foreach and not has_sparse_grad
-            online = group["hypergrad_lr"] != 0
-            amp_step = amp["grad_scale"] is not None or amp["found_inf"] is not None
-            if online and hypergradient.steps_in_workspace(
-                group, grads, momentum_buffers, amp_step
-            ):
-                hypergradient.online_step_(
-                    group,
-                    params,
-                    grads,
-                    momentum_buffers,
-                    step_sizes,
-                    self.state,
-                    self._hypergradient_workspaces,
-                )
+        # Every group is gathered and checked before any moves.
+        batches = [self._gather(group) for group in self.param_groups]
+        amp = _fused.AmpFlags(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        for batch in batches:
+            if batch is None:
                 continue
-            if online:
-                # Before the update: the last direction may be the momentum
-                # buffer, which the update advances in place.
-                hypergradient.hypergradient_step_(
-                    group,
-                    params,
-                    grads,
-                    step_sizes,
-                    self.state,
-                    self._hypergradient_workspaces,
-                    amp["grad_scale"],
-                )
-            if group["fused"] or amp_step:
-                directions = _fused.metasgd_fused(
-                    params,
-                    grads,
-                    momentum_buffers,
-                    step_sizes,
-                    group,
-                    compiled=bool(group["fused"]),
-                    keep_directions=online,
-                    **amp,
-                )
-            else:
-                directions = _kernels.metasgd(
-                    params,
-                    grads,
-                    momentum_buffers,
-                    step_sizes,
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    momentum=group["momentum"],
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                    maximize=group["maximize"],
-                    parametrization=group["parametrization"],
-                    lr_min=group["lr_min"],
-                    lr_max=group["lr_max"],
-                    foreach=foreach,
-                    keep_directions=online,
-                )
-            if group["momentum"] != 0:
-                for p, buf in zip(params, momentum_buffers, strict=True):
-                    self.state[p]["momentum_buffer"] = buf
-            if online:
-                hypergradient.remember_directions(group, params, directions, self.state)
+            if amp.found_inf is not None and amp.skips_new_state(batch, self._creates_state(batch)):
+                continue
+            self._add_state(batch)
+            if batch.group["hypergrad_lr"] == 0:
+                self._update(batch, amp)
+            elif not _workspace.step_(batch, self.state, amp):
+                hypergradient.step_(batch, self.state, amp, self._update)
         return loss
+
+    def _creates_state(self, batch: Batch) -> bool:
+        """Whether the step of ``batch`` makes a parameter's first state."""
+        return (
+            not batch.view.has_state
+            or any(buf is None for buf in batch.momentum_buffers)
+            or (batch.group["hypergrad_lr"] != 0 and hypergradient.creates_state(batch, self.state))
+        )
+
+    def _add_state(self, batch: Batch) -> None:
+        """Create the state entries of the parameters that step for the first time."""
+        view = batch.view
+        if view.has_state:
+            return
+        for p, s in zip(batch.params, batch.step_sizes, strict=True):
+            self.state[p].setdefault(STATE_KEY, s)
+        view.has_state = batch.complete or all(
+            p in self.state and STATE_KEY in self.state[p] for p in view.params
+        )
+
+    def _update(self, batch: Batch, amp: _fused.AmpFlags, keep_directions: bool = False):
+        r""":math:`\theta \leftarrow \theta - \alpha \odot d` for the batch, in place; with
+        ``keep_directions``, returns each :math:`d` (see :func:`_kernels.metasgd`)."""
+        group = batch.group
+        if group["fused"] or amp.given:
+            directions = _fused.metasgd_fused(
+                batch, amp, compiled=bool(group["fused"]), keep_directions=keep_directions
+            )
+        else:
+            foreach = group["foreach"]
+            if foreach is None:
+                _, foreach = _default_to_fused_or_foreach(batch.params, differentiable=False)
+            directions = _kernels.metasgd(
+                batch.params,
+                batch.grads,
+                batch.momentum_buffers,
+                batch.step_sizes,
+                **_kernels.step_options(group),
+                # As torch.optim.SGD: sparse gradients take the single-tensor path.
+                foreach=foreach and not batch.has_sparse_grad,
+                keep_directions=keep_directions,
+            )
+        if group["momentum"] != 0:
+            for p, buf in zip(batch.params, batch.momentum_buffers, strict=True):
+                self.state[p]["momentum_buffer"] = buf
+        return directions
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state, as ``torch.optim.Optimizer.state_dict``, with the step size of
+        every parameter (``state[i]["step_size"]``), also of those that have not stepped."""
+        missing = {}
+        for group in self.param_groups:
+            self._view(group)
+            for p in group["params"]:
+                entry = self.state.get(p)
+                if entry is None or STATE_KEY not in entry:
+                    missing[p] = entry
+        # Lent to torch's packing (and to the hooks) as new entries, so that the
+        # live ones are as they were once it returns.
+        for p, entry in missing.items():
+            self.state[p] = {**(entry or {}), STATE_KEY: self._held_step_size(p)}
+        try:
+            return super().state_dict()
+        finally:
+            for p, entry in missing.items():
+                if entry is None:
+                    del self.state[p]
+                else:
+                    self.state[p] = entry
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state; step sizes are written into the live tensors in place.
@@ -451,32 +464,14 @@ class MetaSGD(Optimizer):
         with learnable step sizes) loads too: its momentum buffers carry over
         and the step sizes stay as they are. Options a saved group lacks
         (MetaSGD's own in an SGD state dict, newer ones in an old checkpoint)
-        keep this optimizer's values. Everything is checked before anything
-        changes.
+        keep this optimizer's values. Hooks registered with
+        ``register_load_state_dict_pre_hook`` see, and may rewrite, every entry.
+        Everything is checked, after those hooks, before anything changes.
         """
-        self._follow_params()
-        saved_groups = state_dict["param_groups"]
-        pairs = validate_state_dict(self.param_groups, self._step_sizes, state_dict)
-        saved_state = state_dict["state"]
-        saved_step_sizes = [saved_state.get(index, {}).get("step_size") for _, index, _ in pairs]
-        completed = [
-            {**{k: v for k, v in group.items() if k != "params"}, **saved}
-            for group, saved in zip(self.param_groups, saved_groups, strict=True)
-        ]
-        super().load_state_dict({**state_dict, "param_groups": completed})
-        with torch.no_grad():
-            for (p, index, s), saved in zip(pairs, saved_step_sizes, strict=True):
-                state = self.state[p]
-                if saved is not None:
-                    s.copy_(saved)
-                # torch casts loaded state to the parameter's dtype; the step
-                # sizes' own statistics keep the step size's.
-                for key, value in saved_state.get(index, {}).items():
-                    if isinstance(value, Tensor) and value.shape != p.shape:
-                        state[key] = value.to(device=s.device, dtype=s.dtype)
-                state["step_size"] = s
-        # The load's __setstate__ listed the loaded copies: step() must read the live tensors.
-        self._list_step_sizes()
+        live = [self._view(group).step_sizes for group in self.param_groups]
+        with _checkpoint.setting_aside(self, live) as kept:
+            super().load_state_dict(state_dict)
+        _checkpoint.restore(self, live, kept)
 
 
 _SUBCLASS_HOOKS: list[Callable[[type[MetaSGD]], None]] = []
