@@ -240,3 +240,45 @@ def test_fused_on_cuda_follows_the_foreach_step(hypergrad_lr):
             opt.step()
         runs.append((model, opt))
     _assert_same(*runs[0], *runs[1])
+
+
+@pytest.mark.parametrize("hypergrad_lr", [0.0, 0.1])
+@pytest.mark.parametrize("skip_at", [0, 2], ids=["first-step", "later-step"])
+def test_a_fused_step_the_grad_scaler_skips_is_no_step_at_all(hypergrad_lr, skip_at):
+    """The run equals one where the skipped batch never came: no state made at a skipped
+    first step (with dampening a zero momentum buffer is not "no buffer"), no direction kept
+    from the inf gradients, no step size moved, on any tensor."""
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(16, 4, generator=g) for _ in range(6)]
+    runs = []
+    for skip in (True, False):
+        model = _mlp()
+        opt = MetaSGD(
+            model.parameters(),
+            lr=0.05,
+            momentum=0.9,
+            dampening=0.5,
+            fused=True,
+            hypergrad_lr=hypergrad_lr,
+            granularity="tensor",
+        )
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+        for k, x in enumerate(batches):
+            if k == skip_at and not skip:
+                continue
+            loss = F.mse_loss(model(x), x.sum(1, keepdim=True).sin())
+            if k == skip_at:
+                loss = loss * float("inf")
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if k == skip_at:
+                assert len(opt.state) == (0 if skip_at == 0 else 4)
+        runs.append((model, opt))
+    (model, opt), (reference, reference_opt) = runs
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.step_size(p), reference_opt.step_size(q))
+        for key, value in reference_opt.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key

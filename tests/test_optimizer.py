@@ -1179,3 +1179,32 @@ def test_step_sizes_follow_a_model_moved_to_cuda_after_construction(granularity)
     assert all(s is t and s.is_cuda for s, t in zip(opt.meta_parameters(), live, strict=True))
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.cpu(), q)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("options", [dict(), dict(momentum=0.9), dict(lr_max=0.5)], ids=str)
+def test_a_tensor_lr_of_any_one_element_shape_steps_as_torch_sgd(shape, foreach, options):
+    params = random_leaves([(3, 2), (2,)])
+    expected = random_leaves([(3, 2), (2,)])
+    sgd_options = {k: v for k, v in options.items() if k != "lr_max"}
+    sgd = torch.optim.SGD(expected, lr=torch.full(shape, 0.1), foreach=foreach, **sgd_options)
+    opt = MetaSGD(params, lr=torch.full(shape, 0.1), foreach=foreach, **options)
+    assert_same_trajectory(run(opt, params, 3), run(sgd, expected, 3))
+    assert opt.effective_lr(params[0]).shape == (3, 2)
+
+
+def test_numpy_scalars_are_taken_as_torch_sgd_takes_them():
+    np = pytest.importorskip("numpy")
+    options = dict(
+        lr=np.float64(0.1),
+        momentum=np.float32(0.5),
+        dampening=np.int64(0),
+        weight_decay=np.int64(0),
+    )
+    params, expected = random_leaves([(3, 2)]), random_leaves([(3, 2)])
+    opt = MetaSGD(params, **options, lr_max=np.float64(1.0), hypergrad_lr=np.float32(0.0))
+    sgd = torch.optim.SGD(expected, **options)
+    assert_same_trajectory(run(opt, params, 3), run(sgd, expected, 3))
+    with pytest.raises(ValueError, match="Invalid momentum value: -0.5"):
+        MetaSGD(params, momentum=np.float64(-0.5))

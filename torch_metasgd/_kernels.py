@@ -74,6 +74,7 @@ def step_options(group: dict[str, Any]) -> dict[str, Any]:
         parametrization=group["parametrization"],
         lr_min=group["lr_min"],
         lr_max=group["lr_max"],
+        differentiable=group["differentiable"],
     )
 
 
@@ -279,12 +280,16 @@ def metasgd(
     lr_min: float | None,
     lr_max: float | None,
     foreach: bool,
+    differentiable: bool = False,
     keep_directions: bool = False,
 ) -> list[Tensor] | None:
     """One in-place Meta-SGD step on ``params``; see :class:`torch_metasgd.MetaSGD`.
 
     ``momentum_buffers`` (empty when ``momentum == 0``) is updated in place,
-    its ``None`` entries filled, as ``torch.optim.sgd`` does. With
+    its ``None`` entries filled, as ``torch.optim.sgd`` does; ``differentiable``
+    steps tensor by tensor and puts new buffers in its list instead, since an
+    earlier step's graph holds the old ones (the parameters still move in
+    place: no graph holds them). With
     ``keep_directions``, returns every parameter's direction ``d``, for the
     next step's hypergradient; a direction is never the gradient tensor
     itself, which ``zero_grad`` or the next backward may overwrite, but it may
@@ -303,12 +308,24 @@ def metasgd(
     # A buffer's first value is a copy of its direction: that step runs per
     # tensor, every later one on the whole list at once.
     first_buffers = momentum != 0 and any(b is None for b in momentum_buffers)
-    step = _multi_tensor_metasgd if foreach and not first_buffers else _single_tensor_metasgd
-    return step(params, grads, momentum_buffers, step_sizes, rule, keep_directions)
+    if foreach and not (first_buffers or differentiable):
+        return _multi_tensor_metasgd(
+            params, grads, momentum_buffers, step_sizes, rule, keep_directions
+        )
+    arithmetic = DIFFERENTIABLE if differentiable else IN_PLACE
+    return _single_tensor_metasgd(
+        params, grads, momentum_buffers, step_sizes, rule, keep_directions, arithmetic
+    )
 
 
 def _single_tensor_metasgd(
-    params, grads, momentum_buffers, step_sizes, rule: _StepRule, keep_directions: bool
+    params,
+    grads,
+    momentum_buffers,
+    step_sizes,
+    rule: _StepRule,
+    keep_directions: bool,
+    arithmetic: Arithmetic,
 ) -> list[Tensor] | None:
     folds = rule.folds_into_lr
     # Without momentum, weight decay or maximize the direction is the gradient:
@@ -320,7 +337,7 @@ def _single_tensor_metasgd(
             d = grad
         else:
             buf = momentum_buffers[i] if momentum_buffers else None
-            d, buf = sgd_direction(param, grad, buf, *rule.options, IN_PLACE)
+            d, buf = sgd_direction(param, grad, buf, *rule.options, arithmetic)
             if buf is not None:
                 momentum_buffers[i] = buf
         if keep_directions:

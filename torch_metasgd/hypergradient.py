@@ -230,7 +230,7 @@ def tensor_changes(
 def creates_state(batch: Batch, state: dict[Tensor, dict[str, Any]]) -> bool:
     """Whether the online step of ``batch`` makes a parameter's first direction."""
     key = direction_key(batch.group)
-    return any(state[p].get(key) is None for p in batch.params)
+    return any(key not in state.get(p, ()) for p in batch.params)
 
 
 def step_(

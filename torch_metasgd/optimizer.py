@@ -353,7 +353,11 @@ class MetaSGD(Optimizer):
         validate_gradients(group, params, grads, has_sparse_grad)
         momentum_buffers = []
         if group["momentum"] != 0:
-            momentum_buffers = [self.state[p].get("momentum_buffer") for p in params]
+            # .get: a step that a GradScaler skips must leave no (empty) state behind.
+            entries = map(self.state.get, params)
+            momentum_buffers = [
+                entry.get("momentum_buffer") if entry else None for entry in entries
+            ]
         return Batch(
             group, view, params, grads, step_sizes, momentum_buffers, has_sparse_grad, complete
         )
@@ -415,7 +419,9 @@ class MetaSGD(Optimizer):
         else:
             foreach = group["foreach"]
             if foreach is None:
-                _, foreach = _default_to_fused_or_foreach(batch.params, differentiable=False)
+                _, foreach = _default_to_fused_or_foreach(
+                    batch.params, differentiable=group["differentiable"]
+                )
             directions = _kernels.metasgd(
                 batch.params,
                 batch.grads,
