@@ -276,3 +276,31 @@ def test_a_flattened_torch_sgd_state_dict_loads_once_completed_with_metasgds_own
     set_optimizer_state_dict(m, opt, completed, options=options)
     for p in m.parameters():
         assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[p]["momentum_buffer"])
+
+
+def test_accelerates_save_state_and_load_state_resume_as_the_uninterrupted_run(tmp_path):
+    """Hugging Face accelerate (as Lightning and the HF Trainer) saves ``state_dict()`` and
+    calls ``load_state_dict``: a run resumed through it equals the uninterrupted one."""
+    accelerate = pytest.importorskip("accelerate")
+    options = dict(lr=0.05, momentum=0.9, hypergrad_lr=0.1)
+
+    def prepared(seed):
+        accelerator = accelerate.Accelerator(cpu=True)
+        m = model(seed)
+        return accelerator, *accelerator.prepare(m, MetaSGD(m.parameters(), **options))
+
+    def train_with(accelerator, m, opt, steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            opt.zero_grad()
+            accelerator.backward(m(torch.randn(16, 4, generator=g)).square().mean())
+            opt.step()
+
+    accelerator, m, opt = prepared(0)
+    train_with(accelerator, m, opt, 3, seed=1)
+    accelerator.save_state(str(tmp_path))
+    train_with(accelerator, m, opt, 3, seed=2)
+    accelerator, resumed, resumed_opt = prepared(5)
+    accelerator.load_state(str(tmp_path))
+    train_with(accelerator, resumed, resumed_opt, 3, seed=2)
+    assert_same_run(m, opt.optimizer, resumed, resumed_opt.optimizer)
