@@ -1208,3 +1208,23 @@ def test_numpy_scalars_are_taken_as_torch_sgd_takes_them():
     assert_same_trajectory(run(opt, params, 3), run(sgd, expected, 3))
     with pytest.raises(ValueError, match="Invalid momentum value: -0.5"):
         MetaSGD(params, momentum=np.float64(-0.5))
+
+
+def test_effective_lr_summary_gives_each_groups_step_sizes_for_a_logger():
+    a, b, c = random_leaves([(2, 2), (3,), (4,)])
+    opt = MetaSGD(
+        [
+            {"params": [a]},
+            {"params": [b], "granularity": "tensor", "parametrization": "log"},
+            {"params": [c], "granularity": "group", "lr": 0.5, "lr_max": 0.2},
+        ],
+        lr=0.1,
+    )
+    with torch.no_grad():
+        opt.step_size(a).copy_(torch.tensor([[1.0, 2.0], [3.0, 10.0]]))
+        opt.step_size(b).fill_(math.log(3.0))
+    element, tensor, group = opt.effective_lr_summary()
+    assert element == pytest.approx(dict(min=0.1, median=0.2, mean=0.4, max=1.0))
+    assert tensor == pytest.approx(dict(min=0.3, median=0.3, mean=0.3, max=0.3))
+    assert group == pytest.approx(dict(min=0.2, median=0.2, mean=0.2, max=0.2))
+    assert len(opt.state) == 0

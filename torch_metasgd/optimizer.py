@@ -17,7 +17,7 @@ from torch.optim.optimizer import (
 from . import _checkpoint, _fused, _kernels, _workspace, hypergradient
 from ._groups import Batch, GroupView
 from ._parametrizations import parametrization
-from ._step_sizes import STATE_KEY, follow_group, new_step_sizes
+from ._step_sizes import STATE_KEY, follow_group, is_dtensor, new_step_sizes
 from ._validation import describe, validate_gradients, validate_group, validate_params
 
 __all__ = ["MetaSGD", "for_each_subclass"]
@@ -297,6 +297,37 @@ class MetaSGD(Optimizer):
         """
         group, index = self._locate(p)
         return _kernels.effective_lrs(group, [self._view(group).step_sizes[index]])[0]
+
+    @torch.no_grad()
+    def effective_lr_summary(self) -> list[dict[str, float]]:
+        r"""Per param group, the step sizes :math:`\alpha` it applies, for a logger: their
+        ``"min"``, ``"median"``, ``"mean"`` and ``"max"``.
+
+        With online step sizes the group's ``"lr"`` (what ``LearningRateMonitor``
+        and the HF Trainer log) is only their base :math:`\gamma`. Over the
+        elements for ``"element"`` granularity, the tensors for ``"tensor"``;
+        for ``"group"`` all four are its one step size. Reads the values back
+        to the host: call it when logging, not at every step.
+        """
+        summaries = []
+        for group in self.param_groups:
+            step_sizes = list({id(s): s for s in self._view(group).step_sizes}.values())
+            if not step_sizes:
+                summaries.append({})
+                continue
+            alphas = _kernels.effective_lrs(group, step_sizes)
+            # A DTensor's values are gathered: every rank must call this alike.
+            alphas = [a.full_tensor() if is_dtensor(a) else a for a in alphas]
+            values = torch.cat([a.detach().float().reshape(-1).cpu() for a in alphas])
+            summaries.append(
+                dict(
+                    min=values.min().item(),
+                    median=values.median().item(),
+                    mean=values.mean().item(),
+                    max=values.max().item(),
+                )
+            )
+        return summaries
 
     def _locate(self, p: Tensor) -> tuple[dict[str, Any], int]:
         for group in self.param_groups:
