@@ -960,3 +960,49 @@ def test_parameters_of_one_shape_that_take_turns_keep_state_of_their_own(
             opt.step_size(head), alone_opt.step_size(alone), rtol=1e-5, atol=0
         )
         torch.testing.assert_close(head, alone, rtol=1e-5, atol=1e-6)
+
+
+ENGINE_CASES = {
+    "plain": dict(),
+    "momentum": dict(momentum=0.9),
+    "nesterov-wd": dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+    "dampening-maximize": dict(momentum=0.5, dampening=0.3, maximize=True),
+    "bounds": dict(lr_min=0.02, lr_max=0.3),
+    "tensor-lr": dict(lr=torch.tensor(0.1, dtype=DTYPE)),
+}
+
+
+@pytest.mark.parametrize("options", ENGINE_CASES.values(), ids=ENGINE_CASES.keys())
+@pytest.mark.parametrize("granularity", ["element", "tensor", "group"])
+@pytest.mark.parametrize("parametrization", ["identity", "log", "softplus"])
+def test_the_workspace_and_the_rule_run_tensor_by_tensor_learn_the_same_step_sizes(
+    options, granularity, parametrization, monkeypatch
+):
+    """Two implementations of one rule: the workspace's (all tensors in a few kernels) and
+    the one tensor by tensor that every other case (half precision, DTensor, a parameter
+    without a gradient) takes."""
+    from torch_metasgd import _workspace
+
+    def train(per_tensor: bool):
+        if per_tensor:
+            monkeypatch.setattr(_workspace, "step_", lambda *args: False)
+        else:
+            monkeypatch.undo()
+        model, opt = _train(
+            lambda p: MetaSGD(
+                p,
+                **{"lr": 0.1, **options},
+                granularity=granularity,
+                parametrization=parametrization,
+                hypergrad_lr=0.1,
+            )
+        )
+        _run(model, opt, 12, seed=3)
+        return model, opt
+
+    (model, opt), (reference, reference_opt) = train(False), train(True)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(
+            opt.step_size(p), reference_opt.step_size(q), rtol=1e-12, atol=1e-15
+        )
