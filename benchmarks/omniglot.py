@@ -69,10 +69,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from _common import (
     LABELS,
     METHODS,
@@ -102,6 +104,7 @@ from _common import (
 from _omniglot_data import (
     SHA256,
     SPLITS,
+    DownloadError,
     Episodes,
     Split,
     augment,
@@ -578,6 +581,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def fetch(args: argparse.Namespace) -> None:
+    """``--download``: rank 0 fetches, the other ranks wait for it and fail with it, silently.
+
+    Rank 0 raises its own error (a :class:`DownloadError` becomes one message
+    in ``__main__``); the others exit with status 1, so the message appears once.
+    """
+    failure: Exception | None = None
+    if rank() == 0:
+        wanted = [*(args.train_set or []), *filter(None, [args.test_set])] or list(SPLITS[-1])
+        try:
+            for path in download(args.data, wanted):
+                print(f"downloaded {path}")
+        except Exception as error:  # re-raised below, once every rank knows
+            failure = error
+    failed = [failure is not None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(failed, src=0)
+    if failure is not None:
+        raise failure
+    if failed[0]:
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -585,9 +611,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = launch(device_of(args.device))
     seed_everything(args.seed)
     if args.download:
-        wanted = [*(args.train_set or []), *filter(None, [args.test_set])] or list(SPLITS[-1])
-        for path in download(args.data, wanted):
-            print(f"downloaded {path}")
+        fetch(args)
     start = time.perf_counter()
     if args.eval_only:
         model, opt, config = load_checkpoint(args.load, device)
@@ -750,6 +774,9 @@ def tables(runs: list[dict]) -> tuple[str, str, str]:
 if __name__ == "__main__":
     try:
         main()
-    except FileNotFoundError as error:
-        # Missing data is the user's next step, not a bug: the message, no traceback.
+    except (FileNotFoundError, DownloadError) as error:
+        # Missing data is the user's next step, not a bug: the message, no traceback, and
+        # under torchrun from rank 0 alone (every rank fails alike).
+        if os.environ.get("RANK", "0") != "0":
+            raise SystemExit(1) from None
         raise SystemExit(f"omniglot.py: error: {error}") from None

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
 import zlib
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -136,6 +138,55 @@ def test_download_refuses_sets_without_a_known_checksum(tmp_path, mirror):
     with pytest.raises(ValueError, match="Invalid set to download: 'images_evaluation'"):
         data.download(tmp_path / "data", [SMALL1, "images_evaluation"])
     assert not (tmp_path / "data").exists()  # raised before anything was written
+
+
+def test_download_without_network_raises_what_to_do_instead(tmp_path, monkeypatch):
+    def offline(url, dst, hash_prefix=None):
+        raise URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(data.DownloadError) as error:
+        data.download(tmp_path / "data", [SMALL1, SMALL2])
+    message = str(error.value)
+    assert f"{data.OFFICIAL_URL}/{SMALL1}.zip" in message and "Name or service" in message
+    assert f"{SMALL1}.zip and {SMALL2}.zip" in message and "brendenlake/omniglot" in message
+    assert f"--data (now {tmp_path / 'data'})" in message
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_download_failure_exits_with_one_message_not_a_traceback(tmp_path):
+    # Nothing listens on the discard port: the connection is refused at once, network or not.
+    env = {**os.environ, data.URL_VARIABLE: "http://127.0.0.1:9"}
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "omniglot.py"), "--download", "--quick"]
+        + ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.count("omniglot.py: error: could not download") == 1
+    assert "--data" in out.stderr and "brendenlake/omniglot" in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_download_failure_under_torchrun_is_reported_by_rank_0_alone(tmp_path):
+    env = {**os.environ, data.URL_VARIABLE: "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCHMARKS.parent), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr"]
+        + ["127.0.0.1", "--nproc-per-node", "2", str(BENCHMARKS / "omniglot.py"), "--download"]
+        + ["--quick", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    # torchrun's own summary of the failed processes follows; the script's message comes once.
+    assert out.stderr.count("omniglot.py: error: could not download") == 1
+    assert "URLError" not in out.stderr and "ConnectionRefused" not in out.stderr
 
 
 def test_main_downloads_then_trains_and_tests(tmp_path, mirror):
