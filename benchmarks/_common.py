@@ -18,6 +18,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -357,6 +358,54 @@ def save_figure(fig: Any, path: Path, *, dpi: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def add_output_arguments(
+    parser: argparse.ArgumentParser, script: str, also: str = "", torchrun: bool = False
+) -> None:
+    """``--out`` and ``--overwrite``: a folder per default command, nothing replaced silently.
+
+    ``also`` names further default folders (``"results/omniglot_eval with --eval-only"``).
+    """
+    folder = f"results/{script}"
+    defaults = f"{folder}; {folder}_quick with --quick" + (f"; {also}" if also else "")
+    if torchrun:
+        defaults += "; _2proc appended under torchrun with 2 processes"
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"folder of the JSON and PNG (default: {defaults}). The script stops at once, "
+        "before any work, if its files are already there",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the files an earlier run left in --out"
+    )
+
+
+def claim_output(
+    args: argparse.Namespace, script: str, files: Iterable[str], variant: str = ""
+) -> Path:
+    """Set and return ``args.out``; exit before any work if ``files`` are there already.
+
+    The default is ``results/<script>[_<variant>][_quick][_<N>proc]``. Without
+    ``--overwrite`` an existing file stops the script (status 2, like a usage
+    error; under torchrun rank 0 alone says why). Call it before torchrun's
+    process group exists: every rank then sees the folder as it was.
+    """
+    if args.out is None:
+        name = "_".join([script, *filter(None, [variant, "quick" if args.quick else ""])])
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        args.out = Path("results") / (name + (f"_{processes}proc" if processes > 1 else ""))
+    there = [name for name in files if (args.out / name).exists()]
+    if there and not args.overwrite:
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"{script}.py: error: {args.out} already holds {' and '.join(there)} from an "
+                "earlier run: pass --overwrite to replace them, or another --out",
+                file=sys.stderr,
+            )
+        raise SystemExit(2)
+    return args.out
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

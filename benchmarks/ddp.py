@@ -46,6 +46,8 @@ import torch
 import torch.distributed as dist
 from _common import (
     REPO,
+    add_output_arguments,
+    claim_output,
     device_of,
     environment,
     format_table,
@@ -255,9 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="about 40 s here: 1 repeat of 3 rounds"
     )
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/ddp"), help="folder for ddp.json and ddp.png"
-    )
+    add_output_arguments(parser, "ddp")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick and not args.worker:
@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         worker(args)
         return {}
+    claim_output(args, "ddp", ["ddp.json", "ddp.png"])
 
     runs: dict[int, list[dict]] = {n: [] for n in args.processes}
     load = [os.getloadavg()]

@@ -82,7 +82,9 @@ from _common import (
     Learner,
     add_cost_arguments,
     add_method_arguments,
+    add_output_arguments,
     build_learner,
+    claim_output,
     cost_cell,
     device_of,
     environment,
@@ -568,7 +570,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="a smoke run: 5-way 1-shot, 60 iterations of 2 episodes, 100 test episodes",
     )
-    add("--out", type=Path, default=Path("results/omniglot"), help="JSON and PNG folder")
+    add_output_arguments(
+        parser, "omniglot", also="results/omniglot_eval with --eval-only", torchrun=True
+    )
     add_cost_arguments(parser, timing_rounds=10, calls=1)
     args = parser.parse_args(argv)
     if args.quick:
@@ -606,6 +610,8 @@ def fetch(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    variant = "eval" if args.eval_only else ""
+    claim_output(args, "omniglot", ["omniglot.json", "omniglot.png"], variant)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = launch(device_of(args.device))

@@ -54,7 +54,15 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from _common import device_of, environment, format_table, save_figure, script_parser
+from _common import (
+    add_output_arguments,
+    claim_output,
+    device_of,
+    environment,
+    format_table,
+    save_figure,
+    script_parser,
+)
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -604,9 +612,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only redraw online.png from the online.json already in --out",
     )
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/online"), help="JSON and PNG folder"
-    )
+    add_output_arguments(parser, "online")
     args = parser.parse_args(argv)
     if "sgd" not in args.methods:
         parser.error("--methods must include sgd (the baseline of the ratios)")
@@ -618,6 +624,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # --replot replaces online.png by design; --timing-only writes timing.json alone.
+    files = (
+        []
+        if args.replot
+        else ["timing.json"]
+        if args.timing_only
+        else ["online.json", "online.png"]
+    )
+    claim_output(args, "online", files)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
 

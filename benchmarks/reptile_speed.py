@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 from _common import (
+    add_output_arguments,
+    claim_output,
     device_of,
     environment,
     format_table,
@@ -181,12 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-memory", action="store_true", help="skip the peak-memory runs (a process each)"
     )
     parser.add_argument("--quick", action="store_true", help="5 rounds, no memory runs")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("results/reptile_speed"),
-        help="folder for reptile_speed.json and .png (default: results/reptile_speed)",
-    )
+    add_output_arguments(parser, "reptile_speed")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.no_memory = 5, True
@@ -195,6 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    claim_output(args, "reptile_speed", ["reptile_speed.json", "reptile_speed.png"])
     torch.set_num_threads(args.threads)
     device = device_of(args.device)
     results: dict = {"config": {**vars(args), "out": str(args.out)}, "environment": environment()}

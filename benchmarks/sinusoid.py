@@ -56,7 +56,9 @@ from _common import (
     Learner,
     add_cost_arguments,
     add_method_arguments,
+    add_output_arguments,
     build_learner,
+    claim_output,
     cost_cell,
     device_of,
     environment,
@@ -375,9 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="about a minute: 700 iterations, 300 eval tasks"
     )
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/sinusoid"), help="JSON and PNG folder"
-    )
+    add_output_arguments(parser, "sinusoid", torchrun=True)
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     args = parser.parse_args(argv)
     if args.quick:
@@ -387,6 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    claim_output(args, "sinusoid", ["sinusoid.json", "sinusoid.png"])
     torch.set_num_threads(args.threads)
     device = launch(device_of(args.device))
     seed_everything(args.seed)

@@ -56,7 +56,15 @@ from pathlib import Path
 import higher
 import torch
 import torchopt
-from _common import device_of, environment, format_table, save_figure, script_parser
+from _common import (
+    add_output_arguments,
+    claim_output,
+    device_of,
+    environment,
+    format_table,
+    save_figure,
+    script_parser,
+)
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
@@ -580,9 +588,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(steadier on a shared machine with --threads 1); the JSON holds both",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of models and tasks")
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/speed"), help="JSON and PNG folder"
-    )
+    add_output_arguments(parser, "speed")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -594,6 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args._child:
         child_memory(*args._child, iters=3, seed=args.seed)
         return {}
+    claim_output(args, "speed", ["speed.json", "speed.png"])
 
     device = device_of(args.device)
     methods = args.methods or (METHODS if args.quick else METHODS + STRATEGY_METHODS)

@@ -20,9 +20,15 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import _common  # noqa: E402
+import ddp  # noqa: E402
+import omniglot  # noqa: E402
 import online  # noqa: E402
 import reptile_speed  # noqa: E402
 import sinusoid  # noqa: E402
+import speed  # noqa: E402
+
+SCRIPTS = {"sinusoid": sinusoid, "omniglot": omniglot, "online": online}
+SCRIPTS |= {"speed": speed, "reptile_speed": reptile_speed, "ddp": ddp}
 
 # --------------------------------------------------------------------------- statistics
 
@@ -76,6 +82,58 @@ def test_meta_train_passes_first_order_and_calls_after_step_after_each_outer_ste
     )
     assert seen == [("loss", True), ("after", 1, True), ("loss", True), ("after", 2, True)]
     assert [it for it, _ in log["curve"]] == [1, 2]
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_documents_the_output_folders_and_overwrite(script, capsys):
+    with pytest.raises(SystemExit):
+        SCRIPTS[script].parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"results/{script}; results/{script}_quick with --quick" in text
+    assert "--overwrite" in text and "before any work" in text
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_script_refuses_an_earlier_runs_folder_before_any_work(script, tmp_path, capsys):
+    earlier = tmp_path / f"{script}.json"
+    earlier.write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        # --quick: were the check missing, this would run a short benchmark, not a long one.
+        SCRIPTS[script].main(["--quick", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert f"{tmp_path} already holds {script}.json" in message and "--overwrite" in message
+    assert earlier.read_text() == "{}" and list(tmp_path.iterdir()) == [earlier]
+
+
+def test_default_folders_differ_per_command_and_process_count(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def folder(module, argv, *claim):
+        return module.claim_output(module.parse_args(argv), *claim)
+
+    assert folder(sinusoid, [], "sinusoid", []) == Path("results/sinusoid")
+    assert folder(sinusoid, ["--quick"], "sinusoid", []) == Path("results/sinusoid_quick")
+    evaluation = ["--load", "c.pt", "--eval-only"]
+    assert folder(omniglot, evaluation, "omniglot", [], "eval") == Path("results/omniglot_eval")
+    assert folder(speed, ["--out", "mine"], "speed", []) == Path("mine")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert folder(sinusoid, ["--quick"], "sinusoid", []) == Path("results/sinusoid_quick_2proc")
+
+
+def test_overwrite_replaces_an_earlier_run(tmp_path, capsys):
+    for name in ("reptile_speed.json", "reptile_speed.png"):
+        (tmp_path / name).write_text("earlier")
+    argv = ["--quick", "--workloads", "R1", "--rounds", "1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        reptile_speed.main(argv)
+    assert "already holds reptile_speed.json and reptile_speed.png" in capsys.readouterr().err
+    reptile_speed.main([*argv, "--overwrite"])
+    assert "R1" in json.loads((tmp_path / "reptile_speed.json").read_text())["ms"]
 
 
 # --------------------------------------------------------------------------- sinusoid
@@ -303,8 +361,11 @@ def test_online_digits_deep_has_the_hundred_small_tensors_of_the_cost_table():
 
 
 def test_online_timing_only_reports_ratios_to_torchs_foreach_and_fused_sgd(tmp_path):
+    # A full run's folder: --timing-only writes timing.json beside its online.json.
+    (tmp_path / "online.json").write_text("{}")
     args = ["--timing-only", "--problems", "lstsq", "--timing-rounds", "1", "--momentum", "0.9"]
     payload = online.main([*args, "--device", "cpu", "--out", str(tmp_path)])
+    assert (tmp_path / "online.json").read_text() == "{}"
     timing = payload["timing"]["lstsq"]
     assert list(timing)[:2] == ["SGD (foreach)", "SGD (fused)"]
     assert all(t["first_round_s"] > 0 for t in timing.values())

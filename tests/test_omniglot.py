@@ -427,12 +427,11 @@ def test_checkpoint_loads_with_weights_only_and_evaluates_alike(tmp_path, method
     fake_set(tmp_path, SMALL1, {"Greek": 3})
     fake_set(tmp_path, SMALL2, {"Tagalog": 2})
     common = ["--data", str(tmp_path), "--cache", str(tmp_path / "c"), "--eval-episodes", "3"]
-    common += ["--out", str(tmp_path / "out")]
     ckpt = tmp_path / "ckpt.pt"
     trained = omniglot.main(
         [*common, "--ways", "5", "--shots", "1", "--methods", method, "--iterations", "2"]
         + ["--meta-batch", "1", "--val-every", "1", "--val-episodes", "2", "--save", str(ckpt)]
-        + ["--timing-rounds", "1", "--no-memory"]
+        + ["--timing-rounds", "1", "--no-memory", "--out", str(tmp_path / "out")]
     )
     blob = torch.load(ckpt, weights_only=True)
     assert set(blob) == {"model", "metasgd", "config"}
@@ -440,11 +439,12 @@ def test_checkpoint_loads_with_weights_only_and_evaluates_alike(tmp_path, method
     assert trained["runs"][0]["steps"] == (5 if method == "reptile" else 1)
     assert trained["runs"][0]["ms_per_iteration"] > 0
     assert blob["config"]["train_set"] == [SMALL1]
-    loaded = omniglot.main([*common, "--load", str(ckpt), "--eval-only"])
+    common += ["--load", str(ckpt), "--eval-only", "--out", str(tmp_path / "eval")]
+    loaded = omniglot.main(common)
     # Same (best) weights, step sizes and test episodes: the same accuracy.
     assert loaded["runs"][0]["accuracy"] == pytest.approx(trained["runs"][0]["accuracy"])
     assert loaded["split"] == trained["split"]
-    more = omniglot.main([*common, "--load", str(ckpt), "--eval-only", "--test-steps", "3"])
+    more = omniglot.main([*common, "--test-steps", "3", "--overwrite"])
     assert more["config"]["test_steps"] == 3
 
 
@@ -453,14 +453,16 @@ def test_cuda_run_trains_saves_and_reloads_on_the_device(tmp_path):
     fake_set(tmp_path, SMALL1, {"Greek": 3})
     fake_set(tmp_path, SMALL2, {"Tagalog": 2})
     common = ["--data", str(tmp_path), "--cache", str(tmp_path / "c"), "--eval-episodes", "3"]
-    common += ["--device", "cuda", "--out", str(tmp_path / "out")]
+    common += ["--device", "cuda"]
     ckpt = tmp_path / "ckpt.pt"
     trained = omniglot.main(
         [*common, "--ways", "5", "--shots", "1", "--methods", "metasgd", "--iterations", "2"]
         + ["--meta-batch", "2", "--augment", "--val-every", "1", "--val-episodes", "2"]
-        + ["--save", str(ckpt)]
+        + ["--save", str(ckpt), "--out", str(tmp_path / "out")]
     )
-    loaded = omniglot.main([*common, "--load", str(ckpt), "--eval-only"])
+    loaded = omniglot.main(
+        [*common, "--load", str(ckpt), "--eval-only", "--out", str(tmp_path / "e")]
+    )
     assert loaded["runs"][0]["accuracy"] == pytest.approx(trained["runs"][0]["accuracy"])
 
 
