@@ -42,7 +42,7 @@ of the training characters (or the alphabets ``--val-alphabets``) are held
 out: every ``--val-every`` iterations the model is tested on fixed validation
 episodes and the best one is kept. (A prior pulling the step sizes towards
 their tensor's mean and a first-order warm-up were tried and cost accuracy:
-see the README's ablation.)
+see the ablation in docs/results.md.)
 
 Testing: ``--eval-episodes`` episodes (the same for every method), each with
 ``--eval-query`` query images per class, with classes drawn from the whole

@@ -34,7 +34,7 @@ runs again in a fresh subprocess, which resets its peak resident set size
 (VmHWM, via /proc/self/clear_refs) once model and data exist.
 
     python benchmarks/speed.py --quick                # a smoke run (not a measurement)
-    python benchmarks/speed.py --threads 1            # the full run on a CPU
+    python benchmarks/speed.py                        # the full run on a CPU, one thread
     python benchmarks/speed.py --device cuda          # the full run on a GPU
 """
 
@@ -577,8 +577,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="torch.set_num_threads (default: torch's own choice); use 1 on a shared machine",
+        default=1,
+        help="torch CPU threads, as every benchmark; 0 for torch's own choice",
     )
     parser.add_argument(
         "--clock",
@@ -595,7 +595,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
+    if args.threads:
         torch.set_num_threads(args.threads)
     if args._child:
         child_memory(*args._child, iters=3, seed=args.seed)

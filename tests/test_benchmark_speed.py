@@ -39,7 +39,7 @@ def test_speed_tiny_run_writes_json_and_png_and_judges_no_targets_when_quick(tmp
         ]
     )
     assert payload["targets"] == [] and "not a measurement" in capsys.readouterr().out
-    assert payload["device"] == "cpu"
+    assert payload["device"] == "cpu" and payload["environment"]["threads"] == 1
     assert set(payload["median_seconds"]["W1"]) == {"meta_loss", "hand_loop"}
     assert any(name.startswith("SGD(fused") for name in payload["optimizer_step_median_seconds"])
     assert (tmp_path / "speed.json").exists() and (tmp_path / "speed.png").stat().st_size > 0

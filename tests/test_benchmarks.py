@@ -109,6 +109,14 @@ def test_a_script_refuses_an_earlier_runs_folder_before_any_work(script, tmp_pat
     assert earlier.read_text() == "{}" and list(tmp_path.iterdir()) == [earlier]
 
 
+def test_every_script_with_a_thread_option_defaults_to_one_thread():
+    scripts = {name: m for name, m in SCRIPTS.items() if "threads" in vars(m.parse_args([]))}
+    assert set(scripts) == {"sinusoid", "omniglot", "speed", "reptile_speed"}
+    assert {name: m.parse_args([]).threads for name, m in scripts.items()} == dict.fromkeys(
+        scripts, 1
+    )
+
+
 def test_default_folders_differ_per_command_and_process_count(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
