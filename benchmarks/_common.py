@@ -360,6 +360,63 @@ def save_figure(fig: Any, path: Path, *, dpi: int) -> None:
     plt.close(fig)
 
 
+LAYER_KINDS = {nn.Conv2d: "conv", nn.BatchNorm2d: "batch norm", nn.Linear: "linear"}
+
+
+def parameter_labels(model: nn.Module) -> dict[str, str]:
+    """``{"4.weight": "conv 2 weight", ...}``: a tensor named by its layer's kind and rank."""
+    layers = [
+        (name, module, kind)
+        for name, module in model.named_modules()
+        for cls, kind in LAYER_KINDS.items()
+        if isinstance(module, cls)
+    ]
+    totals = {kind: sum(k == kind for *_, k in layers) for kind in LAYER_KINDS.values()}
+    labels, seen = {}, dict.fromkeys(LAYER_KINDS.values(), 0)
+    for name, module, kind in layers:
+        seen[kind] += 1
+        layer = kind if totals[kind] == 1 else f"{kind} {seen[kind]}"
+        for p, _ in module.named_parameters(recurse=False):
+            labels[f"{name}.{p}" if name else p] = f"{layer} {p}"
+    return labels
+
+
+def threads_label(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
+def mark_no_data(ax: Any, text: str) -> None:
+    """Say in the middle of a panel why it has nothing drawn (a NaN run, a method not run)."""
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        wrap=True,
+        color="tab:red",
+        bbox={"facecolor": "white", "edgecolor": "tab:red"},
+    )
+
+
+def plain_log_ticks(axis: Any) -> None:
+    """Plain-number ticks (0.2, 1, 5; 1e-05 when tiny) on a log axis, after its data is drawn.
+
+    matplotlib's own are ``10^0`` alone on an axis that spans less than a
+    decade, or a crowd of ``6x10^-1``: here 1, 1.5, 2, 3, 5, 7 per decade on
+    a short axis, 1, 2, 5 on a longer one, decades alone beyond 3.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = sorted(axis.get_view_interval())
+    decades = math.log10(high / low) if low > 0 else math.inf
+    subs = (1.0,) if decades > 3 else (1.0, 2.0, 5.0) if decades > 1.2 else (1, 1.5, 2, 3, 5, 7)
+    axis.set_major_locator(LogLocator(subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def add_output_arguments(
     parser: argparse.ArgumentParser, script: str, also: str = "", torchrun: bool = False
 ) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.text
 import numpy as np
 import pytest
 import torch
@@ -142,6 +143,57 @@ def test_overwrite_replaces_an_earlier_run(tmp_path, capsys):
     assert "already holds reptile_speed.json and reptile_speed.png" in capsys.readouterr().err
     reptile_speed.main([*argv, "--overwrite"])
     assert "R1" in json.loads((tmp_path / "reptile_speed.json").read_text())["ms"]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def figure_texts(monkeypatch, module) -> list[str]:
+    """Every text ``module``'s next figure holds (titles, labels, legends, marks), once saved."""
+    texts: list[str] = []
+    save = module.save_figure
+
+    def spy(fig, path, **kwargs):
+        save(fig, path, **kwargs)  # drawn: the tick labels exist
+        texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+
+    monkeypatch.setattr(module, "save_figure", spy)
+    return texts
+
+
+def test_reptile_speed_plot_marks_nan_times_and_prints_values(tmp_path, monkeypatch):
+    results = {
+        "ms": {"R1": {"reptile_loss": 3.0, "hand": 30.0}, "R2": dict.fromkeys(["hand"], math.nan)},
+        "config": {"rounds": 5},
+        "environment": {"threads": 1},
+    }
+    texts = figure_texts(monkeypatch, reptile_speed)
+    reptile_speed.plot(results, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert " 3 ms (0.10x hand)" in texts and " 30 ms" in texts
+    assert "no finite time: every method's run failed (NaN)" in texts
+    assert any(t.startswith("R1: sinusoid MLP") for t in texts)
+
+
+def test_reptile_speed_table_prints_a_dash_for_memory_not_measured(tmp_path):
+    argv = ["--quick", "--workloads", "R1", "--rounds", "1", "--out", str(tmp_path)]
+    table = reptile_speed.main(argv)["table"]
+    assert "nan" not in table and table.splitlines()[2].split("|")[4].strip() == "-"
+
+
+def test_ddp_plot_names_the_workloads_and_marks_nan_times(tmp_path, monkeypatch):
+    one = {"W1": {name: 0.01 for name in [*ddp.BASELINES, *ddp.WAYS]}}
+    two = {"W1": {name: 0.008 for name in ddp.WAYS}}
+    one["W2"] = {name: math.nan for name in [*ddp.BASELINES, *ddp.WAYS]}
+    two["W2"] = {name: math.nan for name in ddp.WAYS}
+    texts = figure_texts(monkeypatch, ddp)
+    ddp.plot({1: one, 2: two}, ["W1", "W2"], [1, 2], tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 1000
+    assert "W1: sinusoid MLP 1-40-40-1, 25 tasks, 1 inner step" in texts
+    assert "W2: conv4, 5-way 1-shot, 8 tasks, 1 inner step" in texts
+    assert "100" in texts and "125" in texts  # meta-iterations per second on the bars
+    assert "no finite time (NaN): every run failed" in texts
+    assert any(t.startswith("how the meta-gradient is computed") for t in texts)
 
 
 # --------------------------------------------------------------------------- sinusoid
