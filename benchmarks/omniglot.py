@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import time
 from pathlib import Path
@@ -91,9 +92,12 @@ from _common import (
     format_table,
     inner_optimizer,
     launch,
+    mark_no_data,
     mean_ci95,
     method_costs,
+    parameter_labels,
     peak_memory_mib,
+    plain_log_ticks,
     print_cost_table,
     rank,
     save_figure,
@@ -428,53 +432,92 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, MetaSG
 
 
 def plot(results: dict, path: Path) -> None:
+    """Meta-training loss, validation accuracy (a star at the checkpoint kept), Meta-SGD's
+    mean step size per tensor; one colour per run, explained in one legend below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    from matplotlib.lines import Line2D
 
     plt.rcParams.update({"font.size": 9})
-    runs = results["runs"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
-    for run in runs:
-        if not run["curve"]:  # --iterations 0: the untrained initialization
-            continue
+    runs = [run for run in results["runs"] if run["curve"]]  # --iterations 0: no curves
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), layout="constrained")
+    handles = []
+    for i, run in enumerate(runs):
+        color = f"C{i}"
         label = f"{LABELS[run['method']]} {run['ways']}-way {run['shots']}-shot"
         it, loss = zip(*run["curve"], strict=True)
-        (line,) = axes[0].plot(it, loss, label=label)
+        if not any(math.isfinite(v) for v in loss):
+            label += " (NaN: diverged)"
+        axes[0].plot(it, loss, color=color)
+        handles.append(Line2D([], [], color=color, label=label))
         if run.get("val_curve"):
             it, acc, _ = zip(*run["val_curve"], strict=True)
-            axes[1].plot(it, acc, "o-", ms=3, color=line.get_color(), label=label)
+            axes[1].plot(it, acc, "o-", ms=3, color=color)
             axes[1].plot(
-                run["best_iteration"], run["best_val_accuracy"], "*", ms=12, color=line.get_color()
+                run["best_iteration"],
+                run["best_val_accuracy"],
+                "*",
+                ms=13,
+                color=color,
+                mec="black",
+                mew=0.6,
+                zorder=5,
             )
-    axes[0].set(xlabel="meta-iteration", ylabel="meta-training query loss", yscale="log")
-    axes[0].set_title("meta-training loss")
-    axes[0].legend()
-    axes[1].set(xlabel="meta-iteration", ylabel="validation accuracy (%)")
-    axes[1].set_title("validation (star: the checkpoint kept)")
-    if any(run.get("val_curve") for run in runs):
-        axes[1].legend()
-    for run in runs:
         if run["method"] == "metasgd":
             names = list(run["step_sizes"])
-            axes[2].plot(
-                range(len(names)),
-                [run["step_sizes"][n]["mean"] for n in names],
-                "o-",
-                label=f"{run['ways']}-way {run['shots']}-shot",
+            means = [run["step_sizes"][n]["mean"] for n in names]
+            axes[2].plot(range(len(names)), means, "o-", color=color)
+            labels = parameter_labels(make_model(run["ways"]))
+            axes[2].set_xticks(
+                range(len(names)), [labels.get(n, n) for n in names], rotation=60, ha="right"
             )
-            axes[2].set_xticks(range(len(names)), names, rotation=60)
-    axes[2].set(xlabel="parameter tensor", ylabel="mean |alpha|", yscale="log")
-    for ax in (axes[0], axes[2]):
-        # Plain numbers at 1, 1.5, 2, 3, 5 and 7 per decade: these axes often span less than one.
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    axes[2].set_title("Meta-SGD: learned step sizes per tensor")
-    if any(run["method"] == "metasgd" for run in runs):
-        axes[2].legend()
+    axes[0].set(
+        xlabel="meta-iteration",
+        ylabel="query loss after the inner loop (log)",
+        title="meta-training loss",
+    )
+    if any(math.isfinite(v) for run in runs for _, v in run["curve"]):
+        axes[0].set_yscale("log")
+        plain_log_ticks(axes[0].yaxis)
+    else:
+        mark_no_data(axes[0], "no finite meta-training loss (NaN): training diverged")
+    axes[1].set(
+        xlabel="meta-iteration",
+        ylabel="validation accuracy (%)",
+        title="validation accuracy (held-out characters)",
+    )
+    if not any(run.get("val_curve") for run in runs):
+        mark_no_data(axes[1], "no validation: --val-fraction 0")
+    elif not any(math.isfinite(a) for run in runs for _, a, _ in run.get("val_curve", [])):
+        mark_no_data(axes[1], "no finite validation accuracy (NaN)")
+    axes[2].set(
+        xlabel="parameter tensor",
+        ylabel="mean |step size| in the tensor",
+        title="Meta-SGD's learned step sizes",
+    )
+    metasgd = [run for run in runs if run["method"] == "metasgd"]
+    if not metasgd:
+        mark_no_data(axes[2], "no Meta-SGD run: see --methods")
+        axes[2].set(xticks=[], yticks=[])
+    elif not any(math.isfinite(t["mean"]) for run in metasgd for t in run["step_sizes"].values()):
+        mark_no_data(axes[2], "Meta-SGD's step sizes are NaN: its training diverged")
+    if any(run.get("val_curve") for run in runs):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="0.5",
+                marker="*",
+                ms=12,
+                mec="black",
+                mew=0.6,
+                ls="",
+                label="the checkpoint kept (best validation accuracy), tested",
+            )
+        )
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4))
     save_figure(fig, path, dpi=100)
 
 

@@ -161,6 +161,29 @@ def figure_texts(monkeypatch, module) -> list[str]:
     return texts
 
 
+def test_sinusoid_plot_marks_a_diverged_meta_sgd(tmp_path, monkeypatch):
+    args = sinusoid.parse_args(["--meta-batch", "2"])
+    learners = {(m, 5): sinusoid.learner(m, args, torch.device("cpu")) for m in ("maml", "metasgd")}
+    with torch.no_grad():
+        for p in learners[("metasgd", 5)].model.parameters():
+            p.fill_(math.nan)
+    sizes = sinusoid.step_sizes_by_layer(
+        learners[("metasgd", 5)].model, learners[("metasgd", 5)].opt
+    )
+    results = {
+        "train": {"maml": {"5": {"curve": [(1, 2.0), (2, 1.5)]}}},
+        "step_sizes": {"5": {name: [math.nan] * len(v) for name, v in sizes.items()}},
+    }
+    results["train"]["metasgd"] = {"5": {"curve": [(1, math.nan), (2, math.nan)]}}
+    texts = figure_texts(monkeypatch, sinusoid)
+    sinusoid.plot(results, learners, [5], args, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    assert "Meta-SGD after 1 inner step (NaN: diverged)" in texts
+    assert "NaN, diverged: Meta-SGD" in texts
+    assert "Meta-SGD's step sizes are NaN: its training diverged" in texts
+    assert "linear 1\nweight\n(40)\nNaN" in texts  # tensors named by layer, not "0.weight"
+
+
 def test_reptile_speed_plot_marks_nan_times_and_prints_values(tmp_path, monkeypatch):
     results = {
         "ms": {"R1": {"reptile_loss": 3.0, "hand": 30.0}, "R2": dict.fromkeys(["hand"], math.nan)},

@@ -486,3 +486,35 @@ def test_missing_data_exits_with_the_instructions_not_a_traceback(tmp_path):
     )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "--download" in out.stderr and "brendenlake/omniglot" in out.stderr
+
+
+def test_plot_explains_its_colours_and_marks_a_diverged_run(tmp_path, monkeypatch):
+    import matplotlib.text
+
+    model = omniglot.make_model(5)
+    opt = _common.inner_optimizer("metasgd", model, 0.4, seed=0)
+    nan_sizes = {
+        name: dict.fromkeys(("mean", "min", "max"), float("nan"))
+        for name in omniglot.step_size_summary(model, opt)
+    }
+    runs = [
+        {"method": "maml", "ways": 5, "shots": 1, "curve": [(10, 1.5), (20, 1.2)]}
+        | {"val_curve": [(10, 40.0, 2.0), (20, 45.0, 2.0)], "best_iteration": 20}
+        | {"best_val_accuracy": 45.0},
+        {"method": "metasgd", "ways": 5, "shots": 1, "curve": [(10, float("nan"))]}
+        | {"step_sizes": nan_sizes},
+    ]
+    texts: list[str] = []
+    save = omniglot.save_figure
+
+    def spy(fig, path, **kwargs):
+        save(fig, path, **kwargs)
+        texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+
+    monkeypatch.setattr(omniglot, "save_figure", spy)
+    omniglot.plot({"runs": runs}, tmp_path / "o.png")
+    assert (tmp_path / "o.png").stat().st_size > 1000
+    assert "Meta-SGD 5-way 1-shot (NaN: diverged)" in texts and "MAML 5-way 1-shot" in texts
+    assert "the checkpoint kept (best validation accuracy), tested" in texts
+    assert "Meta-SGD's step sizes are NaN: its training diverged" in texts
+    assert {"conv 1 weight", "batch norm 4 bias", "linear weight"} <= set(texts)
