@@ -204,6 +204,35 @@ def test_reptile_speed_table_prints_a_dash_for_memory_not_measured(tmp_path):
     assert "nan" not in table and table.splitlines()[2].split("|")[4].strip() == "-"
 
 
+def test_online_plot_marks_diverged_runs_and_draws_every_method(tmp_path, monkeypatch):
+    def fake(loss: float, alpha: float) -> dict:
+        curve = [(0, 2.0), (10, loss)]
+        return {
+            "train_loss": loss,
+            "test_loss": loss,
+            "test_acc": None,
+            "diverged": not math.isfinite(loss),
+            "curve": curve,
+            "test_curve": curve,
+            "step_sizes": [(0, [alpha, alpha]), (10, [alpha, alpha])],
+        }
+
+    lrs = [0.1, 1.0]
+    runs = {m: {str(lr): [fake(0.5, lr)] for lr in lrs} for m in online.METHODS if m != "adam"}
+    runs["adam"] = {"None": [fake(0.4, 1e-3)]}
+    runs["metasgd-hd-element"]["1.0"] = [fake(math.inf, math.nan)]
+    everything_diverged = {m: {k: [fake(math.nan, math.nan)] for k in v} for m, v in runs.items()}
+    texts = figure_texts(monkeypatch, online)
+    online.plot(
+        {"lstsq": runs, "digits": everything_diverged}, ["lstsq", "digits"], tmp_path / "o.png", lrs
+    )
+    assert (tmp_path / "o.png").stat().st_size > 1000
+    assert {online.NAMES[m] for m in online.METHODS} <= set(texts)  # every method of the table
+    assert "lstsq: test loss, seed 0" in texts and "diverged (drawn at the top)" in texts
+    assert "every run diverged: no finite test loss" in texts
+    assert "no finite step size (NaN): the runs diverged" in texts
+
+
 def test_ddp_plot_names_the_workloads_and_marks_nan_times(tmp_path, monkeypatch):
     one = {"W1": {name: 0.01 for name in [*ddp.BASELINES, *ddp.WAYS]}}
     two = {"W1": {name: 0.008 for name in ddp.WAYS}}
