@@ -580,7 +580,7 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS) -> None:
                 color=color,
                 marker=marker,
                 ms=5,
-                lw=1.2,
+                lw=2.5 if method == "sgd" else 1.2,  # visible under a method that ends alike
             )
             gone = [lr for lr, v in zip(lrs, losses, strict=True) if not math.isfinite(v)]
             if gone and finite:
