@@ -24,7 +24,7 @@ after a barrier); the table gives the median seconds per meta-iteration over
 all rounds of all repeats, as meta-iterations per second, and each way's
 speed-up over its one-process baseline.
 
-    python benchmarks/ddp.py --quick     # about 40 s
+    python benchmarks/ddp.py --quick     # 130-200 s: a thread per process, 2 busy shared cores
     python benchmarks/ddp.py --out results/ddp
 """
 
@@ -284,7 +284,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL) (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of models and tasks")
     parser.add_argument(
-        "--quick", action="store_true", help="about 40 s here: 1 repeat of 3 rounds"
+        "--quick",
+        action="store_true",
+        help="1 repeat of 3 rounds: 130-200 s on 2 cores shared with other jobs",
     )
     add_output_arguments(parser, "ddp")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

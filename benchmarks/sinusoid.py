@@ -439,7 +439,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_cost_arguments(parser, timing_rounds=20, calls=10)
     parser.add_argument(
-        "--quick", action="store_true", help="about a minute: 700 iterations, 300 eval tasks"
+        "--quick",
+        action="store_true",
+        help="700 iterations, 300 eval tasks: 160-320 s with one thread on 2 cores shared with "
+        "other jobs",
     )
     add_output_arguments(parser, "sinusoid", torchrun=True)
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
