@@ -480,7 +480,8 @@ def test_help_shows_every_default():
 def test_missing_data_exits_with_the_instructions_not_a_traceback(tmp_path):
     script = str(BENCHMARKS / "omniglot.py")
     out = subprocess.run(
-        [sys.executable, script, "--data", str(tmp_path / "none"), "--quick"],
+        [sys.executable, script, "--data", str(tmp_path / "none"), "--quick"]
+        + ["--out", str(tmp_path / "out")],  # not the working folder's results/omniglot_quick
         capture_output=True,
         text=True,
     )
