@@ -18,6 +18,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -357,6 +358,111 @@ def save_figure(fig: Any, path: Path, *, dpi: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+LAYER_KINDS = {nn.Conv2d: "conv", nn.BatchNorm2d: "batch norm", nn.Linear: "linear"}
+
+
+def parameter_labels(model: nn.Module) -> dict[str, str]:
+    """``{"4.weight": "conv 2 weight", ...}``: a tensor named by its layer's kind and rank."""
+    layers = [
+        (name, module, kind)
+        for name, module in model.named_modules()
+        for cls, kind in LAYER_KINDS.items()
+        if isinstance(module, cls)
+    ]
+    totals = {kind: sum(k == kind for *_, k in layers) for kind in LAYER_KINDS.values()}
+    labels, seen = {}, dict.fromkeys(LAYER_KINDS.values(), 0)
+    for name, module, kind in layers:
+        seen[kind] += 1
+        layer = kind if totals[kind] == 1 else f"{kind} {seen[kind]}"
+        for p, _ in module.named_parameters(recurse=False):
+            labels[f"{name}.{p}" if name else p] = f"{layer} {p}"
+    return labels
+
+
+def threads_label(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
+def mark_no_data(ax: Any, text: str) -> None:
+    """Say in the middle of a panel why it has nothing drawn (a NaN run, a method not run)."""
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        wrap=True,
+        color="tab:red",
+        bbox={"facecolor": "white", "edgecolor": "tab:red"},
+    )
+
+
+def plain_log_ticks(axis: Any) -> None:
+    """Plain-number ticks (0.2, 1, 5; 1e-05 when tiny) on a log axis, after its data is drawn.
+
+    matplotlib's own are ``10^0`` alone on an axis that spans less than a
+    decade, or a crowd of ``6x10^-1``: here 1, 1.5, 2, 3, 5, 7 per decade on
+    a short axis, 1, 2, 5 on a longer one, decades alone beyond 3.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = sorted(axis.get_view_interval())
+    decades = math.log10(high / low) if low > 0 else math.inf
+    subs = (1.0,) if decades > 3 else (1.0, 2.0, 5.0) if decades > 1.2 else (1, 1.5, 2, 3, 5, 7)
+    axis.set_major_locator(LogLocator(subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def add_output_arguments(
+    parser: argparse.ArgumentParser, script: str, also: str = "", torchrun: bool = False
+) -> None:
+    """``--out`` and ``--overwrite``: a folder per default command, nothing replaced silently.
+
+    ``also`` names further default folders (``"results/omniglot_eval with --eval-only"``).
+    """
+    folder = f"results/{script}"
+    defaults = f"{folder}; {folder}_quick with --quick" + (f"; {also}" if also else "")
+    if torchrun:
+        defaults += "; _2proc appended under torchrun with 2 processes"
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"folder of the JSON and PNG (default: {defaults}). The script stops at once, "
+        "before any work, if its files are already there",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the files an earlier run left in --out"
+    )
+
+
+def claim_output(
+    args: argparse.Namespace, script: str, files: Iterable[str], variant: str = ""
+) -> Path:
+    """Set and return ``args.out``; exit before any work if ``files`` are there already.
+
+    The default is ``results/<script>[_<variant>][_quick][_<N>proc]``. Without
+    ``--overwrite`` an existing file stops the script (status 2, like a usage
+    error; under torchrun rank 0 alone says why). Call it before torchrun's
+    process group exists: every rank then sees the folder as it was.
+    """
+    if args.out is None:
+        name = "_".join([script, *filter(None, [variant, "quick" if args.quick else ""])])
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        args.out = Path("results") / (name + (f"_{processes}proc" if processes > 1 else ""))
+    there = [name for name in files if (args.out / name).exists()]
+    if there and not args.overwrite:
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"{script}.py: error: {args.out} already holds {' and '.join(there)} from an "
+                "earlier run: pass --overwrite to replace them, or another --out",
+                file=sys.stderr,
+            )
+        raise SystemExit(2)
+    return args.out
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

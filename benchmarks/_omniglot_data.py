@@ -58,14 +58,24 @@ def source(data: Path, name: str) -> Path | None:
     return None
 
 
+class DownloadError(OSError):
+    """An archive could not be fetched; the message says how to get the data by hand."""
+
+
+def by_hand(data: Path) -> str:
+    """How to get the archives without --download."""
+    return (
+        "download them by hand from https://github.com/brendenlake/omniglot (folder python/, "
+        f"MIT license) and pass their folder with --data (now {data})"
+    )
+
+
 def how_to_get(data: Path) -> str:
     """The instructions every missing-data error ends with."""
     names = ", ".join(f"{n}.zip" for n in SHA256)
     return (
         f"Get the Omniglot archives into {data}: rerun with --download (fetches {names} from "
-        f"{OFFICIAL_URL}, checked by SHA-256), or download them by hand from "
-        "https://github.com/brendenlake/omniglot (folder python/, MIT license) and pass their "
-        "folder with --data."
+        f"{OFFICIAL_URL}, checked by SHA-256), or {by_hand(data)}."
     )
 
 
@@ -84,7 +94,9 @@ def download(data: Path, names: Sequence[str]) -> list[Path]:
     """Fetch the archives ``names`` missing from ``data``, each checked against its SHA-256.
 
     The base URL is ``$OMNIGLOT_URL`` if set, else :data:`OFFICIAL_URL`.
-    Returns the paths fetched; a failed checksum leaves nothing behind.
+    Returns the paths fetched; a failed checksum leaves nothing behind. Raises
+    :class:`DownloadError` when an archive cannot be fetched (no network, a bad
+    mirror), with the reason and what to do instead.
     """
     missing = [n for n in names if source(data, n) is None]
     unknown = [n for n in missing if n not in SHA256]
@@ -98,8 +110,17 @@ def download(data: Path, names: Sequence[str]) -> list[Path]:
     fetched = []
     for name in missing:
         dst = data / f"{name}.zip"
-        # torch.hub writes to a temporary file and moves it only once the hash matches.
-        torch.hub.download_url_to_file(f"{base}/{name}.zip", str(dst), hash_prefix=SHA256[name])
+        url = f"{base}/{name}.zip"
+        try:
+            # torch.hub writes to a temporary file and moves it only once the hash matches.
+            torch.hub.download_url_to_file(url, str(dst), hash_prefix=SHA256[name])
+        except OSError as error:  # URLError, HTTPError, timeouts, refused connections
+            reason = getattr(error, "reason", error)
+            wanted = " and ".join(f"{n}.zip" for n in missing)
+            raise DownloadError(
+                f"could not download {url} ({reason}). Without network, get {wanted}: "
+                f"{by_hand(data)}; or set ${URL_VARIABLE} to a mirror."
+            ) from error
         fetched.append(dst)
     return fetched
 

@@ -24,7 +24,7 @@ after a barrier); the table gives the median seconds per meta-iteration over
 all rounds of all repeats, as meta-iterations per second, and each way's
 speed-up over its one-process baseline.
 
-    python benchmarks/ddp.py --quick     # about 40 s
+    python benchmarks/ddp.py --quick     # 130-200 s: a thread per process, 2 busy shared cores
     python benchmarks/ddp.py --out results/ddp
 """
 
@@ -46,6 +46,8 @@ import torch
 import torch.distributed as dist
 from _common import (
     REPO,
+    add_output_arguments,
+    claim_output,
     device_of,
     environment,
     format_table,
@@ -214,27 +216,56 @@ def _table(wall: dict, cpu: dict, workloads: list[str], processes: list[int]) ->
 
 
 def plot(wall: dict, workloads: list[str], processes: list[int], path: Path) -> None:
+    """Meta-iterations per second of every way, a bar per process count, its value on it."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from _common import mark_no_data
+    from speed import describe
 
+    plt.rcParams.update({"font.size": 9})
     names = [*BASELINES, *WAYS]
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 3.8), squeeze=False)
+    ticks = [f"{name}\n(1 process only)" if name in BASELINES else name for name in names]
+    fig, axes = plt.subplots(
+        1,
+        len(workloads),
+        figsize=(5.5 * len(workloads), 4.0),
+        squeeze=False,
+        layout="constrained",
+    )
     width = 0.8 / len(processes)
     for ax, w in zip(axes[0], workloads, strict=True):
+        drawn = False
         for k, n in enumerate(processes):
-            speeds = [1 / wall[n][w][name] if name in wall[n][w] else 0 for name in names]
+            seconds = [wall[n][w].get(name, math.nan) for name in names]
+            speeds = [1 / t if t > 0 else math.nan for t in seconds]
             xs = [i + (k - (len(processes) - 1) / 2) * width for i in range(len(names))]
-            bars = ax.bar(xs, speeds, width, label="1 process" if n == 1 else f"{n} processes")
-            ax.bar_label(bars, [f"{v:.3g}" if v else "" for v in speeds], fontsize=8)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_ylabel("meta-iterations per second")
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.1)  # room for the labels
-        ax.set_title(w)
-        ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path, dpi=80)
+            heights = [v if math.isfinite(v) else 0 for v in speeds]
+            label = "1 process" if n == 1 else f"{n} processes"
+            bars = ax.bar(xs, heights, width, label=label, color=f"C{k}")
+            ran = [name in wall[n][w] for name in names]
+            texts = [
+                ("NaN" if not math.isfinite(v) else f"{v:.3g}") if r else ""
+                for v, r in zip(speeds, ran, strict=True)
+            ]
+            ax.bar_label(bars, texts, fontsize=8)
+            drawn |= any(math.isfinite(v) for v in speeds)
+        ax.set_xticks(range(len(names)), ticks, rotation=30, ha="right")
+        ax.set_xlabel(
+            "how the meta-gradient is computed\n(ddp: DistributedDataParallel; "
+            "avg: average_gradients after the backward)"
+        )
+        ax.set_ylabel("meta-iterations per second (median)")
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1e-9) * 1.12)  # room for the values
+        ax.set_title(describe(w))
+        if not drawn:
+            mark_no_data(ax, "no finite time (NaN): every run failed")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper right", ncols=len(processes), frameon=False)
+    save_figure(fig, path, dpi=90)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -253,11 +284,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL) (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of models and tasks")
     parser.add_argument(
-        "--quick", action="store_true", help="about 40 s here: 1 repeat of 3 rounds"
+        "--quick",
+        action="store_true",
+        help="1 repeat of 3 rounds: 130-200 s on 2 cores shared with other jobs",
     )
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/ddp"), help="folder for ddp.json and ddp.png"
-    )
+    add_output_arguments(parser, "ddp")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick and not args.worker:
@@ -272,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         worker(args)
         return {}
+    claim_output(args, "ddp", ["ddp.json", "ddp.png"])
 
     runs: dict[int, list[dict]] = {n: [] for n in args.processes}
     load = [os.getloadavg()]

@@ -42,7 +42,7 @@ of the training characters (or the alphabets ``--val-alphabets``) are held
 out: every ``--val-every`` iterations the model is tested on fixed validation
 episodes and the best one is kept. (A prior pulling the step sizes towards
 their tensor's mean and a first-order warm-up were tried and cost accuracy:
-see the README's ablation.)
+see the ablation in docs/results.md.)
 
 Testing: ``--eval-episodes`` episodes (the same for every method), each with
 ``--eval-query`` query images per class, with classes drawn from the whole
@@ -69,10 +69,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from _common import (
     LABELS,
     METHODS,
@@ -80,16 +83,21 @@ from _common import (
     Learner,
     add_cost_arguments,
     add_method_arguments,
+    add_output_arguments,
     build_learner,
+    claim_output,
     cost_cell,
     device_of,
     environment,
     format_table,
     inner_optimizer,
     launch,
+    mark_no_data,
     mean_ci95,
     method_costs,
+    parameter_labels,
     peak_memory_mib,
+    plain_log_ticks,
     print_cost_table,
     rank,
     save_figure,
@@ -102,6 +110,7 @@ from _common import (
 from _omniglot_data import (
     SHA256,
     SPLITS,
+    DownloadError,
     Episodes,
     Split,
     augment,
@@ -423,53 +432,92 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, MetaSG
 
 
 def plot(results: dict, path: Path) -> None:
+    """Meta-training loss, validation accuracy (a star at the checkpoint kept), Meta-SGD's
+    mean step size per tensor; one colour per run, explained in one legend below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    from matplotlib.lines import Line2D
 
     plt.rcParams.update({"font.size": 9})
-    runs = results["runs"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
-    for run in runs:
-        if not run["curve"]:  # --iterations 0: the untrained initialization
-            continue
+    runs = [run for run in results["runs"] if run["curve"]]  # --iterations 0: no curves
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), layout="constrained")
+    handles = []
+    for i, run in enumerate(runs):
+        color = f"C{i}"
         label = f"{LABELS[run['method']]} {run['ways']}-way {run['shots']}-shot"
         it, loss = zip(*run["curve"], strict=True)
-        (line,) = axes[0].plot(it, loss, label=label)
+        if not any(math.isfinite(v) for v in loss):
+            label += " (NaN: diverged)"
+        axes[0].plot(it, loss, color=color)
+        handles.append(Line2D([], [], color=color, label=label))
         if run.get("val_curve"):
             it, acc, _ = zip(*run["val_curve"], strict=True)
-            axes[1].plot(it, acc, "o-", ms=3, color=line.get_color(), label=label)
+            axes[1].plot(it, acc, "o-", ms=3, color=color)
             axes[1].plot(
-                run["best_iteration"], run["best_val_accuracy"], "*", ms=12, color=line.get_color()
+                run["best_iteration"],
+                run["best_val_accuracy"],
+                "*",
+                ms=13,
+                color=color,
+                mec="black",
+                mew=0.6,
+                zorder=5,
             )
-    axes[0].set(xlabel="meta-iteration", ylabel="meta-training query loss", yscale="log")
-    axes[0].set_title("meta-training loss")
-    axes[0].legend()
-    axes[1].set(xlabel="meta-iteration", ylabel="validation accuracy (%)")
-    axes[1].set_title("validation (star: the checkpoint kept)")
-    if any(run.get("val_curve") for run in runs):
-        axes[1].legend()
-    for run in runs:
         if run["method"] == "metasgd":
             names = list(run["step_sizes"])
-            axes[2].plot(
-                range(len(names)),
-                [run["step_sizes"][n]["mean"] for n in names],
-                "o-",
-                label=f"{run['ways']}-way {run['shots']}-shot",
+            means = [run["step_sizes"][n]["mean"] for n in names]
+            axes[2].plot(range(len(names)), means, "o-", color=color)
+            labels = parameter_labels(make_model(run["ways"]))
+            axes[2].set_xticks(
+                range(len(names)), [labels.get(n, n) for n in names], rotation=60, ha="right"
             )
-            axes[2].set_xticks(range(len(names)), names, rotation=60)
-    axes[2].set(xlabel="parameter tensor", ylabel="mean |alpha|", yscale="log")
-    for ax in (axes[0], axes[2]):
-        # Plain numbers at 1, 1.5, 2, 3, 5 and 7 per decade: these axes often span less than one.
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    axes[2].set_title("Meta-SGD: learned step sizes per tensor")
-    if any(run["method"] == "metasgd" for run in runs):
-        axes[2].legend()
+    axes[0].set(
+        xlabel="meta-iteration",
+        ylabel="query loss after the inner loop (log)",
+        title="meta-training loss",
+    )
+    if any(math.isfinite(v) for run in runs for _, v in run["curve"]):
+        axes[0].set_yscale("log")
+        plain_log_ticks(axes[0].yaxis)
+    else:
+        mark_no_data(axes[0], "no finite meta-training loss (NaN): training diverged")
+    axes[1].set(
+        xlabel="meta-iteration",
+        ylabel="validation accuracy (%)",
+        title="validation accuracy (held-out characters)",
+    )
+    if not any(run.get("val_curve") for run in runs):
+        mark_no_data(axes[1], "no validation: --val-fraction 0")
+    elif not any(math.isfinite(a) for run in runs for _, a, _ in run.get("val_curve", [])):
+        mark_no_data(axes[1], "no finite validation accuracy (NaN)")
+    axes[2].set(
+        xlabel="parameter tensor",
+        ylabel="mean |step size| in the tensor",
+        title="Meta-SGD's learned step sizes",
+    )
+    metasgd = [run for run in runs if run["method"] == "metasgd"]
+    if not metasgd:
+        mark_no_data(axes[2], "no Meta-SGD run: see --methods")
+        axes[2].set(xticks=[], yticks=[])
+    elif not any(math.isfinite(t["mean"]) for run in metasgd for t in run["step_sizes"].values()):
+        mark_no_data(axes[2], "Meta-SGD's step sizes are NaN: its training diverged")
+    if any(run.get("val_curve") for run in runs):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="0.5",
+                marker="*",
+                ms=12,
+                mec="black",
+                mew=0.6,
+                ls="",
+                label="the checkpoint kept (best validation accuracy), tested",
+            )
+        )
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4))
     save_figure(fig, path, dpi=100)
 
 
@@ -565,7 +613,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="a smoke run: 5-way 1-shot, 60 iterations of 2 episodes, 100 test episodes",
     )
-    add("--out", type=Path, default=Path("results/omniglot"), help="JSON and PNG folder")
+    add_output_arguments(
+        parser, "omniglot", also="results/omniglot_eval with --eval-only", torchrun=True
+    )
     add_cost_arguments(parser, timing_rounds=10, calls=1)
     args = parser.parse_args(argv)
     if args.quick:
@@ -578,16 +628,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def fetch(args: argparse.Namespace) -> None:
+    """``--download``: rank 0 fetches, the other ranks wait for it and fail with it, silently.
+
+    Rank 0 raises its own error (a :class:`DownloadError` becomes one message
+    in ``__main__``); the others exit with status 1, so the message appears once.
+    """
+    failure: Exception | None = None
+    if rank() == 0:
+        wanted = [*(args.train_set or []), *filter(None, [args.test_set])] or list(SPLITS[-1])
+        try:
+            for path in download(args.data, wanted):
+                print(f"downloaded {path}")
+        except Exception as error:  # re-raised below, once every rank knows
+            failure = error
+    failed = [failure is not None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(failed, src=0)
+    if failure is not None:
+        raise failure
+    if failed[0]:
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    variant = "eval" if args.eval_only else ""
+    claim_output(args, "omniglot", ["omniglot.json", "omniglot.png"], variant)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = launch(device_of(args.device))
     seed_everything(args.seed)
     if args.download:
-        wanted = [*(args.train_set or []), *filter(None, [args.test_set])] or list(SPLITS[-1])
-        for path in download(args.data, wanted):
-            print(f"downloaded {path}")
+        fetch(args)
     start = time.perf_counter()
     if args.eval_only:
         model, opt, config = load_checkpoint(args.load, device)
@@ -750,6 +823,9 @@ def tables(runs: list[dict]) -> tuple[str, str, str]:
 if __name__ == "__main__":
     try:
         main()
-    except FileNotFoundError as error:
-        # Missing data is the user's next step, not a bug: the message, no traceback.
+    except (FileNotFoundError, DownloadError) as error:
+        # Missing data is the user's next step, not a bug: the message, no traceback, and
+        # under torchrun from rank 0 alone (every rank fails alike).
+        if os.environ.get("RANK", "0") != "0":
+            raise SystemExit(1) from None
         raise SystemExit(f"omniglot.py: error: {error}") from None

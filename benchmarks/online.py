@@ -32,13 +32,16 @@ Methods, on the same step budget, seeds and batches:
   ``torch_metasgd.LookAhead`` on the held-out split.
 
 Reports the final train loss (the data loss on the full training set,
-without the penalty), test loss and accuracy per initial lr, plots the loss
-curves and the learned step sizes over time, and measures the cost of a
+without the penalty), test loss and accuracy per initial lr; plots, per
+problem, the final test loss of every method against the initial lr (the
+table), the test-loss curves of the step-size learner (MetaSGD HD, element)
+and of SGD from each initial lr, and its learned step sizes over time; and
+measures the cost of a
 training iteration and of ``step()`` for each optimizer, as ratios to
 ``torch.optim.SGD``'s foreach and fused steps measured in the same run.
 
-    python benchmarks/online.py --quick                      # ~40 s
-    python benchmarks/online.py --problems digits            # 3000 steps x 3 seeds, ~5 min
+    python benchmarks/online.py --quick                # 60-140 s: one thread, 2 busy shared cores
+    python benchmarks/online.py --problems digits      # 3000 steps x 3 seeds
     python benchmarks/online.py --problems digits --lrs 1 --seeds 16   # one lr, more seeds
     python benchmarks/online.py --timing-only --problems digits-deep --momentum 0.9 --device cuda
 """
@@ -54,7 +57,17 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from _common import device_of, environment, format_table, save_figure, script_parser
+from _common import (
+    add_output_arguments,
+    claim_output,
+    device_of,
+    environment,
+    format_table,
+    mark_no_data,
+    plain_log_ticks,
+    save_figure,
+    script_parser,
+)
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -254,7 +267,7 @@ def run(problem: Problem, method: str, lr: float, seed: int, steps: int, args) -
             meta_lr=args.la_meta_lr,
         )
 
-    curve, lr_curve = [], []
+    curve, test_curve, lr_curve = [], [], []
     diverged = False
     batches = problem.batches(seed)
     eval_every = max(1, steps // 50)
@@ -262,6 +275,7 @@ def run(problem: Problem, method: str, lr: float, seed: int, steps: int, args) -
         if t % eval_every == 0:
             metrics = problem.evaluate(model)
             curve.append((t, metrics["train_loss"]))
+            test_curve.append((t, metrics["test_loss"]))
             lr_curve.append((t, _step_sizes(opt, method)))
             if not math.isfinite(metrics["train_loss"]) or metrics["train_loss"] > DIVERGED:
                 diverged = True
@@ -277,7 +291,13 @@ def run(problem: Problem, method: str, lr: float, seed: int, steps: int, args) -
     final = problem.evaluate(model)
     if diverged:
         final = {"train_loss": math.inf, "test_loss": math.inf, "test_acc": None}
-    return {**final, "diverged": diverged, "curve": curve, "step_sizes": lr_curve}
+    return {
+        **final,
+        "diverged": diverged,
+        "curve": curve,
+        "test_curve": test_curve,
+        "step_sizes": lr_curve,
+    }
 
 
 def _step_sizes(opt, method: str) -> list[float]:
@@ -489,8 +509,39 @@ def print_table(summary: dict, methods: list[str], lrs=LRS, seeds: int = 1) -> s
     return text
 
 
-def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int = 4) -> None:
-    """Train-loss curves per method and initial lr, and the learned step sizes, per problem."""
+NAMES = {
+    "sgd": "SGD",
+    "adam": "Adam (default lr)",
+    "sgd-hd": "SGD-HD (scalar, additive)",
+    "additive-hd-element": "additive HD, per element",
+    "metasgd-hd-element": "MetaSGD HD, element",
+    "metasgd-hd-tensor": "MetaSGD HD, tensor",
+    "lookahead": "LookAhead (tensor, log)",
+}
+STYLES = {
+    "sgd": ("black", "o"),
+    "adam": ("tab:red", ""),
+    "sgd-hd": ("tab:orange", "s"),
+    "additive-hd-element": ("tab:brown", "v"),
+    "metasgd-hd-element": ("tab:blue", "D"),
+    "metasgd-hd-tensor": ("tab:cyan", "^"),
+    "lookahead": ("tab:purple", "P"),
+}
+# The step-size learner whose curves the figure shows, the first of these that ran.
+FEATURED = ("metasgd-hd-element", "metasgd-hd-tensor", "lookahead", "sgd-hd", "additive-hd-element")
+
+
+def _finite_points(points) -> tuple[list[float], list[float]]:
+    """``(t, value)`` pairs as two lists, non-finite values as NaN (a gap in the line)."""
+    t = [p[0] for p in points]
+    return t, [
+        v if v is not None and math.isfinite(v) else math.nan for v in (p[1] for p in points)
+    ]
+
+
+def plot(results: dict, problems: list[str], path: Path, lrs=LRS) -> None:
+    """Per problem, a row: final test loss against the initial lr for every method (the
+    table), the test-loss curves from each initial lr, the learned step sizes over time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -498,59 +549,149 @@ def plot(results: dict, problems: list[str], path: Path, lrs=LRS, columns: int =
     from matplotlib.lines import Line2D
 
     plt.rcParams.update({"font.size": 9})
-    methods = [m for m in METHODS if m in results[problems[0]] and m not in ("adam",)]
-    curves = [m for m in methods if m != "additive-hd-element"]
-    step_panels = [m for m in ("metasgd-hd-element", "metasgd-hd-tensor") if m in methods]
-    panels = [("loss", m) for m in curves] + [("alpha", m) for m in step_panels]
-    rows = math.ceil(len(panels) / columns)
+    methods = [m for m in METHODS if m in results[problems[0]]]
+    featured = next((m for m in FEATURED if m in methods), None)
+    summary = summarise(results, problems, methods, lrs)
     fig, axes = plt.subplots(
-        rows * len(problems),
-        columns,
-        figsize=(3.4 * columns, 2.8 * rows * len(problems) + 0.5),
+        len(problems),
+        3,
+        figsize=(14, 1.8 + 3.2 * len(problems)),
         squeeze=False,
         layout="constrained",
     )
     colors = plt.cm.viridis([i / max(len(lrs) - 1, 1) for i in range(len(lrs))])
-    for block, name in enumerate(problems):
-        cells = [axes[block * rows + i // columns, i % columns] for i in range(rows * columns)]
-        for ax in cells[len(panels) :]:
-            ax.axis("off")
-        for ax, (kind, method) in zip(cells, panels, strict=False):
-            for lr, color in zip(lrs, colors, strict=True):
-                run0 = results[name][method][str(lr)][0]
-                if kind == "loss":
-                    t, loss = zip(*run0["curve"], strict=True)
-                    ax.plot(t, loss, color=color)
-                    continue
-                t = [p[0] for p in run0["step_sizes"]]
-                per_tensor = list(zip(*[p[1] for p in run0["step_sizes"]], strict=True))
-                for i, series in enumerate(per_tensor):
-                    ax.plot(t, series, color=color, lw=1, ls="-" if i % 2 == 0 else "--")
-            if kind == "loss":
-                if "adam" in results[name]:
-                    t, loss = zip(*results[name]["adam"]["None"][0]["curve"], strict=True)
-                    ax.plot(t, loss, color="red", ls=":")
-                ax.set(title=f"{name}: {method}", ylabel="train loss")
-            else:
-                ax.set(title=f"{name}: {method}", ylabel="step size (geo. mean per tensor)")
-            ax.set(yscale="log", xlabel="step")
-    # One legend for every panel: the colours are the initial lrs.
+    for (final, curves, alphas), name in zip(axes, problems, strict=True):
+        rows, seeds = summary[name]["rows"], len(results[name]["sgd"][str(lrs[0])])
+        finite = [r["test_loss"] for r in rows.values() if math.isfinite(r["test_loss"])]
+        if finite:
+            final.set_ylim(min(finite) / 1.3, max(finite) * 1.6)  # room for "diverged" marks
+        top = final.get_ylim()[1]
+        for method in methods:
+            color, marker = STYLES[method]
+            if method == "adam":
+                loss = rows[("adam", None)]["test_loss"]
+                if math.isfinite(loss):
+                    final.axhline(loss, color=color, ls=":", lw=1.5)
+                continue
+            losses = [rows[(method, lr)]["test_loss"] for lr in lrs]
+            final.plot(
+                lrs,
+                [v if math.isfinite(v) else math.nan for v in losses],
+                color=color,
+                marker=marker,
+                ms=5,
+                lw=2.5 if method == "sgd" else 1.2,  # visible under a method that ends alike
+            )
+            gone = [lr for lr, v in zip(lrs, losses, strict=True) if not math.isfinite(v)]
+            if gone and finite:
+                final.plot(gone, [top] * len(gone), "x", color=color, ms=9, mew=2, clip_on=False)
+        best = summary[name]["best_sgd_test_loss"]
+        if math.isfinite(best):
+            final.axhline(best, color="0.6", lw=0.8, zorder=0)
+        final.set(
+            xscale="log",
+            xlabel="initial learning rate",
+            ylabel="final test loss (log)",
+            title=f"{name}: final test loss, "
+            + ("seed 0" if seeds == 1 else f"mean of {seeds} seeds"),
+        )
+        final.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        final.minorticks_off()
+        if finite:
+            final.set_yscale("log")
+            plain_log_ticks(final.yaxis)
+        else:
+            mark_no_data(final, "every run diverged: no finite test loss")
+
+        key = "test_curve" if "test_curve" in results[name]["sgd"][str(lrs[0])][0] else "curve"
+        drawn = False
+        shown = [(m, style) for m, style in ((featured, "-"), ("sgd", "--")) if m is not None]
+        for lr, color in zip(lrs, colors, strict=True):
+            for method, style in shown:
+                t, loss = _finite_points(results[name][method][str(lr)][0][key])
+                curves.plot(t, loss, color=color, ls=style, lw=1.2)
+                drawn |= any(map(math.isfinite, loss))
+        if "adam" in results[name]:
+            t, loss = _finite_points(results[name]["adam"]["None"][0][key])
+            curves.plot(t, loss, color=STYLES["adam"][0], ls=":", lw=1.5)
+        what = "test loss" if key == "test_curve" else "train loss (no test curve in this JSON)"
+        curves.set(xlabel="step", ylabel=f"{what} (log)", title=f"{name}: {what}, seed 0")
+        if drawn:
+            curves.set_yscale("log")
+            plain_log_ticks(curves.yaxis)
+        else:
+            mark_no_data(curves, "no finite loss: every run diverged at once (NaN)")
+            curves.set(xticks=[], yticks=[])
+
+        if featured is None:
+            mark_no_data(alphas, "no step-size learner in --methods")
+            alphas.set_axis_off()
+            continue
+        drawn = False
+        for lr, color in zip(lrs, colors, strict=True):
+            run0 = results[name][featured][str(lr)][0]
+            t = [p[0] for p in run0["step_sizes"]]
+            per_tensor = list(zip(*[p[1] for p in run0["step_sizes"]], strict=True))
+            for i, series in enumerate(per_tensor):
+                values = [v if math.isfinite(v) and v > 0 else math.nan for v in series]
+                drawn |= any(math.isfinite(v) for v in values)
+                alphas.plot(t, values, color=color, lw=1, ls="-" if i % 2 == 0 else "--")
+        alphas.set(
+            xlabel="step",
+            ylabel="step size, geometric mean per tensor (log)",
+            title=f"{name}: {NAMES[featured]}, step sizes, seed 0",
+        )
+        if drawn:
+            alphas.set_yscale("log")
+            plain_log_ticks(alphas.yaxis)
+        else:
+            mark_no_data(alphas, "no finite step size (NaN): the runs diverged")
+            alphas.set(xticks=[], yticks=[])
+
+    # Each column's legend under its bottom panel.
     handles = [
-        Line2D([], [], color=c, label=f"initial lr {lr:g}")
-        for lr, c in zip(lrs, colors, strict=True)
+        Line2D(
+            [],
+            [],
+            color=STYLES[m][0],
+            marker=STYLES[m][1],
+            ls=":" if m == "adam" else "-",
+            label=NAMES[m],
+        )
+        for m in methods
     ]
     handles += [
-        Line2D([], [], color="red", ls=":", label="adam (default lr)"),
-        Line2D([], [], color="gray", label="step sizes: weights"),
-        Line2D([], [], color="gray", ls="--", label="step sizes: biases"),
+        Line2D([], [], color="0.6", lw=0.8, label="best-tuned SGD"),
+        Line2D([], [], color="0.3", marker="x", ls="", mew=2, label="diverged (drawn at the top)"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
+    below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.2), "ncols": 2}
+    final.legend(handles=handles, **below)
+    handles = [
+        Line2D([], [], color=c, lw=2, label=f"initial lr {lr:g}")
+        for lr, c in zip(lrs, colors, strict=True)
+    ]
+    if featured:
+        handles.append(Line2D([], [], color="0.3", label=NAMES[featured]))
+    handles.append(Line2D([], [], color="0.3", ls="--", label="SGD"))
+    if "adam" in methods:
+        handles.append(Line2D([], [], color=STYLES["adam"][0], ls=":", label=NAMES["adam"]))
+    curves.legend(handles=handles, **below)
+    if featured:
+        handles = [
+            Line2D([], [], color="0.3", label="weights"),
+            Line2D([], [], color="0.3", ls="--", label="biases"),
+        ]
+        alphas.legend(handles=handles, title="colours: initial lr, as in the middle", **below)
     save_figure(fig, path, dpi=90)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__)
-    parser.add_argument("--quick", action="store_true", help="a short run (about 20 s here)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="400 steps, 1 seed: 60-140 s with one thread on 2 cores shared with other jobs",
+    )
     parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
     parser.add_argument(
@@ -604,9 +745,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only redraw online.png from the online.json already in --out",
     )
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/online"), help="JSON and PNG folder"
-    )
+    add_output_arguments(parser, "online")
     args = parser.parse_args(argv)
     if "sgd" not in args.methods:
         parser.error("--methods must include sgd (the baseline of the ratios)")
@@ -618,6 +757,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # --replot replaces online.png by design; --timing-only writes timing.json alone.
+    files = (
+        []
+        if args.replot
+        else ["timing.json"]
+        if args.timing_only
+        else ["online.json", "online.png"]
+    )
+    claim_output(args, "online", files)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
 

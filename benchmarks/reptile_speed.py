@@ -32,18 +32,24 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 from pathlib import Path
 
 import torch
 from _common import (
+    add_output_arguments,
+    claim_output,
+    cost_cell,
     device_of,
     environment,
     format_table,
     in_fresh_process,
+    mark_no_data,
     median_ms_interleaved,
     peak_memory_mib,
     save_figure,
     script_parser,
+    threads_label,
     write_json,
 )
 from torch import nn
@@ -151,21 +157,57 @@ def peak_memory(method: str, workload: str, args: argparse.Namespace) -> float:
     return peak_memory_mib(lambda: [RUNS[method](case) for _ in range(3)], device)
 
 
+def describe(workload: str) -> str:
+    """A workload in words, for titles."""
+    spec = WORKLOADS[workload]
+    model = "sinusoid MLP 1-40-40-1" if spec["arch"] == "mlp" else "conv4, 5-way 1-shot"
+    return f"{workload}: {model}, {spec['tasks']} tasks, k = {spec['steps']} inner steps"
+
+
 def plot(results: dict, path: Path) -> None:
+    """Per workload, each method's median time as a bar (linear, from 0) with its value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
+    plt.rcParams.update({"font.size": 9})
+    colors = {"torch_metasgd": "tab:green", "hand-written (the Reptile paper's code)": "tab:gray"}
     n = len(results["ms"])
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 2.9), squeeze=False, layout="constrained")
     for ax, (workload, ms) in zip(axes[0], results["ms"].items(), strict=True):
-        ax.barh(list(ms), list(ms.values()), color="tab:green")
+        names, values = list(ms), [ms[m] for m in ms]
+        finite = [v for v in values if math.isfinite(v)]
+        ax.barh(
+            names,
+            [v if math.isfinite(v) else 0 for v in values],
+            color=[list(colors.values())[m == "hand"] for m in names],
+        )
         ax.invert_yaxis()
-        ax.set_xlabel("ms per meta-iteration (median)")
-        ax.set_title(f"{workload}: {WORKLOADS[workload]['arch']}")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=80)
+        right = max(finite, default=1.0)
+        hand = ms.get("hand", math.nan)
+        for i, (name, v) in enumerate(zip(names, values, strict=True)):
+            if not finite:
+                continue
+            if not math.isfinite(v):
+                label = "NaN: no time"
+            elif name == "hand" or not math.isfinite(hand):
+                label = f"{v:.3g} ms"
+            else:
+                label = f"{v:.3g} ms ({v / hand:.2f}x hand)"
+            ax.text(v if math.isfinite(v) else 0, i, " " + label, va="center")
+        ax.set_xlim(0, right * 1.6)  # room for the labels
+        ax.set_xlabel(
+            f"ms per meta-iteration (median of {results['config']['rounds']} rounds, "
+            f"{threads_label(results['environment']['threads'])})"
+        )
+        ax.set_title(describe(workload))
+        if not finite:
+            mark_no_data(ax, "no finite time: every method's run failed (NaN)")
+    handles = [Patch(color=c, label=label) for label, c in colors.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    save_figure(fig, path, dpi=100)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -181,12 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-memory", action="store_true", help="skip the peak-memory runs (a process each)"
     )
     parser.add_argument("--quick", action="store_true", help="5 rounds, no memory runs")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("results/reptile_speed"),
-        help="folder for reptile_speed.json and .png (default: results/reptile_speed)",
-    )
+    add_output_arguments(parser, "reptile_speed")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.no_memory = 5, True
@@ -195,6 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    claim_output(args, "reptile_speed", ["reptile_speed.json", "reptile_speed.png"])
     torch.set_num_threads(args.threads)
     device = device_of(args.device)
     results: dict = {"config": {**vars(args), "out": str(args.out)}, "environment": environment()}
@@ -224,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for cell in (
                     f"{results['ms'][w][m]:.1f}",
                     f"{results['ms'][w][m] / results['ms'][w]['hand']:.2f}",
-                    f"{results['peak_memory_mib'][w][m]:.1f}",
+                    cost_cell(results["peak_memory_mib"][w][m]),
                 )
             ),
         ]

@@ -56,15 +56,20 @@ from _common import (
     Learner,
     add_cost_arguments,
     add_method_arguments,
+    add_output_arguments,
     build_learner,
+    claim_output,
     cost_cell,
     device_of,
     environment,
     format_table,
     launch,
+    mark_no_data,
     mean_ci95,
     method_costs,
+    parameter_labels,
     peak_memory_mib,
+    plain_log_ticks,
     print_cost_table,
     rank,
     save_figure,
@@ -215,22 +220,34 @@ def step_sizes_by_layer(model: nn.Module, opt: MetaSGD) -> dict[str, list[float]
 COLORS = {"maml": "tab:orange", "metasgd": "tab:blue", "reptile": "tab:green", "fomaml": "tab:red"}
 
 
+def _finite(values) -> bool:
+    return any(math.isfinite(v) for v in values)
+
+
 def plot(
     results: dict, learners: dict, ks: list[int], args: argparse.Namespace, path: Path
 ) -> None:
+    """Three test tasks fitted after adaptation, the meta-training curves, Meta-SGD's step sizes.
+
+    A method whose values are NaN (diverged training) says so in the legend;
+    a panel with nothing finite to draw says why.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     k = 10 if 10 in ks else ks[0]
     methods = [m for m in METHODS if (m, k) in learners]
     tasks = eval_tasks(3, k, 1, args.seed)
     grid = torch.linspace(*X_RANGE, 200).view(1, -1, 1)
     plt.rcParams.update({"font.size": 9})
-    fig = plt.figure(figsize=(12, 6.4), layout="constrained")
+    fig = plt.figure(figsize=(12, 6.8), layout="constrained")
     spec = fig.add_gridspec(2, 6)
     task_axes = [fig.add_subplot(spec[0, 2 * t : 2 * t + 2]) for t in range(3)]
+    diverged = set()
     for t, ax in enumerate(task_axes):
         truth = target(grid, tasks["amp_phase"][t : t + 1])[0, :, 0]
         ax.plot(grid[0, :, 0], truth, "k-", lw=1.5, label="ground truth")
@@ -247,13 +264,15 @@ def plot(
                     steps=trained.steps,
                 )
                 pred = functional_call(trained.model, fast, (grid[0].to(dev),)).cpu()
-            steps = f"{trained.steps} step" + ("s" if trained.steps > 1 else "")
+            if not _finite(pred[:, 0].tolist()):
+                diverged.add(method)
+            steps = f"after {trained.steps} inner step" + ("s" if trained.steps > 1 else "")
             ax.plot(
                 grid[0, :, 0],
                 pred[:, 0],
                 color=COLORS[method],
                 lw=1.2,
-                label=f"{LABELS[method]}, {steps}",
+                label=f"{LABELS[method]} {steps}" + (" (NaN: diverged)" * (method in diverged)),
             )
         ax.scatter(
             tasks["xs"][t, :, 0],
@@ -262,40 +281,87 @@ def plot(
             marker="^",
             s=25,
             zorder=5,
-            label=f"{k} shots",
+            label=f"the {k} support points (shots)",
         )
         amplitude, phase = tasks["amp_phase"][t].tolist()
-        ax.set(title=f"task {t + 1}: A={amplitude:.2f}, phase={phase:.2f}", xlabel="x", ylabel="y")
-    handles, labels = task_axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncols=len(labels))
+        ax.set(
+            title=f"test task {t + 1}: A = {amplitude:.2f}, phase = {phase:.2f}",
+            xlabel="x",
+            ylabel="y",
+        )
+    handles, labels = task_axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=3)
+
     ax = fig.add_subplot(spec[1, :3])
     curves = {m: results["train"][m][str(k)]["curve"] for m in methods}
+    nan = [LABELS[m] for m, curve in curves.items() if curve and not _finite(v for _, v in curve)]
     for method, curve in curves.items():
         if curve:  # empty with --iterations 0
             it, loss = zip(*curve, strict=True)
-            ax.plot(it, loss, color=COLORS[method], lw=1.2, label=LABELS[method])
+            ax.plot(it, loss, color=COLORS[method], lw=1.2)
     ax.set(
-        yscale="log",
         xlabel="meta-iteration",
-        ylabel="query MSE after the inner loop",
-        title=f"meta-training (K={k})",
+        ylabel="query MSE after the inner loop (log)",
+        title=f"meta-training loss, K = {k} (colours as above)",
     )
-    if any(curves.values()):
-        ax.legend()
+    if len(nan) < sum(map(bool, curves.values())):
+        ax.set_yscale("log")
+        plain_log_ticks(ax.yaxis)
+        if nan:
+            ax.text(
+                0.98,
+                0.97,
+                f"NaN, diverged: {', '.join(nan)}",
+                transform=ax.transAxes,
+                ha="right",
+                va="top",
+                color="tab:red",
+            )
+    else:
+        why = "NaN, diverged" if nan else "no meta-training (--iterations 0)"
+        mark_no_data(ax, f"no finite meta-training loss: {why}")
+
     if "metasgd" in methods:
         ax = fig.add_subplot(spec[1, 3:])
         alphas = results["step_sizes"][str(k)]
         names = list(alphas)
-        ax.boxplot([alphas[n] for n in names], showfliers=False)
-        ax.axhline(MAML_ALPHA, color=COLORS["maml"], ls="--", lw=1)
-        ax.set_xticks(range(1, len(names) + 1), names)
-        ax.set(
-            yscale="symlog",
-            xlabel="parameter tensor",
-            ylabel="learned step size alpha (symlog)",
-            title=f"Meta-SGD's learned step sizes (K={k}; dashed: MAML's {MAML_ALPHA})",
+        labels = parameter_labels(learners[("metasgd", k)].model)
+        ax.axhline(0, color="0.7", lw=0.8)
+        ax.axhline(MAML_ALPHA, color=COLORS["maml"], ls="--", lw=1.2)
+        finite = [[a for a in alphas[n] if math.isfinite(a)] for n in names]
+        ax.boxplot(
+            finite,
+            showfliers=False,
+            medianprops={"color": "black"},
+            boxprops={"color": COLORS["metasgd"]},
+            whiskerprops={"color": COLORS["metasgd"]},
+            capprops={"color": COLORS["metasgd"]},
         )
-        ax.set_yscale("symlog", linthresh=1e-3)
+        ticks = [
+            "\n".join(labels.get(n, n).rsplit(" ", 1))
+            + f"\n({len(alphas[n])})"
+            + ("\nNaN" if len(f) < len(alphas[n]) else "")
+            for n, f in zip(names, finite, strict=True)
+        ]
+        ax.set_xticks(range(1, len(names) + 1), ticks)
+        ax.set(
+            xlabel="parameter tensor (its number of elements)",
+            ylabel="learned step size alpha",
+            title=f"Meta-SGD's learned step sizes, K = {k}",
+        )
+        ax.legend(
+            handles=[
+                Patch(facecolor="white", edgecolor=COLORS["metasgd"], label="middle half"),
+                Line2D([], [], color=COLORS["metasgd"], label="whiskers: 1.5 IQR"),
+                Line2D([], [], color="black", label="median"),
+                Line2D([], [], color=COLORS["maml"], ls="--", label=f"MAML's fixed {MAML_ALPHA}"),
+            ],
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1),
+            title="a tensor's elements",
+        )
+        if not any(finite):
+            mark_no_data(ax, "Meta-SGD's step sizes are NaN: its training diverged")
     save_figure(fig, path, dpi=90)
 
 
@@ -373,11 +439,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_cost_arguments(parser, timing_rounds=20, calls=10)
     parser.add_argument(
-        "--quick", action="store_true", help="about a minute: 700 iterations, 300 eval tasks"
+        "--quick",
+        action="store_true",
+        help="700 iterations, 300 eval tasks: 160-320 s with one thread on 2 cores shared with "
+        "other jobs",
     )
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/sinusoid"), help="JSON and PNG folder"
-    )
+    add_output_arguments(parser, "sinusoid", torchrun=True)
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     args = parser.parse_args(argv)
     if args.quick:
@@ -387,6 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    claim_output(args, "sinusoid", ["sinusoid.json", "sinusoid.png"])
     torch.set_num_threads(args.threads)
     device = launch(device_of(args.device))
     seed_everything(args.seed)

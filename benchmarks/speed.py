@@ -34,7 +34,7 @@ runs again in a fresh subprocess, which resets its peak resident set size
 (VmHWM, via /proc/self/clear_refs) once model and data exist.
 
     python benchmarks/speed.py --quick                # a smoke run (not a measurement)
-    python benchmarks/speed.py --threads 1            # the full run on a CPU
+    python benchmarks/speed.py                        # the full run on a CPU, one thread
     python benchmarks/speed.py --device cuda          # the full run on a GPU
 """
 
@@ -44,6 +44,7 @@ import argparse
 import copy
 import functools
 import json
+import math
 import platform
 import random
 import statistics
@@ -56,7 +57,16 @@ from pathlib import Path
 import higher
 import torch
 import torchopt
-from _common import device_of, environment, format_table, save_figure, script_parser
+from _common import (
+    add_output_arguments,
+    claim_output,
+    device_of,
+    environment,
+    format_table,
+    mark_no_data,
+    save_figure,
+    script_parser,
+)
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
@@ -480,57 +490,107 @@ def targets(
     return out
 
 
+def describe(workload: str, sep: str = ", ") -> str:
+    """A workload in words, for titles: ``W2: conv4, 5-way 1-shot, 8 tasks, 1 inner step``."""
+    spec = WORKLOADS[workload]
+    if spec["arch"] == "mlp":
+        model = "sinusoid MLP 1-40-40-1"
+    else:
+        model = f"conv4, {spec['ways']}-way {spec['support'] // spec['ways']}-shot"
+    steps = f"{spec['steps']} inner step" + ("s" if spec["steps"] > 1 else "")
+    return f"{workload}: {model}{sep}{spec['tasks']} tasks, {steps}"
+
+
+# The colours of the meta-iteration bars, by who wrote the method.
+KINDS = {
+    "meta_loss (torch_metasgd, batched)": "tab:green",
+    "inner_loop (torch_metasgd, task by task)": "tab:blue",
+    "hand-written, higher, torchopt": "tab:gray",
+}
+
+
+def _number(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _kind(method: str) -> str:
+    names = list(KINDS)
+    return names[0] if method.startswith("meta_loss") else names[1 + (method != "inner_loop")]
+
+
 def plot(path: Path, med: dict[str, dict[str, float]], step: dict[str, float], clock: str) -> None:
+    """Bars from 0 on linear axes, each with its value: one panel per workload, one for step().
+
+    Linear, although the methods differ up to 50x: a bar's length is then its
+    time, and the printed value reads the short ones.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.patches import Patch
 
     plt.rcParams.update({"font.size": 9})
-    n = len(med)
+    panels = len(med) + 1
+    columns = min(panels, 3)
+    rows = -(-panels // columns)
     fig, axes = plt.subplots(
-        1,
-        n + 1,
-        figsize=(2.9 * n + 4.2, 3.6),
+        rows,
+        columns,
+        figsize=(4.8 * columns, 0.4 + 3.1 * rows),
+        squeeze=False,
         layout="constrained",
-        gridspec_kw={"width_ratios": [1] * n + [1.3]},
     )
-    for ax, (w, m) in zip(axes, med.items(), strict=False):
-        names = list(m)
-        colors = [
-            "tab:green"
-            if n.startswith("meta_loss")
-            else "tab:blue"
-            if n == "inner_loop"
-            else "tab:gray"
-            for n in names
-        ]
-        ms = [m[n] * 1e3 for n in names]
-        ax.barh(names, ms, color=colors)
-        ax.set_xscale("log")
-        # Bars start well below the fastest method, so their lengths compare.
-        ax.set_xlim(min(ms) / 4, max(ms) * 4)
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        for i, v in enumerate(ms):
-            ax.text(v * 1.08, i, f"{v:.0f}" if v >= 100 else f"{v:.3g}", va="center")
-        ax.set_xlabel(f"ms / meta-iteration ({clock}, log)")
-        ax.set_title(w)
+    cells = list(axes.flat)
+    for ax in cells[panels:]:
+        ax.axis("off")
+
+    def bars(ax, labels: list[str], values: list[float], colors: list[str], unit: str, ref):
+        finite = [v for v in values if math.isfinite(v)]
+        ax.barh(labels, [v if math.isfinite(v) else 0 for v in values], color=colors)
         ax.invert_yaxis()
-    ax = axes[-1]
-    labels = [name.replace("momentum=", "m=") for name in step]
-    us = [v * 1e6 for v in step.values()]
-    colors = ["tab:purple" if name.startswith("MetaSGD") else "tab:gray" for name in step]
-    ax.barh(labels, us, color=colors)
-    ax.set_xlim(0, max(us) * 1.25)
-    for i, v in enumerate(us):
-        ax.text(v + max(us) * 0.02, i, f"{v:.0f}", va="center")
-    ax.set_xlabel(f"us / step() ({clock}, median)")
-    ax.set_title("step() on 100 tensors")
-    ax.invert_yaxis()
-    save_figure(fig, path, dpi=110)
+        ax.set_xlim(0, max(finite, default=1.0) * 1.6)  # room for the values
+        for i, v in enumerate(values):
+            if not finite:
+                break
+            text = f"{_number(v)} {unit}" if math.isfinite(v) else "NaN: not measured"
+            if math.isfinite(v) and ref is not None and math.isfinite(ref) and v != ref:
+                text += f" ({v / ref:.2f}x)"
+            ax.text(v if math.isfinite(v) else 0, i, " " + text, va="center", fontsize=8)
+        if not finite:
+            mark_no_data(ax, "no finite time (NaN): every run failed")
+
+    for ax, (w, m) in zip(cells, med.items(), strict=False):
+        names = list(m)
+        bars(
+            ax,
+            names,
+            [m[n] * 1e3 for n in names],
+            [KINDS[_kind(n)] for n in names],
+            "ms",
+            m["meta_loss"] * 1e3 if "meta_loss" in m else None,
+        )
+        ax.set_xlabel(f"ms per meta-iteration ({clock} clock, median)\n(in brackets: x meta_loss)")
+        ax.set_title(describe(w, sep="\n"))
+    ax = cells[len(med)]
+    labels = [name.replace("momentum=", "momentum ") for name in step]
+    bars(
+        ax,
+        labels,
+        [v * 1e6 for v in step.values()],
+        ["tab:purple" if name.startswith("MetaSGD") else "tab:olive" for name in step],
+        "us",
+        None,
+    )
+    ax.set_xlabel(f"microseconds per step() ({clock} clock, median)")
+    ax.set_title("optimizer step()\n50-layer MLP, 100 tensors")
+    handles = [Patch(color=c, label=label) for label, c in KINDS.items()]
+    handles += [
+        Patch(color="tab:purple", label="MetaSGD.step()"),
+        Patch(color="tab:olive", label="torch.optim.SGD.step()"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    save_figure(fig, path, dpi=100)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -569,8 +629,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="torch.set_num_threads (default: torch's own choice); use 1 on a shared machine",
+        default=1,
+        help="torch CPU threads, as every benchmark; 0 for torch's own choice",
     )
     parser.add_argument(
         "--clock",
@@ -580,20 +640,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(steadier on a shared machine with --threads 1); the JSON holds both",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of models and tasks")
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/speed"), help="JSON and PNG folder"
-    )
+    add_output_arguments(parser, "speed")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
+    if args.threads:
         torch.set_num_threads(args.threads)
     if args._child:
         child_memory(*args._child, iters=3, seed=args.seed)
         return {}
+    claim_output(args, "speed", ["speed.json", "speed.png"])
 
     device = device_of(args.device)
     methods = args.methods or (METHODS if args.quick else METHODS + STRATEGY_METHODS)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.text
 import numpy as np
 import pytest
 import torch
@@ -20,9 +21,15 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import _common  # noqa: E402
+import ddp  # noqa: E402
+import omniglot  # noqa: E402
 import online  # noqa: E402
 import reptile_speed  # noqa: E402
 import sinusoid  # noqa: E402
+import speed  # noqa: E402
+
+SCRIPTS = {"sinusoid": sinusoid, "omniglot": omniglot, "online": online}
+SCRIPTS |= {"speed": speed, "reptile_speed": reptile_speed, "ddp": ddp}
 
 # --------------------------------------------------------------------------- statistics
 
@@ -76,6 +83,163 @@ def test_meta_train_passes_first_order_and_calls_after_step_after_each_outer_ste
     )
     assert seen == [("loss", True), ("after", 1, True), ("loss", True), ("after", 2, True)]
     assert [it for it, _ in log["curve"]] == [1, 2]
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_documents_the_output_folders_and_overwrite(script, capsys):
+    with pytest.raises(SystemExit):
+        SCRIPTS[script].parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"results/{script}; results/{script}_quick with --quick" in text
+    assert "--overwrite" in text and "before any work" in text
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_script_refuses_an_earlier_runs_folder_before_any_work(script, tmp_path, capsys):
+    earlier = tmp_path / f"{script}.json"
+    earlier.write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        # --quick: were the check missing, this would run a short benchmark, not a long one.
+        SCRIPTS[script].main(["--quick", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert f"{tmp_path} already holds {script}.json" in message and "--overwrite" in message
+    assert earlier.read_text() == "{}" and list(tmp_path.iterdir()) == [earlier]
+
+
+def test_every_script_with_a_thread_option_defaults_to_one_thread():
+    scripts = {name: m for name, m in SCRIPTS.items() if "threads" in vars(m.parse_args([]))}
+    assert set(scripts) == {"sinusoid", "omniglot", "speed", "reptile_speed"}
+    assert {name: m.parse_args([]).threads for name, m in scripts.items()} == dict.fromkeys(
+        scripts, 1
+    )
+
+
+def test_default_folders_differ_per_command_and_process_count(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def folder(module, argv, *claim):
+        return module.claim_output(module.parse_args(argv), *claim)
+
+    assert folder(sinusoid, [], "sinusoid", []) == Path("results/sinusoid")
+    assert folder(sinusoid, ["--quick"], "sinusoid", []) == Path("results/sinusoid_quick")
+    evaluation = ["--load", "c.pt", "--eval-only"]
+    assert folder(omniglot, evaluation, "omniglot", [], "eval") == Path("results/omniglot_eval")
+    assert folder(speed, ["--out", "mine"], "speed", []) == Path("mine")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert folder(sinusoid, ["--quick"], "sinusoid", []) == Path("results/sinusoid_quick_2proc")
+
+
+def test_overwrite_replaces_an_earlier_run(tmp_path, capsys):
+    for name in ("reptile_speed.json", "reptile_speed.png"):
+        (tmp_path / name).write_text("earlier")
+    argv = ["--quick", "--workloads", "R1", "--rounds", "1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        reptile_speed.main(argv)
+    assert "already holds reptile_speed.json and reptile_speed.png" in capsys.readouterr().err
+    reptile_speed.main([*argv, "--overwrite"])
+    assert "R1" in json.loads((tmp_path / "reptile_speed.json").read_text())["ms"]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def figure_texts(monkeypatch, module) -> list[str]:
+    """Every text ``module``'s next figure holds (titles, labels, legends, marks), once saved."""
+    texts: list[str] = []
+    save = module.save_figure
+
+    def spy(fig, path, **kwargs):
+        save(fig, path, **kwargs)  # drawn: the tick labels exist
+        texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+
+    monkeypatch.setattr(module, "save_figure", spy)
+    return texts
+
+
+def test_sinusoid_plot_marks_a_diverged_meta_sgd(tmp_path, monkeypatch):
+    args = sinusoid.parse_args(["--meta-batch", "2"])
+    learners = {(m, 5): sinusoid.learner(m, args, torch.device("cpu")) for m in ("maml", "metasgd")}
+    with torch.no_grad():
+        for p in learners[("metasgd", 5)].model.parameters():
+            p.fill_(math.nan)
+    sizes = sinusoid.step_sizes_by_layer(
+        learners[("metasgd", 5)].model, learners[("metasgd", 5)].opt
+    )
+    results = {
+        "train": {"maml": {"5": {"curve": [(1, 2.0), (2, 1.5)]}}},
+        "step_sizes": {"5": {name: [math.nan] * len(v) for name, v in sizes.items()}},
+    }
+    results["train"]["metasgd"] = {"5": {"curve": [(1, math.nan), (2, math.nan)]}}
+    texts = figure_texts(monkeypatch, sinusoid)
+    sinusoid.plot(results, learners, [5], args, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    assert "Meta-SGD after 1 inner step (NaN: diverged)" in texts
+    assert "NaN, diverged: Meta-SGD" in texts
+    assert "Meta-SGD's step sizes are NaN: its training diverged" in texts
+    assert "linear 1\nweight\n(40)\nNaN" in texts  # tensors named by layer, not "0.weight"
+
+
+def test_reptile_speed_plot_marks_nan_times_and_prints_values(tmp_path, monkeypatch):
+    results = {
+        "ms": {"R1": {"reptile_loss": 3.0, "hand": 30.0}, "R2": dict.fromkeys(["hand"], math.nan)},
+        "config": {"rounds": 5},
+        "environment": {"threads": 1},
+    }
+    texts = figure_texts(monkeypatch, reptile_speed)
+    reptile_speed.plot(results, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert " 3 ms (0.10x hand)" in texts and " 30 ms" in texts
+    assert "no finite time: every method's run failed (NaN)" in texts
+    assert any(t.startswith("R1: sinusoid MLP") for t in texts)
+
+
+def test_online_plot_marks_diverged_runs_and_draws_every_method(tmp_path, monkeypatch):
+    def fake(loss: float, alpha: float) -> dict:
+        curve = [(0, 2.0), (10, loss)]
+        return {
+            "train_loss": loss,
+            "test_loss": loss,
+            "test_acc": None,
+            "diverged": not math.isfinite(loss),
+            "curve": curve,
+            "test_curve": curve,
+            "step_sizes": [(0, [alpha, alpha]), (10, [alpha, alpha])],
+        }
+
+    lrs = [0.1, 1.0]
+    runs = {m: {str(lr): [fake(0.5, lr)] for lr in lrs} for m in online.METHODS if m != "adam"}
+    runs["adam"] = {"None": [fake(0.4, 1e-3)]}
+    runs["metasgd-hd-element"]["1.0"] = [fake(math.inf, math.nan)]
+    everything_diverged = {m: {k: [fake(math.nan, math.nan)] for k in v} for m, v in runs.items()}
+    texts = figure_texts(monkeypatch, online)
+    online.plot(
+        {"lstsq": runs, "digits": everything_diverged}, ["lstsq", "digits"], tmp_path / "o.png", lrs
+    )
+    assert (tmp_path / "o.png").stat().st_size > 1000
+    assert {online.NAMES[m] for m in online.METHODS} <= set(texts)  # every method of the table
+    assert "lstsq: test loss, seed 0" in texts and "diverged (drawn at the top)" in texts
+    assert "every run diverged: no finite test loss" in texts
+    assert "no finite step size (NaN): the runs diverged" in texts
+
+
+def test_ddp_plot_names_the_workloads_and_marks_nan_times(tmp_path, monkeypatch):
+    one = {"W1": {name: 0.01 for name in [*ddp.BASELINES, *ddp.WAYS]}}
+    two = {"W1": {name: 0.008 for name in ddp.WAYS}}
+    one["W2"] = {name: math.nan for name in [*ddp.BASELINES, *ddp.WAYS]}
+    two["W2"] = {name: math.nan for name in ddp.WAYS}
+    texts = figure_texts(monkeypatch, ddp)
+    ddp.plot({1: one, 2: two}, ["W1", "W2"], [1, 2], tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 1000
+    assert "W1: sinusoid MLP 1-40-40-1, 25 tasks, 1 inner step" in texts
+    assert "W2: conv4, 5-way 1-shot, 8 tasks, 1 inner step" in texts
+    assert "100" in texts and "125" in texts  # meta-iterations per second on the bars
+    assert "no finite time (NaN): every run failed" in texts
+    assert any(t.startswith("how the meta-gradient is computed") for t in texts)
 
 
 # --------------------------------------------------------------------------- sinusoid
@@ -256,6 +420,9 @@ def test_reptile_speed_methods_take_the_same_update_and_write_json_and_png(tmp_p
     assert results["disagreement"]["R1"] < 1e-12
     saved = json.loads((tmp_path / "reptile_speed.json").read_text())
     assert set(saved["ms"]["R1"]) == set(reptile_speed.METHODS)
+    # Memory not measured (--quick): "-", as in speed.py's table, not "nan".
+    memory = [row.split("|")[4].strip() for row in saved["table"].splitlines()[2:]]
+    assert memory == ["-"] * len(reptile_speed.METHODS)
     assert (tmp_path / "reptile_speed.png").stat().st_size > 1000
 
 
@@ -303,8 +470,11 @@ def test_online_digits_deep_has_the_hundred_small_tensors_of_the_cost_table():
 
 
 def test_online_timing_only_reports_ratios_to_torchs_foreach_and_fused_sgd(tmp_path):
+    # A full run's folder: --timing-only writes timing.json beside its online.json.
+    (tmp_path / "online.json").write_text("{}")
     args = ["--timing-only", "--problems", "lstsq", "--timing-rounds", "1", "--momentum", "0.9"]
     payload = online.main([*args, "--device", "cpu", "--out", str(tmp_path)])
+    assert (tmp_path / "online.json").read_text() == "{}"
     timing = payload["timing"]["lstsq"]
     assert list(timing)[:2] == ["SGD (foreach)", "SGD (fused)"]
     assert all(t["first_round_s"] > 0 for t in timing.values())

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
 import zlib
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -136,6 +138,55 @@ def test_download_refuses_sets_without_a_known_checksum(tmp_path, mirror):
     with pytest.raises(ValueError, match="Invalid set to download: 'images_evaluation'"):
         data.download(tmp_path / "data", [SMALL1, "images_evaluation"])
     assert not (tmp_path / "data").exists()  # raised before anything was written
+
+
+def test_download_without_network_raises_what_to_do_instead(tmp_path, monkeypatch):
+    def offline(url, dst, hash_prefix=None):
+        raise URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(data.DownloadError) as error:
+        data.download(tmp_path / "data", [SMALL1, SMALL2])
+    message = str(error.value)
+    assert f"{data.OFFICIAL_URL}/{SMALL1}.zip" in message and "Name or service" in message
+    assert f"{SMALL1}.zip and {SMALL2}.zip" in message and "brendenlake/omniglot" in message
+    assert f"--data (now {tmp_path / 'data'})" in message
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_download_failure_exits_with_one_message_not_a_traceback(tmp_path):
+    # Nothing listens on the discard port: the connection is refused at once, network or not.
+    env = {**os.environ, data.URL_VARIABLE: "http://127.0.0.1:9"}
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "omniglot.py"), "--download", "--quick"]
+        + ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.count("omniglot.py: error: could not download") == 1
+    assert "--data" in out.stderr and "brendenlake/omniglot" in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_download_failure_under_torchrun_is_reported_by_rank_0_alone(tmp_path):
+    env = {**os.environ, data.URL_VARIABLE: "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCHMARKS.parent), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr"]
+        + ["127.0.0.1", "--nproc-per-node", "2", str(BENCHMARKS / "omniglot.py"), "--download"]
+        + ["--quick", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    # torchrun's own summary of the failed processes follows; the script's message comes once.
+    assert out.stderr.count("omniglot.py: error: could not download") == 1
+    assert "URLError" not in out.stderr and "ConnectionRefused" not in out.stderr
 
 
 def test_main_downloads_then_trains_and_tests(tmp_path, mirror):
@@ -376,12 +427,11 @@ def test_checkpoint_loads_with_weights_only_and_evaluates_alike(tmp_path, method
     fake_set(tmp_path, SMALL1, {"Greek": 3})
     fake_set(tmp_path, SMALL2, {"Tagalog": 2})
     common = ["--data", str(tmp_path), "--cache", str(tmp_path / "c"), "--eval-episodes", "3"]
-    common += ["--out", str(tmp_path / "out")]
     ckpt = tmp_path / "ckpt.pt"
     trained = omniglot.main(
         [*common, "--ways", "5", "--shots", "1", "--methods", method, "--iterations", "2"]
         + ["--meta-batch", "1", "--val-every", "1", "--val-episodes", "2", "--save", str(ckpt)]
-        + ["--timing-rounds", "1", "--no-memory"]
+        + ["--timing-rounds", "1", "--no-memory", "--out", str(tmp_path / "out")]
     )
     blob = torch.load(ckpt, weights_only=True)
     assert set(blob) == {"model", "metasgd", "config"}
@@ -389,11 +439,12 @@ def test_checkpoint_loads_with_weights_only_and_evaluates_alike(tmp_path, method
     assert trained["runs"][0]["steps"] == (5 if method == "reptile" else 1)
     assert trained["runs"][0]["ms_per_iteration"] > 0
     assert blob["config"]["train_set"] == [SMALL1]
-    loaded = omniglot.main([*common, "--load", str(ckpt), "--eval-only"])
+    common += ["--load", str(ckpt), "--eval-only", "--out", str(tmp_path / "eval")]
+    loaded = omniglot.main(common)
     # Same (best) weights, step sizes and test episodes: the same accuracy.
     assert loaded["runs"][0]["accuracy"] == pytest.approx(trained["runs"][0]["accuracy"])
     assert loaded["split"] == trained["split"]
-    more = omniglot.main([*common, "--load", str(ckpt), "--eval-only", "--test-steps", "3"])
+    more = omniglot.main([*common, "--test-steps", "3", "--overwrite"])
     assert more["config"]["test_steps"] == 3
 
 
@@ -402,14 +453,16 @@ def test_cuda_run_trains_saves_and_reloads_on_the_device(tmp_path):
     fake_set(tmp_path, SMALL1, {"Greek": 3})
     fake_set(tmp_path, SMALL2, {"Tagalog": 2})
     common = ["--data", str(tmp_path), "--cache", str(tmp_path / "c"), "--eval-episodes", "3"]
-    common += ["--device", "cuda", "--out", str(tmp_path / "out")]
+    common += ["--device", "cuda"]
     ckpt = tmp_path / "ckpt.pt"
     trained = omniglot.main(
         [*common, "--ways", "5", "--shots", "1", "--methods", "metasgd", "--iterations", "2"]
         + ["--meta-batch", "2", "--augment", "--val-every", "1", "--val-episodes", "2"]
-        + ["--save", str(ckpt)]
+        + ["--save", str(ckpt), "--out", str(tmp_path / "out")]
     )
-    loaded = omniglot.main([*common, "--load", str(ckpt), "--eval-only"])
+    loaded = omniglot.main(
+        [*common, "--load", str(ckpt), "--eval-only", "--out", str(tmp_path / "e")]
+    )
     assert loaded["runs"][0]["accuracy"] == pytest.approx(trained["runs"][0]["accuracy"])
 
 
@@ -427,9 +480,42 @@ def test_help_shows_every_default():
 def test_missing_data_exits_with_the_instructions_not_a_traceback(tmp_path):
     script = str(BENCHMARKS / "omniglot.py")
     out = subprocess.run(
-        [sys.executable, script, "--data", str(tmp_path / "none"), "--quick"],
+        [sys.executable, script, "--data", str(tmp_path / "none"), "--quick"]
+        + ["--out", str(tmp_path / "out")],  # not the working folder's results/omniglot_quick
         capture_output=True,
         text=True,
     )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "--download" in out.stderr and "brendenlake/omniglot" in out.stderr
+
+
+def test_plot_explains_its_colours_and_marks_a_diverged_run(tmp_path, monkeypatch):
+    import matplotlib.text
+
+    model = omniglot.make_model(5)
+    opt = _common.inner_optimizer("metasgd", model, 0.4, seed=0)
+    nan_sizes = {
+        name: dict.fromkeys(("mean", "min", "max"), float("nan"))
+        for name in omniglot.step_size_summary(model, opt)
+    }
+    runs = [
+        {"method": "maml", "ways": 5, "shots": 1, "curve": [(10, 1.5), (20, 1.2)]}
+        | {"val_curve": [(10, 40.0, 2.0), (20, 45.0, 2.0)], "best_iteration": 20}
+        | {"best_val_accuracy": 45.0},
+        {"method": "metasgd", "ways": 5, "shots": 1, "curve": [(10, float("nan"))]}
+        | {"step_sizes": nan_sizes},
+    ]
+    texts: list[str] = []
+    save = omniglot.save_figure
+
+    def spy(fig, path, **kwargs):
+        save(fig, path, **kwargs)
+        texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+
+    monkeypatch.setattr(omniglot, "save_figure", spy)
+    omniglot.plot({"runs": runs}, tmp_path / "o.png")
+    assert (tmp_path / "o.png").stat().st_size > 1000
+    assert "Meta-SGD 5-way 1-shot (NaN: diverged)" in texts and "MAML 5-way 1-shot" in texts
+    assert "the checkpoint kept (best validation accuracy), tested" in texts
+    assert "Meta-SGD's step sizes are NaN: its training diverged" in texts
+    assert {"conv 1 weight", "batch norm 4 bias", "linear weight"} <= set(texts)

@@ -86,3 +86,16 @@ def test_benchmark_command_parses(command, monkeypatch):
         module.parse_args(words[script + 1 :])
     except SystemExit as exit:
         pytest.fail(f"{command!r}: the script's parser rejects it (exit {exit.code})")
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.name)
+def test_local_links_and_images_resolve_from_their_document(document):
+    # GitHub resolves a relative link from the folder of the file that holds it.
+    targets = [m[1].split("#")[0] for m in LINK.finditer(document.read_text())]
+    local = [t for t in targets if t and not re.match(r"[a-z]+:", t)]
+    assert local, f"{document.name} holds no local link: the pattern is stale"
+    missing = [t for t in local if not (document.parent / t).exists()]
+    assert not missing, f"{document.name}: links that resolve to nothing: {missing}"
