@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import math
 import multiprocessing
+import os
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from torch_metasgd import (
     MetaSGD,
     _workspace,
     adapt,
+    adapt_tasks,
     hypergradient,
     inner_loop,
     meta_loss,
@@ -54,6 +59,8 @@ try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - torch without torch.distributed or FSDP2
     fully_shard = None
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
     fully_shard is None or not (dist.is_available() and dist.is_gloo_available()),
@@ -665,13 +672,14 @@ def sharded_alone(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("call", ["meta_loss", "adapt", "inner_loop", "MetaLearner"])
+@pytest.mark.parametrize("call", ["meta_loss", "adapt", "adapt_tasks", "inner_loop", "MetaLearner"])
 def test_a_sharded_model_raises_naming_the_supported_ways(sharded_alone, call):
     model, opt = sharded_alone
     x, y = torch.randn(2, 5, 16, dtype=DTYPE), torch.randn(2, 5, 1, dtype=DTYPE)
     calls = {
         "meta_loss": lambda: meta_loss(model, opt, F.mse_loss, (x, y), (x, y)),
         "adapt": lambda: adapt(model, opt, F.mse_loss, x[0], y[0]),
+        "adapt_tasks": lambda: adapt_tasks(model, opt, F.mse_loss, (x, y)),
         "inner_loop": lambda: inner_loop(model, opt).__enter__(),
         "MetaLearner": lambda: MetaLearner(model, opt, F.mse_loss),
     }
@@ -683,3 +691,39 @@ def test_a_sharded_model_raises_naming_the_supported_ways(sharded_alone, call):
     assert "average_gradients" in message
     assert "hypergrad_lr" in message
     assert all(p.grad is None for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def test_sharded_benchmark_help_shows_every_default():
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sharded.py"), "--help"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0
+    for option in ("--quick", "--device", "--processes", "--repeats", "--layouts", "--out"):
+        assert option in run.stdout
+    assert run.stdout.count("(default:") >= 10
+
+
+@pytest.mark.slow
+def test_sharded_benchmark_layouts_agree_and_write_json_and_png(tmp_path):
+    args = ["--width", "32", "--depth", "2", "--steps", "2", "--warmup", "1", "--repeats", "1"]
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sharded.py"), *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    payload = json.loads((tmp_path / "sharded.json").read_text())
+    assert set(payload["summary"]) == {"fsdp2", "ddp"}
+    for layout in payload["summary"].values():
+        assert set(layout) == {"SGD", "MetaSGD", "MetaSGD online"}
+        assert all(cell["peak_mib"] > 0 and cell["step_s"] > 0 for cell in layout.values())
+    for difference in payload["agreement"].values():
+        assert max(difference.values()) < 1e-5
+    assert (tmp_path / "sharded.png").stat().st_size > 1000
