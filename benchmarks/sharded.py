@@ -31,7 +31,7 @@ steps of all repeats of the slower rank's time, and the larger rank's peak
 memory. Every run's final loss and weight norm is recorded: each optimizer
 must end where it ends in the other layout (``agreement`` in the JSON).
 
-    python benchmarks/sharded.py --quick     # about 1 min
+    python benchmarks/sharded.py --quick     # about 1.5 min
     python benchmarks/sharded.py --out results/sharded
 """
 
@@ -281,7 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="about 1 min here: width 256, 4 layers, 10 steps, 1 repeat",
+        help="about 1.5 min here: width 256, 4 layers, 10 steps, 1 repeat",
     )
     parser.add_argument(
         "--out",
