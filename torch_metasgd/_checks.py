@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._step_sizes import is_dtensor
 from ._validation import describe
 from .optimizer import MetaSGD
 
@@ -113,18 +114,32 @@ def scalar_loss(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 
 def require_bare_model(model: nn.Module, who: str) -> None:
-    """``TypeError`` if ``model`` is wrapped in (Distributed)DataParallel, naming the supported way.
+    """``TypeError`` if ``model`` is wrapped in (Distributed)DataParallel or sharded (FSDP2,
+    DTensor parameters), naming the supported ways.
 
-    Their forward replicates or synchronizes the module, which a differentiable
-    inner loop cannot run through: higher fails on the wrapper's class, and
-    ``torch.func.functional_call`` on storage-less tensors after one step.
+    Their forward replicates, synchronizes or all-gathers the module, which a
+    differentiable inner loop cannot run through: higher fails on the
+    wrapper's class, ``torch.func.functional_call`` on storage-less tensors
+    after one step, and FSDP2's forward all-gathers its own shards in place of
+    the adapted weights (its collectives are not differentiable twice).
     """
+    data_parallel = ". To meta-train data-parallel, wrap the learner instead: "
+    data_parallel += (
+        "DistributedDataParallel(torch_metasgd.MetaLearner(model, opt, loss_fn)) for "
+        "meta_loss, or call torch_metasgd.average_gradients(meta_parameters) after "
+        "backward() for inner_loop and higher"
+    )
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise TypeError(
             f"{who} got a model wrapped in {type(model).__name__}, which cannot run a "
-            "differentiable inner loop; pass the bare model (its .module). To meta-train "
-            "data-parallel, wrap the learner instead: "
-            "DistributedDataParallel(torch_metasgd.MetaLearner(model, opt, loss_fn)) for "
-            "meta_loss, or call torch_metasgd.average_gradients(meta_parameters) after "
-            "backward() for inner_loop and higher"
+            f"differentiable inner loop; pass the bare model (its .module){data_parallel}"
+        )
+    sharded = next((name for name, p in model.named_parameters() if is_dtensor(p)), None)
+    if sharded is not None:
+        raise TypeError(
+            f"{who} got a sharded model (parameter {sharded!r} is a DTensor, as "
+            "torch.distributed.fsdp.fully_shard or tensor parallelism make them), through "
+            "which torch.func and higher cannot differentiate an inner loop; meta-train an "
+            f"unsharded model{data_parallel}. A sharded model can learn its step sizes "
+            "online: MetaSGD(model.parameters(), ..., hypergrad_lr=0.1).step()"
         )

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _parametrizations
 from ._kernels import SGDOptions, effective_lr, group_lr, sgd_direction, sgd_options
+from ._step_sizes import DTensor, is_dtensor
 
 if TYPE_CHECKING:
     from ._groups import Batch
@@ -89,11 +90,16 @@ def metasgd_fused(
     lr = group_lr(group)
     if not isinstance(lr, Tensor):
         lr = torch.tensor(lr, dtype=torch.float64)
+    step_sizes = batch.step_sizes
+    buffers = momentum_buffers if momentum != 0 else []
+    sharded = any(is_dtensor(p) for p in params)
+    if sharded:
+        params, grads, buffers, step_sizes = _shards(params, grads, buffers, step_sizes)
     args = (
         params,
         grads,
-        momentum_buffers if momentum != 0 else [],
-        batch.step_sizes,
+        buffers,
+        step_sizes,
         lr,
         amp.grad_scale,
         amp.found_inf,
@@ -107,7 +113,43 @@ def metasgd_fused(
     if not keep_directions:
         return None
     # Without nesterov the direction is the momentum buffer itself.
-    return list(momentum_buffers) if momentum != 0 and not nesterov else kept
+    if momentum != 0 and not nesterov:
+        return list(momentum_buffers)
+    if sharded:
+        kept = [
+            DTensor.from_local(
+                d, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+            if is_dtensor(p)
+            else d
+            for d, p in zip(kept, batch.params, strict=True)
+        ]
+    return kept
+
+
+def _shards(params, grads, buffers, step_sizes) -> tuple[list[Tensor], ...]:
+    """This rank's shards of a group's DTensors (FSDP2's parameters), which the elementwise
+    step takes as they are.
+
+    The step is compiled on plain tensors: compiled on the DTensors, inductor's
+    cache keyed its kernels by their global shapes, and a rank whose shard has
+    other shapes (an uneven or empty one) ran the kernel compiled for rank 0's
+    and wrote past its tensors. Gradients and buffers laid out otherwise than
+    their parameter (a ``Partial`` gradient) are redistributed first; a step
+    size is sharded as its parameter or a replicated scalar.
+    """
+
+    def shard(t: Tensor, p: Tensor) -> Tensor:
+        if is_dtensor(t) and t.placements != p.placements:
+            t = t.redistribute(p.device_mesh, p.placements)
+        return t.to_local() if is_dtensor(t) else t
+
+    return (
+        [shard(p, p) for p in params],
+        [shard(g, p) for g, p in zip(grads, params, strict=True)],
+        [shard(b, p) for b, p in zip(buffers, params, strict=True)] if buffers else [],
+        [s.to_local() if is_dtensor(s) else s for s in step_sizes],
+    )
 
 
 _compiled_fused_step: Callable | None = None

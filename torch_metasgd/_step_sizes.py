@@ -10,9 +10,9 @@ from torch import Tensor, nn
 from ._parametrizations import parametrization
 
 try:  # torch >= 2.4; FSDP2's parameters are DTensors
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 except ImportError:  # pragma: no cover - older torch, or no torch.distributed
-    DTensor = Replicate = None
+    DTensor = Replicate = distribute_tensor = None
 
 __all__ = [
     "STATE_KEY",
@@ -21,6 +21,7 @@ __all__ = [
     "new_step_sizes",
     "follow_group",
     "is_dtensor",
+    "distributed_like",
 ]
 
 #: Where a parameter's step size sits in ``optimizer.state[p]`` (and so in the state dict).
@@ -48,6 +49,16 @@ def step_size_dtype(dtype: torch.dtype) -> torch.dtype:
 def is_dtensor(t: Tensor) -> bool:
     """Whether ``t`` is a ``DTensor`` (a parameter sharded by FSDP2, or any distributed tensor)."""
     return DTensor is not None and isinstance(t, DTensor)
+
+
+def distributed_like(full: Tensor, s: Tensor) -> Tensor:
+    """``full``, a whole tensor shaped as step size ``s``, laid out as ``s``: for a DTensor,
+    rank 0's ``full`` scattered (or broadcast) over ``s``'s mesh with ``s``'s placements, so
+    that every rank holds its shard of one tensor whatever each rank passed (a collective:
+    every rank of the mesh calls it)."""
+    if is_dtensor(s):
+        return distribute_tensor(full, s.device_mesh, s.placements)
+    return full
 
 
 def _scalar_like(p: Tensor, value: float) -> Tensor:

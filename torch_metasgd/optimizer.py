@@ -17,7 +17,7 @@ from torch.optim.optimizer import (
 from . import _checkpoint, _fused, _kernels, _workspace, hypergradient
 from ._groups import Batch, GroupView
 from ._parametrizations import parametrization
-from ._step_sizes import STATE_KEY, follow_group, is_dtensor, new_step_sizes
+from ._step_sizes import STATE_KEY, distributed_like, follow_group, is_dtensor, new_step_sizes
 from ._validation import describe, validate_gradients, validate_group, validate_params
 
 __all__ = ["MetaSGD", "for_each_subclass"]
@@ -345,6 +345,11 @@ class MetaSGD(Optimizer):
         Sets :math:`s = \phi^{-1}(u / \gamma)` with :math:`u \sim U[low, high]`,
         so ``effective_lr(p)`` lies in ``[low, high]`` (the paper draws
         :math:`\alpha` from [0.005, 0.1]). Returns the optimizer.
+
+        Step sizes of DTensor parameters (FSDP2) are drawn whole, as an
+        unsharded model's would be, and rank 0's draw is scattered over their
+        mesh: every rank of the mesh must call this, and the ranks agree
+        whatever their random state.
         """
         if not (math.isfinite(low) and math.isfinite(high)) or low > high:
             raise ValueError(f"Invalid step-size range: [{low}, {high}]")
@@ -361,7 +366,7 @@ class MetaSGD(Optimizer):
             for s in {id(s): s for s in self._view(group).step_sizes}.values():
                 u = torch.rand(s.shape, generator=generator, dtype=s.dtype, device="cpu")
                 u = (low + (high - low) * u).to(s.device)
-                s.copy_(phi.inverse(u / group["lr"]))
+                s.copy_(distributed_like(phi.inverse(u / group["lr"]), s))
         return self
 
     def _gather(self, group: dict[str, Any]) -> Batch | None:
