@@ -981,11 +981,11 @@ def test_the_workspace_and_the_rule_run_tensor_by_tensor_learn_the_same_step_siz
     """Two implementations of one rule: the workspace's (all tensors in a few kernels) and
     the one tensor by tensor that every other case (half precision, DTensor, a parameter
     without a gradient) takes."""
-    from torch_metasgd import _workspace
+    from torch_metasgd import _engine
 
     def train(per_tensor: bool):
         if per_tensor:
-            monkeypatch.setattr(_workspace, "step_", lambda *args: False)
+            monkeypatch.setattr(_engine, "step_", lambda *args: False)
         else:
             monkeypatch.undo()
         model, opt = _train(

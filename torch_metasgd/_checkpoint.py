@@ -12,7 +12,7 @@ rewrite every entry) checks the dict and sets those entries aside, and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from itertools import chain
 from typing import Any
@@ -24,10 +24,34 @@ from torch.optim import Optimizer
 from ._step_sizes import STATE_KEY
 from ._validation import validate_state_dict
 
-__all__ = ["setting_aside", "restore"]
+__all__ = ["lending_step_sizes", "setting_aside", "restore"]
 
 #: State that keeps its own dtype through a load, not its parameter's.
 _OWN_DTYPE = (STATE_KEY, "hypergrad_scale")
+
+
+@contextmanager
+def lending_step_sizes(
+    state: dict[Tensor, dict[str, Any]], step_sizes: Iterable[tuple[Tensor, Tensor]]
+) -> Iterator[None]:
+    """While torch's ``state_dict()`` packs the state (and its hooks run), every parameter of
+    ``step_sizes`` (``(parameter, step size)`` pairs) has its step size in its state entry,
+    also one that has no state yet: in new entries, so that the live ones are as they were
+    after the block (torch's state dict holds the entries themselves)."""
+    lent = {}
+    for p, s in step_sizes:
+        entry = state.get(p)
+        if entry is None or STATE_KEY not in entry:
+            lent[p] = entry
+            state[p] = {**(entry or {}), STATE_KEY: s}
+    try:
+        yield
+    finally:
+        for p, entry in lent.items():
+            if entry is None:
+                del state[p]
+            else:
+                state[p] = entry
 
 
 @contextmanager

@@ -1,14 +1,19 @@
-"""What a step of one param group works on, derived from the group and the optimizer's state.
+"""Where each parameter's step size is found, and each param group's view of them.
 
-``step()`` must not hash every parameter into ``optimizer.state`` to find its
-step size (on 100 small tensors that costs a sixth of SGD's whole step), so
-each group's step sizes are looked up once and kept in a :class:`GroupView`
-beside it. The view is a cache and nothing more: everything in it can be
-derived again from the group, the optimizer's state and its store of step
-sizes, and it is derived again whenever it might differ. That is checked at
-every use, by identity only: the group dict, the list of its parameters (one
-by one), the state container, and the first parameter's device and dtype (a
-model is moved or cast as a whole).
+A parameter's step size is made with its group, before the parameter has
+any state (state is made lazily, at the first step, as in torch's
+optimizers), so :class:`StepSizes` keeps it by parameter; once the parameter
+has state, ``state[p]["step_size"]`` holds the live one, which wins (a user,
+or a load, may have put another tensor there).
+
+``step()`` must not hash every parameter into that store to find its step
+size (on 100 small tensors that costs a sixth of SGD's whole step), so each
+group's step sizes are looked up once and kept in a :class:`GroupView`. The
+view is a cache and nothing more: everything in it is derived from the
+group, the state and the store, and derived again whenever it might differ.
+That is checked at every use, by identity only: the group dict, its list of
+parameters one by one, the state container, and the first parameter's
+device and dtype (a model is moved or cast as a whole).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-__all__ = ["GroupView", "Batch"]
+from ._step_sizes import STATE_KEY, follow_group, new_step_sizes
+
+__all__ = ["StepSizes", "GroupView", "Batch"]
 
 
 class GroupView:
@@ -35,8 +42,8 @@ class GroupView:
         self.device = None if first is None else first.device
         self.dtype = None if first is None else first.dtype
         #: Every parameter has a state entry holding its step size (then a step adds none).
-        self.has_state = all(p in state and "step_size" in state[p] for p in self.params)
-        #: The online step's workspace (:mod:`torch_metasgd._workspace`), made at its first use.
+        self.has_state = all(p in state and STATE_KEY in state[p] for p in self.params)
+        #: The online step's engine (:mod:`torch_metasgd._engine`), made at its first use.
         self.engine: Any = None
 
     def fits(self, group: dict[str, Any], state: dict) -> bool:
@@ -49,6 +56,62 @@ class GroupView:
             and all(map(operator.is_, params, self.params))
             and (not params or (params[0].dtype is self.dtype and params[0].device == self.device))
         )
+
+
+class StepSizes:
+    """Every parameter's step size, by the parameter, and a :class:`GroupView` per group."""
+
+    def __init__(self) -> None:
+        self.by_param: dict[Tensor, Tensor] = {}
+        self._views: dict[int, GroupView] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"by_param": self.by_param}  # the views are derived again
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.by_param = state["by_param"]
+        self._views = {}
+
+    def forget_views(self) -> None:
+        """Drop every view (a load replaced the state and the groups)."""
+        self._views = {}
+
+    def held(self, p: Tensor, state: dict) -> Tensor | None:
+        """``p``'s live step size: its state's, else the one made with its group."""
+        entry = state.get(p)
+        s = entry.get(STATE_KEY) if entry else None
+        return self.by_param.get(p) if s is None else s
+
+    def view(self, group: dict[str, Any], state: dict) -> GroupView:
+        """The group's view, derived again if it might have changed."""
+        view = self._views.get(id(group))
+        if view is None or not view.fits(group, state):
+            view = self._views[id(group)] = self._derive(group, state)
+        return view
+
+    def _derive(self, group: dict[str, Any], state: dict) -> GroupView:
+        params = group["params"]
+        step_sizes = [self.held(p, state) for p in params]
+        if group["granularity"] == "group" and params:
+            shared = next((s for s in step_sizes if s is not None), None)
+            shared = shared if shared is not None else new_step_sizes(params[:1], group)[0]
+            step_sizes = [shared] * len(params)
+        elif any(s is None for s in step_sizes):
+            # Parameters put into param_groups directly, not by add_param_group.
+            missing = [p for p, s in zip(params, step_sizes, strict=True) if s is None]
+            fresh = iter(new_step_sizes(missing, group))
+            step_sizes = [next(fresh) if s is None else s for s in step_sizes]
+        for i, (p, s) in enumerate(zip(params, step_sizes, strict=True)):
+            shape = tuple(p.shape) if group["granularity"] == "element" else ()
+            if tuple(s.shape) != shape:
+                raise ValueError(
+                    f"Invalid step size of parameter {i}: shape {tuple(s.shape)}, where "
+                    f"granularity={group['granularity']!r} needs {shape} (the granularity of a "
+                    "group is fixed when its step sizes are made)"
+                )
+        follow_group(params, step_sizes, state, group["granularity"])
+        self.by_param.update(zip(params, step_sizes, strict=True))
+        return GroupView(group, step_sizes, state)
 
 
 class Batch(NamedTuple):

@@ -22,6 +22,8 @@ __all__ = [
     "follow_group",
     "is_dtensor",
     "distributed_like",
+    "draw_uniform_",
+    "summary",
 ]
 
 #: Where a parameter's step size sits in ``optimizer.state[p]`` (and so in the state dict).
@@ -131,3 +133,34 @@ def follow_group(
                 like = p if key in PARAM_LIKE_STATE else s
                 if (value.device, value.dtype) != (like.device, like.dtype):
                     entry[key] = value.to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def draw_uniform_(
+    group: dict[str, Any],
+    step_sizes: list[Tensor],
+    low: float,
+    high: float,
+    generator: torch.Generator | None,
+) -> None:
+    r"""Set each step size of ``group`` (listed once each) to :math:`\phi^{-1}(u / \gamma)`,
+    :math:`u \sim U[low, high]` drawn on the CPU (with ``generator``), whole for a DTensor."""
+    phi = parametrization(group["parametrization"])
+    for s in step_sizes:
+        u = torch.rand(s.shape, generator=generator, dtype=s.dtype, device="cpu")
+        u = (low + (high - low) * u).to(s.device)
+        s.copy_(distributed_like(phi.inverse(u / group["lr"]), s))
+
+
+@torch.no_grad()
+def summary(alphas: list[Tensor]) -> dict[str, float]:
+    """The ``"min"``, ``"median"``, ``"mean"`` and ``"max"`` of the values of ``alphas`` (read
+    back to the host; a DTensor's are gathered, so every rank must call this alike)."""
+    alphas = [a.full_tensor() if is_dtensor(a) else a for a in alphas]
+    values = torch.cat([a.detach().float().reshape(-1).cpu() for a in alphas])
+    return dict(
+        min=values.min().item(),
+        median=values.median().item(),
+        mean=values.mean().item(),
+        max=values.max().item(),
+    )

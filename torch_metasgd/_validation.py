@@ -20,6 +20,7 @@ __all__ = [
     "validate_params",
     "validate_state_dict",
     "validate_gradients",
+    "validate_uniform_range",
     "describe",
 ]
 
@@ -180,6 +181,21 @@ def validate_gradients(
             f"MetaSGD does not support sparse gradients with {option}={group[option]} "
             "(torch.optim.SGD does not either with weight decay)"
         )
+
+
+def validate_uniform_range(param_groups: list[dict[str, Any]], low: float, high: float) -> None:
+    """A ``ValueError`` for a range ``uniform_step_sizes_`` cannot draw the groups' step sizes
+    from."""
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        raise ValueError(f"Invalid step-size range: [{low}, {high}]")
+    for group in param_groups:
+        if group["lr"] <= 0:
+            raise ValueError(f"Invalid learning rate for uniform_step_sizes_: {group['lr']}")
+        if parametrization(group["parametrization"]).positive and low <= 0:
+            raise ValueError(
+                f"Invalid step-size range for {group['parametrization']!r}: "
+                f"[{low}, {high}] (step sizes are positive)"
+            )
 
 
 def describe(t: Tensor) -> str:

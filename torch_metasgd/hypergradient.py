@@ -88,30 +88,25 @@ before the update advances it), else ``"hypergrad_direction"``;
 ``"hypergrad_scale"`` is :math:`v` (0-dim, in the step sizes' dtype; 0 before
 any history; one tensor shared by the group's parameters for ``"group"``).
 
-This module is the rule, run tensor by tensor by :func:`step_` (any tensors:
-half precision, complex, DTensor, a ``GradScaler``'s scaled gradients, a group
-where some parameters have no gradient). :mod:`torch_metasgd._workspace` runs
-the same rule, and the whole step, in a few kernels for all tensors of a group
-of float32 or float64 tensors on one device each, where it can.
+This module is the rule: its constants, its options (:class:`Rule`) and its
+formulas. Two engines run it: :mod:`torch_metasgd._engine`, the whole step of
+a group of float32/float64 tensors in a few kernels for all of them, where it
+can; and :mod:`torch_metasgd._tensorwise`, tensor by tensor, for everything
+else (half precision, complex, DTensor, a ``GradScaler``'s scaled gradients, a
+group where some parameters have no gradient). The tests hold the two to the
+same step sizes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ._kernels import effective_lr, group_lr
 from ._parametrizations import Parametrization, parametrization
-from ._step_sizes import is_dtensor
-
-if TYPE_CHECKING:
-    from ._fused import AmpFlags
-    from ._groups import Batch
 
 __all__ = [
     "SCALE_DECAY",
@@ -123,8 +118,8 @@ __all__ = [
     "Rule",
     "direction_key",
     "tensor_changes",
-    "creates_state",
-    "step_",
+    "element_logs_",
+    "new_scale",
 ]
 
 SCALE_DECAY = 0.99
@@ -136,7 +131,6 @@ FLOOR = 1e-3
 
 LOG_FLOOR = math.log(FLOOR)
 SCALE_KEY = "hypergrad_scale"
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class Rule(NamedTuple):
@@ -227,198 +221,21 @@ def tensor_changes(
     return torch.where(finite, beta * (h + DRIFT), 0.0), finite.to(v.dtype)
 
 
-def creates_state(batch: Batch, state: dict[Tensor, dict[str, Any]]) -> bool:
-    """Whether the online step of ``batch`` makes a parameter's first direction."""
-    key = direction_key(batch.group)
-    return any(key not in state.get(p, ()) for p in batch.params)
-
-
-def step_(
-    batch: Batch,
-    state: dict[Tensor, dict[str, Any]],
-    amp: AmpFlags,
-    update: Callable[..., list[Tensor] | None],
-) -> None:
-    """The whole online step of ``batch``: the rule moves the step sizes, then ``update``
-    (``update(batch, amp, keep_directions)``) takes the group's ordinary step, and the new
-    directions are kept. Under ``torch.no_grad()``.
-
-    The rule runs first: the last direction may be the momentum buffer, which
-    the update advances in place.
-    """
-    group = batch.group
-    key = direction_key(group)
-    entries = [state[p] for p in batch.params]
-    last = [entry.get(key) for entry in entries]
-    scales = _scales(batch, entries, state)
-    rule = Rule.of(group)
-    if not rule.learns_nothing:
-        _learn_(batch, last, scales, rule, amp)
-    directions = update(batch, amp, keep_directions=key == "hypergrad_direction")
-    if key != "hypergrad_direction":
-        return
-    for entry, old, new in zip(entries, last, directions, strict=True):
-        if old is not None and amp.found_inf is not None:
-            new = torch.where(amp.found_inf.to(new.device) != 0, old, new)
-        entry[key] = new
-
-
-def _scales(batch: Batch, entries: list[dict[str, Any]], state) -> list[Tensor]:
-    """Each parameter's running magnitude :math:`v` (made at its first step); for
-    ``"group"``, the group's one tensor, in the state of every parameter that has one."""
-    if batch.group["granularity"] != "group":
-        return [
-            entry.setdefault(SCALE_KEY, new_scale(s))
-            for entry, s in zip(entries, batch.step_sizes, strict=True)
-        ]
-    params = batch.view.params
-    scale = next((state[p][SCALE_KEY] for p in params if SCALE_KEY in state.get(p, ())), None)
-    scale = new_scale(batch.step_sizes[0]) if scale is None else scale
-    for p in params:
-        if p in state:
-            state[p][SCALE_KEY] = scale
-    for entry in entries:
-        entry[SCALE_KEY] = scale
-    return [scale]
+def element_logs_(
+    logs: Tensor, change: Tensor, rate: Tensor, products: Tensor, floor: Tensor | float
+) -> Tensor:
+    r""":math:`\ell_i = \max\big(\log\alpha_i + \beta(h + \delta) + \beta\rho\,
+    \operatorname{sign}(g_{t,i} d_{t-1,i}),\; \log(\epsilon\gamma)\big)`, in place on ``logs``
+    (:math:`\log\alpha`): ``change`` is :math:`\beta(h + \delta)`, ``rate`` :math:`\beta\rho`
+    (both 0 on a skipped tensor), ``products`` :math:`g_t \odot d_{t-1}` (overwritten by its
+    sign; the sign of NaN is 0), ``floor`` the log floor; all broadcastable to ``logs``."""
+    logs.add_(change).addcmul_(products.sign_(), rate)
+    if isinstance(floor, float):
+        return logs.clamp_min_(floor)
+    return torch.maximum(logs, floor, out=logs)
 
 
 def new_scale(s: Tensor) -> Tensor:
     """A running magnitude with no history (0), in the dtype of step size ``s``, on its device
     (a plain tensor: every rank holds the same value)."""
     return torch.zeros((), dtype=s.dtype, device=s.device)
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if is_dtensor(t) else t
-
-
-def _real_pairs(t: Tensor) -> Tensor:
-    """A tensor in the rule's precision: float32 for half, a complex one as real pairs."""
-    t = _local(t)
-    if t.is_complex():
-        return torch.view_as_real(t)
-    return t.float() if t.dtype in _HALF else t
-
-
-def _learn_(
-    batch: Batch, last: list[Tensor | None], scales: list[Tensor], rule: Rule, amp: AmpFlags
-) -> None:
-    """The rule: moves the step sizes of the parameters with a last direction, in place."""
-    group = batch.group
-    have = [i for i, d in enumerate(last) if d is not None]
-    if not have:
-        return
-    params = [batch.params[i] for i in have]
-    grads = [batch.grads[i] for i in have]
-    directions = [last[i] for i in have]
-    step_sizes = [batch.step_sizes[i] for i in have]
-    if amp.grad_scale is not None:
-        grads = [g / amp.grad_scale.to(g.device) for g in grads]
-    if group["maximize"]:
-        grads = [-g for g in grads]
-    if group["weight_decay"] != 0:
-        grads = [g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, params, strict=True)]
-    g, d = [_real_pairs(t) for t in grads], [_real_pairs(t) for t in directions]
-    dtype = scales[0].dtype
-    device = scales[0].device
-    sums = torch.stack(
-        [
-            torch.stack([(gi * di).sum(), gi.square().sum(), di.square().sum()]).to(device, dtype)
-            for gi, di in zip(g, d, strict=True)
-        ]
-    )
-    sums = _over_ranks(sums, params)
-    allowed = None if amp.found_inf is None else amp.found_inf.to(device) == 0
-    if group["granularity"] == "group":
-        total = sums.sum(0, keepdim=True)
-        changes, _ = tensor_changes(
-            total[:, 0],
-            total[:, 1].sqrt(),
-            total[:, 2].sqrt(),
-            scales[0].view(1),
-            rule.beta,
-            allowed,
-        )
-        _move_scalars_(step_sizes[:1], changes, rule)
-        return
-    v = torch.stack([scales[i].to(device) for i in have])
-    changes, finite = tensor_changes(
-        sums[:, 0], sums[:, 1].sqrt(), sums[:, 2].sqrt(), v, rule.beta, allowed
-    )
-    for i, value in zip(have, v.unbind(), strict=True):
-        scales[i].copy_(value)
-    if group["granularity"] == "tensor":
-        _move_scalars_(step_sizes, changes, rule)
-        return
-    _move_elements_(params, g, d, step_sizes, changes, finite, rule)
-
-
-def _move_scalars_(step_sizes: list[Tensor], changes: Tensor, rule: Rule) -> None:
-    """The update of 0-dim step sizes, one change each (0 where the hypergradient was skipped)."""
-    local = [_local(s) for s in step_sizes]
-    s = torch.stack([x.to(changes.device) for x in local])
-    old = rule.log_ratios(s)
-    logs = (old + changes.to(s.dtype)).clamp_min(LOG_FLOOR)
-    _store_([s], [old], [logs], rule)
-    for x, value in zip(local, s.unbind(), strict=True):
-        x.copy_(value)
-
-
-def _move_elements_(params, g, d, step_sizes, changes, finite, rule: Rule) -> None:
-    """The update of element step sizes: the tensor's change, each element's sign, the floor,
-    then the cap above the tensor's geometric mean."""
-    local = [_local(s) for s in step_sizes]
-    olds, logs = [], []
-    for s, gi, di, change, ok in zip(local, g, d, changes, finite, strict=True):
-        products = gi * di
-        if products.dim() > s.dim():  # complex: Re(conj(g) d) per element
-            products = products.sum(-1)
-        old = rule.log_ratios(s)
-        rate = (ok * (rule.beta * ELEMENT_RATE)).to(old.device)
-        new = (old + change.to(old.device)).addcmul_(products.sign().to(old.dtype), rate)
-        olds.append(old)
-        logs.append(new.clamp_min_(LOG_FLOOR))
-    sums = torch.stack([x.sum().to(changes.device) for x in logs])
-    counts = torch.tensor([max(p.numel(), 1) for p in params], dtype=sums.dtype, device=sums.device)
-    caps = _over_ranks(sums[:, None], params)[:, 0] / counts + ELEMENT_SPREAD
-    logs = [torch.minimum(x, cap.to(x.device)) for x, cap in zip(logs, caps, strict=True)]
-    _store_(local, olds, logs, rule, finite)
-
-
-def _store_(step_sizes, olds, logs, rule: Rule, finite: Tensor | None = None) -> None:
-    """Write :math:`\\phi^{-1}(\\alpha/\\gamma)` of ``logs`` into ``step_sizes``, only where
-    ``logs`` moved from ``olds``, the result is finite, and (per tensor) ``finite``: a
-    skipped tensor stays exactly as it was, not a round trip through :math:`\\phi` away."""
-    for i, (s, old, new_logs) in enumerate(zip(step_sizes, olds, logs, strict=True)):
-        new = rule.step_sizes(new_logs)
-        keep = torch.isfinite(new) & (new_logs != old)
-        if finite is not None:
-            keep &= finite[i].to(keep.device) > 0
-        s.copy_(torch.where(keep, new, s))
-
-
-def _over_ranks(sums: Tensor, tensors: list[Tensor]) -> Tensor:
-    """Per-tensor sums (rows) of local shards, summed over the ranks that share each
-    DTensor's shards, so that every rank holds the sums of whole tensors."""
-    meshes: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
-    for i, t in enumerate(tensors):
-        if not is_dtensor(t):
-            continue
-        if any(placement.is_partial() for placement in t.placements):
-            raise ValueError(
-                f"Invalid parameter for hypergrad_lr: a DTensor with placements {t.placements} "
-                "(a sharded or replicated one, as FSDP2's, is needed)"
-            )
-        dims = tuple(dim for dim, placement in enumerate(t.placements) if placement.is_shard())
-        if dims:
-            meshes.setdefault((t.device_mesh, dims), []).append(i)
-    if not meshes:
-        return sums
-    sums = sums.clone()
-    for (mesh, dims), rows in meshes.items():
-        index = torch.tensor(rows, device=sums.device)
-        part = sums.index_select(0, index)
-        for dim in dims:
-            dist.all_reduce(part, group=mesh.get_group(dim))
-        sums.index_copy_(0, index, part)
-    return sums
