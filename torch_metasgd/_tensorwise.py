@@ -19,18 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import hypergradient
 from ._step_sizes import is_dtensor
-from .hypergradient import (
-    ELEMENT_RATE,
-    ELEMENT_SPREAD,
-    LOG_FLOOR,
-    SCALE_KEY,
-    Rule,
-    direction_key,
-    element_logs_,
-    new_scale,
-    tensor_changes,
-)
+from .hypergradient import Rule
 
 if TYPE_CHECKING:
     from ._fused import AmpFlags
@@ -43,7 +34,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def creates_state(batch: Batch, state: dict[Tensor, dict[str, Any]]) -> bool:
     """Whether the online step of ``batch`` makes a parameter's first direction."""
-    key = direction_key(batch.group)
+    key = hypergradient.direction_key(batch.group)
     return any(key not in state.get(p, ()) for p in batch.params)
 
 
@@ -61,7 +52,7 @@ def step_(
     the update advances in place.
     """
     group = batch.group
-    key = direction_key(group)
+    key = hypergradient.direction_key(group)
     entries = [state[p] for p in batch.params]
     last = [entry.get(key) for entry in entries]
     scales = _scales(batch, entries, state)
@@ -80,19 +71,20 @@ def step_(
 def _scales(batch: Batch, entries: list[dict[str, Any]], state) -> list[Tensor]:
     """Each parameter's running magnitude :math:`v` (made at its first step); for
     ``"group"``, the group's one tensor, in the state of every parameter that has one."""
+    key = hypergradient.SCALE_KEY
     if batch.group["granularity"] != "group":
         return [
-            entry.setdefault(SCALE_KEY, new_scale(s))
+            entry.setdefault(key, hypergradient.new_scale(s))
             for entry, s in zip(entries, batch.step_sizes, strict=True)
         ]
     params = batch.view.params
-    scale = next((state[p][SCALE_KEY] for p in params if SCALE_KEY in state.get(p, ())), None)
-    scale = new_scale(batch.step_sizes[0]) if scale is None else scale
+    scale = next((state[p][key] for p in params if key in state.get(p, ())), None)
+    scale = hypergradient.new_scale(batch.step_sizes[0]) if scale is None else scale
     for p in params:
         if p in state:
-            state[p][SCALE_KEY] = scale
+            state[p][key] = scale
     for entry in entries:
-        entry[SCALE_KEY] = scale
+        entry[key] = scale
     return [scale]
 
 
@@ -139,7 +131,7 @@ def _learn_(
     allowed = None if amp.found_inf is None else amp.found_inf.to(device) == 0
     if group["granularity"] == "group":
         total = sums.sum(0, keepdim=True)
-        changes, _ = tensor_changes(
+        changes, _ = hypergradient.tensor_changes(
             total[:, 0],
             total[:, 1].sqrt(),
             total[:, 2].sqrt(),
@@ -150,7 +142,7 @@ def _learn_(
         _move_scalars_(step_sizes[:1], changes, rule)
         return
     v = torch.stack([scales[i].to(device) for i in have])
-    changes, finite = tensor_changes(
+    changes, finite = hypergradient.tensor_changes(
         sums[:, 0], sums[:, 1].sqrt(), sums[:, 2].sqrt(), v, rule.beta, allowed
     )
     for i, value in zip(have, v.unbind(), strict=True):
@@ -166,7 +158,7 @@ def _move_scalars_(step_sizes: list[Tensor], changes: Tensor, rule: Rule) -> Non
     local = [_local(s) for s in step_sizes]
     s = torch.stack([x.to(changes.device) for x in local])
     old = rule.log_ratios(s)
-    logs = (old + changes.to(s.dtype)).clamp_min(LOG_FLOOR)
+    logs = (old + changes.to(s.dtype)).clamp_min(hypergradient.LOG_FLOOR)
     _store_([s], [old], [logs], rule)
     for x, value in zip(local, s.unbind(), strict=True):
         x.copy_(value)
@@ -182,13 +174,17 @@ def _move_elements_(params, g, d, step_sizes, changes, finite, rule: Rule) -> No
         if products.dim() > s.dim():  # complex: Re(conj(g) d) per element
             products = products.sum(-1)
         old = rule.log_ratios(s)
-        rate = (ok * (rule.beta * ELEMENT_RATE)).to(old.device)
+        rate = (ok * (rule.beta * hypergradient.ELEMENT_RATE)).to(old.device)
         products = products.to(old.dtype)
         olds.append(old)
-        logs.append(element_logs_(old.clone(), change.to(old.device), rate, products, LOG_FLOOR))
+        logs.append(
+            hypergradient.element_logs_(
+                old.clone(), change.to(old.device), rate, products, hypergradient.LOG_FLOOR
+            )
+        )
     sums = torch.stack([x.sum().to(changes.device) for x in logs])
     counts = torch.tensor([max(p.numel(), 1) for p in params], dtype=sums.dtype, device=sums.device)
-    caps = _over_ranks(sums[:, None], params)[:, 0] / counts + ELEMENT_SPREAD
+    caps = _over_ranks(sums[:, None], params)[:, 0] / counts + hypergradient.ELEMENT_SPREAD
     logs = [torch.minimum(x, cap.to(x.device)) for x, cap in zip(logs, caps, strict=True)]
     _store_(local, olds, logs, rule, finite)
 

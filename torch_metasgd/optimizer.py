@@ -16,6 +16,7 @@ the optimizer was built, as the same tensors.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,20 +30,6 @@ from ._step_sizes import draw_uniform_, new_step_sizes, summary
 from ._validation import describe, validate_group, validate_params, validate_uniform_range
 
 __all__ = ["MetaSGD", "for_each_subclass"]
-
-#: What a group's options default to in a checkpoint or a pickle that predates them.
-_LATER_OPTIONS = dict(
-    nesterov=False,
-    maximize=False,
-    foreach=None,
-    differentiable=False,
-    fused=None,
-    granularity="element",
-    parametrization="identity",
-    lr_min=None,
-    lr_max=None,
-    hypergrad_lr=0.0,
-)
 
 
 class MetaSGD(Optimizer):
@@ -168,9 +155,12 @@ class MetaSGD(Optimizer):
         if not isinstance(self.__dict__.get("_step_sizes"), StepSizes):
             self._step_sizes = StepSizes()  # an older MetaSGD's pickle: its state holds them
         self._step_sizes.forget_views()
+        # Options newer than a checkpoint or a pickle take their defaults.
+        later = inspect.signature(MetaSGD.__init__).parameters.values()
         for group in self.param_groups:
-            for key, value in _LATER_OPTIONS.items():
-                group.setdefault(key, value)
+            for option in later:
+                if option.kind is option.KEYWORD_ONLY:
+                    group.setdefault(option.name, option.default)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (what ``torch.optim.Optimizer`` takes), with fresh step sizes.
