@@ -256,13 +256,22 @@ def _element_step_(part: _Part, slot: str, rule: Rule) -> None:
     torch.minimum(logs, workspace.per_row(caps)[:, None], out=logs)
     if rule.in_log_space:
         return
-    kept = workspace.per_row(finite)[:, None] > 0
     if base2:
-        # exp2(log2(s)) is s to an ulp: a skipped tensor keeps its own values.
-        torch.where(kept, logs.exp2_(), steps, out=steps)
+        if _skips_any(finite):
+            # exp2(log2(s)) is s to an ulp: a skipped tensor keeps its own values.
+            kept = workspace.per_row(finite)[:, None] > 0
+            torch.where(kept, logs.exp2_(), steps, out=steps)
+        else:
+            torch.exp2(logs, out=steps)
         return
     _store_(part.step_sizes, workspace.views("logs"), rule, finite)
     workspace.load("steps", part.step_sizes)
+
+
+def _skips_any(finite: Tensor) -> bool:
+    """Whether a tensor may have been skipped (``finite`` 0): read back on a CPU, where there
+    is no device to wait for; on an accelerator always assumed, the exact path kept."""
+    return finite.device.type != "cpu" or not bool(finite.all())
 
 
 def _element_steps(workspace: Workspace, step_sizes: list[Tensor], rule: Rule) -> Tensor:
