@@ -42,9 +42,9 @@ What it shares with :func:`torch_metasgd.inner_loop` (``higher``):
 Three strategies compute the same numbers (``strategy=``):
 
 * ``"vmap"``: ``torch.func.grad`` inside ``torch.func.vmap`` over tasks; any
-  model ``functional_call`` can run. Batch norms run as mean/var arithmetic
-  there, because the native op's second-order gradient through
-  ``vmap(grad(...))`` is wrong in torch 2.13.
+  model ``functional_call`` and vmap can run. Batch, layer and instance norms
+  run as mean/variance arithmetic there, because the native ops'
+  second-order gradients through ``vmap(grad(...))`` are wrong in torch 2.13.
 * ``"loop"``: ``functional_call`` and ``torch.autograd.grad``, task by task.
 * ``"grouped"``: an ``nn.Sequential`` of Conv2d, BatchNorm, pooling, Flatten,
   Linear and activation layers, run once as a network ``T`` times as wide
@@ -57,6 +57,11 @@ there), ``"grouped"`` for other supported Sequentials (MLPs: about 1.5x
 faster than vmap, 10x faster than the loop); on a GPU ``"grouped"`` for every
 supported Sequential (on an H100, conv4 meta-batches ran 6-16x faster than
 the loop, 1.3-1.6x faster than vmap); ``"vmap"`` for everything else.
+
+With second-order gradients, ``scaled_dot_product_attention`` (in
+``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) runs as its math
+kernel during the inner loops, whatever the strategy: the flash kernel torch
+picks on a CPU cannot be differentiated twice.
 
 Under ``torch.compile`` (``torch.compile(meta_loss)``, or a compiled function
 that calls it) every strategy runs as vmap, the only one that compiles with
@@ -80,6 +85,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import _grouped, _kernels
@@ -92,6 +98,7 @@ from ._checks import (
     require_tasks,
     scalar_loss,
 )
+from ._exact import twice_differentiable
 from .optimizer import MetaSGD
 
 __all__ = ["meta_loss", "adapt", "adapt_tasks"]
@@ -230,7 +237,7 @@ def _adapt_vmap(model, plan, loss_fn, support, steps, first_order) -> dict[str, 
 
     # Copies: BatchNorm in train mode still counts num_batches_tracked in place.
     buffers = {k: b.clone() for k, b in plan.buffers.items()}
-    with _DecomposedBatchNorm():
+    with _DecomposedNorms():
         return vmap(one_task, in_dims=(None, 0, 0, 0), randomness="different")(
             buffers, plan.alphas, *support
         )
@@ -242,24 +249,44 @@ def _losses_vmap(model, plan, loss_fn, adapted, batch) -> Tensor:
     def one_task(params, x, y):
         return _task_loss(model, loss_fn, params, buffers, x, y)
 
-    with _DecomposedBatchNorm():
+    with _DecomposedNorms():
         return vmap(one_task, randomness="different")(adapted, *batch)
 
 
-class _DecomposedBatchNorm(TorchFunctionMode):
-    """Runs ``F.batch_norm`` as mean/var arithmetic, without touching running statistics.
+class _DecomposedNorms(TorchFunctionMode):
+    """Runs batch, layer and instance norms as mean/variance arithmetic, writing no statistics.
 
-    Two reasons: the second-order gradient of the native batch norm through
-    ``vmap(grad(...))`` is wrong (torch 2.13: it differs from plain autograd
-    by ~1e-3 relative), and the native op writes running statistics in place,
-    which vmap refuses for a tensor shared by the tasks.
+    Under ``vmap(grad(...))`` the second-order gradients of the native
+    ``batch_norm``, of ``layer_norm`` with an affine weight and of
+    ``instance_norm`` with one are wrong (torch 2.13: ~1e-3 relative, the loss
+    right); their arithmetic is differentiated exactly. The native batch norm
+    also writes running statistics in place, which vmap refuses for a tensor
+    the tasks share. Group and RMS norms, attention, embeddings and the
+    activations are exact natively and run as they are.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.batch_norm:
-            return _batch_norm(*args, **kwargs)
-        return func(*args, **kwargs)
+        decomposition = _DECOMPOSITIONS.get(func)
+        if decomposition is not None:
+            return decomposition(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _normalize(x: Tensor, dims: list[int], eps: float) -> Tensor:
+    # One pass for both moments (Welford): mean() and var() apart lose ~10x
+    # more in float32 on large reductions, which the native norms avoid by
+    # accumulating in double; on the Omniglot conv net the meta-gradient was
+    # 1e-4 to 3e-2 off a float64 reference.
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape) -> Tensor:
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
 
 
 def _batch_norm(
@@ -274,17 +301,46 @@ def _batch_norm(
 ) -> Tensor:
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if training:
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dims, keepdim=True)
-        var = x.var(dims, unbiased=False, keepdim=True)
+        out = _normalize(x, [0, *range(2, x.dim())], eps)
     else:
-        mean, var = running_mean.view(shape), running_var.view(shape)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        out = out * weight.view(shape)
-    if bias is not None:
-        out = out + bias.view(shape)
-    return out
+        out = (x - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    return _affine(out, weight, bias, shape)
+
+
+def _instance_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if use_input_stats:
+        out = _normalize(x, list(range(2, x.dim())), eps)
+    else:
+        out = (x - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    return _affine(out, weight, bias, shape)
+
+
+def _layer_norm(
+    x: Tensor,
+    normalized_shape: list[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    out = _normalize(x, list(range(-len(normalized_shape), 0)), eps)
+    return _affine(out, weight, bias, tuple(normalized_shape))
+
+
+_DECOMPOSITIONS = {
+    F.batch_norm: _batch_norm,
+    F.instance_norm: _instance_norm,
+    F.layer_norm: _layer_norm,
+}
 
 
 def _adapt_grouped(model, plan, loss_fn, support, steps, first_order) -> dict[str, Tensor]:
@@ -366,9 +422,10 @@ def adapt_batch(
     adapt_all, losses = _strategy(model, strategy, support[0].device)
     loss_fn = scalar_loss(loss_fn)
     evaluation = not torch.is_grad_enabled()
-    with torch.enable_grad():
+    first_order = first_order or evaluation
+    with torch.enable_grad(), twice_differentiable(not first_order):
         plan = _plan(model, opt, who, n_tasks)
-        adapted = adapt_all(model, plan, loss_fn, tuple(support), steps, first_order or evaluation)
+        adapted = adapt_all(model, plan, loss_fn, tuple(support), steps, first_order)
     return plan, adapted, lambda batch: losses(model, plan, loss_fn, adapted, batch)
 
 
@@ -430,11 +487,12 @@ def meta_loss(
         >>> loss.backward()
         >>> meta_opt.step()
     """
-    _, _, losses = adapt_batch(
-        model, opt, loss_fn, support, query, steps, first_order, strategy, "meta_loss"
-    )
-    # Inside torch.no_grad() the losses are computed without a graph.
-    return losses(tuple(query)).mean()
+    with twice_differentiable(torch.is_grad_enabled() and not first_order):
+        _, _, losses = adapt_batch(
+            model, opt, loss_fn, support, query, steps, first_order, strategy, "meta_loss"
+        )
+        # Inside torch.no_grad() the losses are computed without a graph.
+        return losses(tuple(query)).mean()
 
 
 def _auto_strategy(model: nn.Module, device: torch.device) -> str:
@@ -482,10 +540,11 @@ def adapt(
     """
     require_steps(steps)
     evaluation = not torch.is_grad_enabled()
-    with torch.enable_grad():
+    first_order = first_order or evaluation
+    with torch.enable_grad(), twice_differentiable(not first_order):
         plan = _plan(model, opt, "adapt", 1)
         fast = _adapt_autograd(
-            model, plan, scalar_loss(loss_fn), inputs, targets, steps, first_order or evaluation, 0
+            model, plan, scalar_loss(loss_fn), inputs, targets, steps, first_order, 0
         )
     return {n: p.detach() for n, p in fast.items()} if evaluation else fast
 

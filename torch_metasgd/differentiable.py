@@ -34,6 +34,7 @@ from ._checks import (
     require_params_of,
     require_scalar_loss,
 )
+from ._exact import twice_differentiable
 from .optimizer import MetaSGD, for_each_subclass
 
 __all__ = ["DifferentiableMetaSGD", "inner_loop"]
@@ -273,6 +274,11 @@ def inner_loop(
             ``torch.no_grad()`` it is ``False`` whatever is passed, and the
             loop's block runs with gradients enabled (the inner steps need them).
 
+    With second-order gradients (neither ``first_order`` nor evaluation),
+    ``scaled_dot_product_attention`` runs as its math kernel inside the block
+    (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``): the flash kernel
+    torch picks on a CPU cannot be differentiated twice.
+
     Raises:
         TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`, or ``model``
             is wrapped in ``DistributedDataParallel``/``DataParallel`` (see
@@ -295,7 +301,7 @@ def inner_loop(
     # Inside torch.no_grad() (evaluation) the inner steps still need their
     # gradients, and nothing outside the loop needs a graph.
     track_higher_grads = track_higher_grads and torch.is_grad_enabled()
-    with torch.enable_grad():
+    with torch.enable_grad(), twice_differentiable(track_higher_grads and not first_order):
         fmodel = higher.monkeypatch(
             model, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
         )
