@@ -152,3 +152,153 @@ def test_compiled_meta_loss_through_a_normalization_matches_autograd_per_task(la
     expected = per_task_meta_loss(model, opt, mse, support, query)
     _assert_close_in_norm(grads, torch.autograd.grad(expected, wrt))
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------
+# The task-stacked network ("grouped"): layouts, reused modules, what it refuses
+# --------------------------------------------------------------------------
+
+
+def _check_against_reference(model, opt, support, query, strategy, steps=2):
+    wrt = [*model.parameters(), *opt.meta_parameters()]
+    loss = meta_loss(model, opt, mse, support, query, steps=steps, strategy=strategy)
+    expected = per_task_meta_loss(model, opt, mse, support, query, steps=steps)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    _assert_close_in_norm(
+        torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True),
+        torch.autograd.grad(expected, wrt, allow_unused=True, materialize_grads=True),
+    )
+
+
+SEQUENCE_MODELS = {
+    "mlp": lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)),
+    "batch-norm-over-steps": lambda: nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(3), nn.Tanh(), nn.Linear(6, 1)
+    ),
+    "flatten": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3)),
+}
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "auto", "vmap", "loop"])
+@pytest.mark.parametrize("n_examples", [3, 5], ids=["N==T", "N!=T"])
+@pytest.mark.parametrize("arch", list(SEQUENCE_MODELS))
+def test_inputs_with_extra_dimensions_stay_within_their_task(arch, n_examples, strategy):
+    # Sequences (T, N, S, F): 3 tasks, N examples of S = 3 steps of 4 features.
+    torch.manual_seed(0)
+    model = SEQUENCE_MODELS[arch]().to(DTYPE)
+    opt = MetaSGD(model.parameters(), lr=0.5).uniform_step_sizes_(0.05, 0.2)
+    g = torch.Generator().manual_seed(1)
+    out_shape = (3,) if arch == "flatten" else (3, 1)
+    xs, xq = (torch.randn(3, n_examples, 3, 4, generator=g, dtype=DTYPE) for _ in range(2))
+    ys, yq = (torch.randn(3, n_examples, *out_shape, generator=g, dtype=DTYPE) for _ in range(2))
+    _check_against_reference(model, opt, (xs, ys), (xq, yq), strategy)
+
+
+class _TiedLinears(nn.Sequential):
+    """Two distinct Linear modules sharing one weight (weight tying), with their own biases."""
+
+    def __init__(self):
+        first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+        second.weight = first.weight
+        super().__init__(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(4, 1))
+
+
+def _reused_layer() -> nn.Module:
+    shared = nn.Linear(4, 4)
+    return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(4, 1))
+
+
+def _reused_block() -> nn.Module:
+    block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh())
+    return nn.Sequential(block, block, nn.Linear(4, 1))
+
+
+REUSED = {"layer": _reused_layer, "block": _reused_block, "tied-weight": _TiedLinears}
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop", "auto"])
+@pytest.mark.parametrize("arch", list(REUSED))
+def test_a_module_used_twice_runs_at_every_use(arch, strategy):
+    torch.manual_seed(0)
+    model = REUSED[arch]().to(DTYPE)
+    opt = MetaSGD(model.parameters(), lr=0.5).uniform_step_sizes_(0.05, 0.2)
+    g = torch.Generator().manual_seed(1)
+    xs, xq = (torch.randn(3, 5, 4, generator=g, dtype=DTYPE) for _ in range(2))
+    ys, yq = (torch.randn(3, 5, 1, generator=g, dtype=DTYPE) for _ in range(2))
+    _check_against_reference(model, opt, (xs, ys), (xq, yq), strategy)
+
+
+class _ScaledLinear(nn.Linear):
+    """A Linear whose forward does more than a Linear's."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _ScaledSequential(nn.Sequential):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _with_hook() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    model[1].register_forward_hook(lambda module, args, out: 2 * out)
+    return model
+
+
+def _weight_normed() -> nn.Module:
+    linear = nn.utils.parametrizations.weight_norm(nn.Linear(4, 6))
+    return nn.Sequential(linear, nn.Tanh(), nn.Linear(6, 1))
+
+
+MISREAD = {
+    "subclass-with-forward": lambda: nn.Sequential(_ScaledLinear(4, 6), nn.Tanh(), nn.Linear(6, 1)),
+    "sequential-with-forward": lambda: _ScaledSequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)
+    ),
+    "forward-hook": _with_hook,
+    "parametrization": _weight_normed,
+}
+
+
+@pytest.mark.parametrize("arch", list(MISREAD))
+def test_grouped_refuses_a_layer_whose_forward_it_would_not_run_and_auto_avoids_it(arch):
+    torch.manual_seed(0)
+    model = MISREAD[arch]().to(DTYPE)
+    opt = MetaSGD(model.parameters(), lr=0.5).uniform_step_sizes_(0.05, 0.2)
+    g = torch.Generator().manual_seed(1)
+    xs, xq = (torch.randn(3, 5, 4, generator=g, dtype=DTYPE) for _ in range(2))
+    ys, yq = (torch.randn(3, 5, 1, generator=g, dtype=DTYPE) for _ in range(2))
+    with pytest.raises(ValueError, match='strategy="grouped"'):
+        meta_loss(model, opt, mse, (xs, ys), (xq, yq), strategy="grouped")
+    _check_against_reference(model, opt, (xs, ys), (xq, yq), "auto")
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "grouped"])
+def test_the_model_is_left_with_its_own_parameters_after_every_entry_point(strategy):
+    # functional_call swaps a reused module's tensors back in the wrong order
+    # (torch 2.13): the model would keep a task's adapted, non-leaf weight.
+    from torch_metasgd import adapt, adapt_tasks, reptile_loss
+
+    torch.manual_seed(0)
+    model = _reused_layer().to(DTYPE)
+    opt = MetaSGD(model.parameters(), lr=0.5)
+    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    xs, ys = torch.randn(3, 5, 4, dtype=DTYPE), torch.randn(3, 5, 1, dtype=DTYPE)
+
+    def failing(out, y):
+        raise RuntimeError("a loss that fails")
+
+    calls = [
+        lambda: meta_loss(model, opt, mse, (xs, ys), (xs, ys), strategy=strategy),
+        lambda: adapt_tasks(model, opt, mse, (xs, ys), strategy=strategy),
+        lambda: reptile_loss(model, opt, mse, (xs, ys), (xs, ys), strategy=strategy),
+        lambda: adapt(model, opt, mse, xs[0], ys[0]),
+    ]
+    for call in calls:
+        call()
+        call()  # the second call failed: the model's parameters were not the optimizer's
+        assert dict(model.named_parameters(remove_duplicate=False)) == before
+    with pytest.raises(RuntimeError, match="a loss that fails"):
+        meta_loss(model, opt, failing, (xs, ys), (xs, ys), steps=2, strategy=strategy)
+    assert dict(model.named_parameters(remove_duplicate=False)) == before

@@ -6,15 +6,19 @@
   ``nn.MultiheadAttention`` or ``nn.TransformerEncoderLayer`` fails; the
   math kernel computes the same attention with ordinary, twice
   differentiable ops.
+* :func:`model_kept`: the model's parameters as they were, whatever
+  ``torch.func.functional_call`` leaves behind.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+from torch import nn
 
-__all__ = ["twice_differentiable"]
+__all__ = ["twice_differentiable", "model_kept"]
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -33,3 +37,23 @@ except ImportError:  # torch < 2.3
 def twice_differentiable(second_order: bool = True) -> AbstractContextManager:
     """A context inside which attention runs as its math kernel, if ``second_order``."""
     return _math_attention() if second_order else nullcontext()
+
+
+@contextmanager
+def model_kept(model: nn.Module) -> Iterator[None]:
+    """Inside, ``torch.func.functional_call`` may leave ``model`` changed: after, it is as it was.
+
+    ``functional_call`` swaps tensors into the module and swaps the originals
+    back on exit; a module used twice in the model has each of its tensors
+    under two names (tied), and the second swap back restores the first
+    swap's tensor: the model's parameter would end as a task's adapted,
+    non-leaf tensor (torch 2.13). Every module's parameter and buffer slots
+    are put back here, whatever happened inside.
+    """
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, params, buffers in saved:
+            module._parameters.update(params)
+            module._buffers.update(buffers)

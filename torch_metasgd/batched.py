@@ -78,7 +78,8 @@ about 600 MiB against 170 MiB of peak extra memory).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +99,7 @@ from ._checks import (
     require_tasks,
     scalar_loss,
 )
-from ._exact import twice_differentiable
+from ._exact import model_kept, twice_differentiable
 from .optimizer import MetaSGD
 
 __all__ = ["meta_loss", "adapt", "adapt_tasks"]
@@ -358,7 +359,7 @@ def _adapt_grouped(model, plan, loss_fn, support, steps, first_order) -> dict[st
         theta = params
         if first_order:
             theta = {n: p.detach().requires_grad_(n in plan.alphas) for n, p in params.items()}
-        out = _grouped.forward(model, theta, plan.buffers, support[0])
+        out = _grouped.forward(model, theta, support[0])
         # Tasks are independent: the gradient of the sum is every task's own.
         loss = vmap(loss_fn)(out, support[1]).sum()
         grads = torch.autograd.grad(
@@ -373,7 +374,7 @@ def _adapt_grouped(model, plan, loss_fn, support, steps, first_order) -> dict[st
 
 
 def _losses_grouped(model, plan, loss_fn, adapted, batch) -> Tensor:
-    return vmap(loss_fn)(_grouped.forward(model, adapted, plan.buffers, batch[0]), batch[1])
+    return vmap(loss_fn)(_grouped.forward(model, adapted, batch[0]), batch[1])
 
 
 #: Per strategy: the inner loops of all tasks (every parameter, with a leading
@@ -400,7 +401,8 @@ def _strategy(model: nn.Module, strategy: str, device: torch.device):
     return _STRATEGIES["vmap" if _is_compiling() else strategy]
 
 
-def adapt_batch(
+@contextmanager
+def adapted_tasks(
     model: nn.Module,
     opt: MetaSGD,
     loss_fn: LossFn,
@@ -410,23 +412,24 @@ def adapt_batch(
     first_order: bool,
     strategy: str,
     who: str,
-) -> tuple[_Plan, dict[str, Tensor], Callable[[tuple[Tensor, Tensor]], Tensor]]:
+) -> Iterator[tuple[_Plan, dict[str, Tensor], Callable[[tuple[Tensor, Tensor]], Tensor]]]:
     """What the batched entry points share: every check, then every task's inner loop.
 
-    Returns the plan, the adapted parameters (leading task dimension ``T``)
-    and ``losses(batch)``, the per-task losses at those parameters. Inside
-    ``torch.no_grad()`` the inner loops run first order (evaluation).
+    Yields the plan, the adapted parameters (leading task dimension ``T``)
+    and ``losses(batch)``, the per-task losses at those parameters, to be
+    called inside the block. Inside ``torch.no_grad()`` the inner loops run
+    first order (evaluation). On leaving, the model is as it was.
     """
     require_steps(steps)
     n_tasks = require_tasks(support, query)
     adapt_all, losses = _strategy(model, strategy, support[0].device)
     loss_fn = scalar_loss(loss_fn)
-    evaluation = not torch.is_grad_enabled()
-    first_order = first_order or evaluation
-    with torch.enable_grad(), twice_differentiable(not first_order):
-        plan = _plan(model, opt, who, n_tasks)
-        adapted = adapt_all(model, plan, loss_fn, tuple(support), steps, first_order)
-    return plan, adapted, lambda batch: losses(model, plan, loss_fn, adapted, batch)
+    first_order = first_order or not torch.is_grad_enabled()
+    with model_kept(model), twice_differentiable(not first_order):
+        with torch.enable_grad():
+            plan = _plan(model, opt, who, n_tasks)
+            adapted = adapt_all(model, plan, loss_fn, tuple(support), steps, first_order)
+        yield plan, adapted, lambda batch: losses(model, plan, loss_fn, adapted, batch)
 
 
 def meta_loss(
@@ -487,10 +490,9 @@ def meta_loss(
         >>> loss.backward()
         >>> meta_opt.step()
     """
-    with twice_differentiable(torch.is_grad_enabled() and not first_order):
-        _, _, losses = adapt_batch(
-            model, opt, loss_fn, support, query, steps, first_order, strategy, "meta_loss"
-        )
+    with adapted_tasks(
+        model, opt, loss_fn, support, query, steps, first_order, strategy, "meta_loss"
+    ) as (_, _, losses):
         # Inside torch.no_grad() the losses are computed without a graph.
         return losses(tuple(query)).mean()
 
@@ -541,7 +543,7 @@ def adapt(
     require_steps(steps)
     evaluation = not torch.is_grad_enabled()
     first_order = first_order or evaluation
-    with torch.enable_grad(), twice_differentiable(not first_order):
+    with torch.enable_grad(), twice_differentiable(not first_order), model_kept(model):
         plan = _plan(model, opt, "adapt", 1)
         fast = _adapt_autograd(
             model, plan, scalar_loss(loss_fn), inputs, targets, steps, first_order, 0
@@ -577,7 +579,8 @@ def adapt_tasks(
         >>> fast["0.weight"].shape
         torch.Size([25, 40, 1])
     """
-    _, fast, _ = adapt_batch(
+    with adapted_tasks(
         model, opt, loss_fn, support, None, steps, first_order, strategy, "adapt_tasks"
-    )
+    ) as (_, fast, _):
+        pass
     return fast if torch.is_grad_enabled() else {n: p.detach() for n, p in fast.items()}

@@ -111,30 +111,32 @@ def reptile_loss(
         >>> loss.backward()
         >>> outer.step()  # theta <- theta + 0.1 * mean_t(theta_t - theta)
     """
-    plan, adapted, losses = batched.adapt_batch(
+    with batched.adapted_tasks(
         model, opt, loss_fn, support, query, steps, True, strategy, "reptile_loss"
-    )
-    scored = tuple(support if query is None else query)
-    if not torch.is_grad_enabled():
-        return losses(scored).mean()
-    step_sizes = [s for s in opt.meta_parameters() if s.requires_grad] if query is not None else []
-    with torch.set_grad_enabled(bool(step_sizes)):
-        value = losses(scored).mean()
-    step_grads = torch.autograd.grad(value, step_sizes, allow_unused=True) if step_sizes else []
-    theta = [plan.params[n] for n in plan.trainable]
-    # The mean of the T displacements, not theta minus the mean of the T
-    # adapted weights: the displacements are small, theta need not be.
-    directions = [
-        (p.detach() - adapted[n].detach()).mean(0)
-        for n, p in zip(plan.trainable, theta, strict=True)
-    ]
-    # p - p.detach() is exactly 0 with gradient 1: the sum keeps value's value
-    # and gives each tensor exactly its gradient.
-    surrogate = value.detach()
-    for p, g in zip([*theta, *step_sizes], [*directions, *step_grads], strict=True):
-        if g is not None:
-            surrogate = surrogate + ((p - p.detach()) * g).sum()
-    return surrogate
+    ) as (plan, adapted, losses):
+        scored = tuple(support if query is None else query)
+        if not torch.is_grad_enabled():
+            return losses(scored).mean()
+        step_sizes = (
+            [s for s in opt.meta_parameters() if s.requires_grad] if query is not None else []
+        )
+        with torch.set_grad_enabled(bool(step_sizes)):
+            value = losses(scored).mean()
+        step_grads = torch.autograd.grad(value, step_sizes, allow_unused=True) if step_sizes else []
+        theta = [plan.params[n] for n in plan.trainable]
+        # The mean of the T displacements, not theta minus the mean of the T
+        # adapted weights: the displacements are small, theta need not be.
+        directions = [
+            (p.detach() - adapted[n].detach()).mean(0)
+            for n, p in zip(plan.trainable, theta, strict=True)
+        ]
+        # p - p.detach() is exactly 0 with gradient 1: the sum keeps value's value
+        # and gives each tensor exactly its gradient.
+        surrogate = value.detach()
+        for p, g in zip([*theta, *step_sizes], [*directions, *step_grads], strict=True):
+            if g is not None:
+                surrogate = surrogate + ((p - p.detach()) * g).sum()
+        return surrogate
 
 
 class ReptileLearner(MetaLearner):
