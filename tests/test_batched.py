@@ -682,3 +682,68 @@ def test_adapt_tasks_rejects_support_without_a_shared_task_dimension():
     xs, ys = _tasks()
     with pytest.raises(ValueError, match="support inputs and targets must share"):
         adapt_tasks(model, opt, nn.functional.mse_loss, (xs, ys[:2]))
+
+
+# --------------------------------------------------------------------------
+# A parameter the loss never touches: left alone, as torch.optim.SGD leaves it
+# --------------------------------------------------------------------------
+
+
+class _WithSpare(nn.Module):
+    """An MLP with a registered layer its forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp()
+        self.spare = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _sgd_adapted(model, sgd_options, buffers, x, y, steps):
+    """``steps`` of torch.optim.SGD on a copy, from the given momentum buffers."""
+    work = copy.deepcopy(model)
+    sgd = torch.optim.SGD(work.parameters(), **sgd_options)
+    for p, buf in zip(work.parameters(), buffers, strict=True):
+        if buf is not None:
+            sgd.state[p]["momentum_buffer"] = buf.clone()
+    for _ in range(steps):
+        sgd.zero_grad()
+        nn.functional.mse_loss(work(x), y).backward()
+        sgd.step()
+    return dict(work.named_parameters())
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "auto"])
+@pytest.mark.parametrize(
+    "sgd_options, with_state",
+    [(dict(lr=0.05, weight_decay=0.1), False), (dict(lr=0.05, momentum=0.9), True)],
+    ids=["weight_decay", "momentum_buffers"],
+)
+def test_a_parameter_without_gradient_stays_where_sgd_leaves_it(sgd_options, with_state, strategy):
+    from torch_metasgd import reptile_loss
+
+    torch.manual_seed(0)
+    model = _WithSpare().double()
+    opt = MetaSGD(model.parameters(), **sgd_options)  # fresh step sizes: SGD's steps
+    xs, ys = _tasks(seed=40)
+    if with_state:  # buffers for every parameter, the spare one's included
+        (model(xs[0]).sum() + model.spare(xs[0]).sum()).backward()
+        opt.step()
+        model.zero_grad()
+    buffers = [opt.state[p].get("momentum_buffer") for p in model.parameters()]
+    fast = adapt_tasks(model, opt, nn.functional.mse_loss, (xs, ys), steps=2, strategy=strategy)
+    expected = [
+        _sgd_adapted(model, sgd_options, buffers, xs[t], ys[t], 2) for t in range(xs.shape[0])
+    ]
+    for name, p in fast.items():
+        torch.testing.assert_close(
+            p, torch.stack([e[name] for e in expected]).detach(), rtol=1e-12, atol=1e-14
+        )
+    reptile_loss(
+        model, opt, nn.functional.mse_loss, (xs, ys), steps=2, strategy=strategy
+    ).backward()
+    for name, p in model.named_parameters():
+        direction = p.detach() - torch.stack([e[name] for e in expected]).detach().mean(0)
+        torch.testing.assert_close(p.grad, direction, rtol=1e-10, atol=1e-14)
