@@ -8,6 +8,7 @@
   differentiable ops.
 * :func:`model_kept`: the model's parameters as they were, whatever
   ``torch.func.functional_call`` leaves behind.
+* :func:`update`: the out-of-place Meta-SGD step, in the parameter's dtype.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["twice_differentiable", "model_kept"]
+from . import _kernels
+
+__all__ = ["twice_differentiable", "model_kept", "update"]
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -57,3 +60,23 @@ def model_kept(model: nn.Module) -> Iterator[None]:
         for module, params, buffers in saved:
             module._parameters.update(params)
             module._buffers.update(buffers)
+
+
+def update(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    alpha: Tensor,
+    options: _kernels.SGDOptions,
+    first_order: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`torch_metasgd._kernels.metasgd_update`, the new weights in ``param``'s dtype.
+
+    The step sizes of a half-precision parameter are float32 (master
+    weights), which promote ``param - alpha * d`` to float32: the step is
+    taken in float32 and rounded once to the parameter's dtype, as
+    ``MetaSGD.step()`` rounds its in-place update, and the meta-gradient
+    reaches the float32 step sizes through the rounding.
+    """
+    new, buf = _kernels.metasgd_update(param, grad, momentum_buffer, alpha, options, first_order)
+    return (new if new.dtype == param.dtype else new.to(param.dtype)), buf

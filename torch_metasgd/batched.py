@@ -89,7 +89,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import _grouped, _kernels
+from . import _exact, _grouped, _kernels
 from ._checks import (
     require_bare_model,
     require_metasgd,
@@ -145,7 +145,7 @@ class _Plan:
                 if name in bufs:
                     new_bufs[name] = bufs[name]
                 continue
-            params[name], buf = _kernels.metasgd_update(
+            params[name], buf = _exact.update(
                 params[name], g, bufs.get(name), alphas[name], self.options[name], first_order
             )
             if buf is not None:

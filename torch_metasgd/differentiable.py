@@ -26,7 +26,7 @@ import torch
 from higher.optim import DifferentiableOptimizer
 from torch import Tensor, nn
 
-from . import _kernels
+from . import _exact, _kernels
 from ._checks import (
     require_bare_model,
     require_metasgd,
@@ -230,7 +230,7 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
             for i, (p, g, alpha) in enumerate(zip(params, grads, alphas, strict=True)):
                 if g is None:
                     continue
-                params[i], buf = _kernels.metasgd_update(
+                params[i], buf = _exact.update(
                     p, g, state[i].get("momentum_buffer"), alpha, options, self._first_order
                 )
                 if buf is not None:
