@@ -161,10 +161,11 @@ def test_compiled_meta_loss_through_a_normalization_matches_autograd_per_task(la
 # --------------------------------------------------------------------------
 
 
-def _check_against_reference(model, opt, support, query, strategy, steps=2):
+def _check_against_reference(model, opt, support, query, strategy, steps=2, reference=None):
+    """meta_loss of ``model`` against the reference's, run on ``reference`` if given."""
     wrt = [*model.parameters(), *opt.meta_parameters()]
     loss = meta_loss(model, opt, mse, support, query, steps=steps, strategy=strategy)
-    expected = per_task_meta_loss(model, opt, mse, support, query, steps=steps)
+    expected = per_task_meta_loss(reference or model, opt, mse, support, query, steps=steps)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     _assert_close_in_norm(
         torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True),
@@ -372,3 +373,98 @@ def test_vmap_in_float32_on_the_omniglot_conv_net_is_as_close_to_float64_as_the_
         error = torch.cat([(a.double() - e).flatten() for a, e in pairs])
         scale = torch.cat([e.flatten() for e in expected_grads[part]])
         assert error.norm() <= 3e-5 * scale.norm()
+
+
+# --------------------------------------------------------------------------
+# Recurrent layers: no vmap batching rule, so "auto" runs the loop
+# --------------------------------------------------------------------------
+
+
+class _LastStep(nn.Module):
+    """A recurrent layer over (N, 3, 4) sequences, its last hidden state through a head."""
+
+    def __init__(self, recurrent: nn.Module):
+        super().__init__()
+        self.recurrent = recurrent
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        sequence = x.view(-1, 3, 4)
+        if isinstance(self.recurrent, nn.RNNCellBase):
+            state = None
+            for t in range(3):
+                state = self.recurrent(sequence[:, t], state)
+            h = state[0] if isinstance(state, tuple) else state
+        else:
+            h = self.recurrent(sequence)[0][:, -1]
+        return self.head(h)
+
+
+RECURRENT = {
+    "LSTM": lambda: nn.LSTM(4, 6, batch_first=True),
+    "GRU": lambda: nn.GRU(4, 6, batch_first=True),
+    "RNN": lambda: nn.RNN(4, 6, batch_first=True),
+    "LSTMCell": lambda: nn.LSTMCell(4, 6),
+    "GRUCell": lambda: nn.GRUCell(4, 6),
+}
+
+
+def _recurrent_problem(name):
+    torch.manual_seed(0)
+    model = _LastStep(RECURRENT[name]()).to(DTYPE)
+    opt = MetaSGD(model.parameters(), lr=0.5).uniform_step_sizes_(0.05, 0.2)
+    g = torch.Generator().manual_seed(1)
+    xs, xq = (torch.randn(3, 5, 12, generator=g, dtype=DTYPE) for _ in range(2))
+    ys, yq = (torch.randn(3, 5, 1, generator=g, dtype=DTYPE) for _ in range(2))
+    return model, opt, (xs, ys), (xq, yq)
+
+
+@pytest.mark.parametrize("name", list(RECURRENT))
+def test_recurrent_layers_run_as_the_loop_under_auto_and_vmap_is_refused(name):
+    from torch_metasgd import reptile_loss
+    from torch_metasgd.batched import _auto_strategy
+
+    model, opt, support, query = _recurrent_problem(name)
+    _check_against_reference(model, opt, support, query, "auto")
+    for device in ("cpu", "cuda"):
+        assert _auto_strategy(model, torch.device(device)) == "loop"
+    loss = reptile_loss(model, opt, mse, support, query, steps=2)
+    expected = reptile_loss(model, opt, mse, support, query, steps=2, strategy="loop")
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f'strategy="vmap" cannot run {name}.*strategy="loop"'):
+        meta_loss(model, opt, mse, support, query, strategy="vmap")
+
+
+def test_a_compiled_meta_loss_refuses_a_recurrent_model_naming_why():
+    # Compiled, every strategy runs as vmap, which has no rule for recurrent layers.
+    torch._dynamo.reset()
+    model, opt, support, query = _recurrent_problem("GRU")
+    compiled = torch.compile(meta_loss, backend="eager")
+    with pytest.raises(ValueError, match="torch.compile.*GRU"):
+        compiled(model, opt, mse, support, query)
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------
+# A torch.compile'd model: run as the module it wraps
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop", "auto"])
+def test_a_compiled_model_runs_as_the_module_it_wraps(strategy):
+    from torch_metasgd import adapt, inner_loop, reptile_loss
+
+    torch._dynamo.reset()
+    model, opt, support, query = _problem("GELU")
+    compiled = torch.compile(model, backend="aot_eager")  # no double backward
+    _check_against_reference(compiled, opt, support, query, strategy, reference=model)
+    reptile_loss(compiled, opt, mse, support, query, strategy=strategy)
+    adapt(compiled, opt, mse, support[0][0], support[1][0])
+    wrt = [*model.parameters(), *opt.meta_parameters()]
+    with inner_loop(compiled, opt) as (fmodel, diffopt):
+        diffopt.step(mse(fmodel(support[0][0]), support[1][0]))
+        loss = mse(fmodel(query[0][0]), query[1][0])
+    one_task = tuple(tuple(t[:1] for t in pair) for pair in (support, query))
+    expected = per_task_meta_loss(model, opt, mse, *one_task)
+    _assert_close_in_norm(torch.autograd.grad(loss, wrt), torch.autograd.grad(expected, wrt))
+    torch._dynamo.reset()

@@ -5,6 +5,7 @@ Each raises before anything is computed or changed, naming what is wrong.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "require_scalar_loss",
     "scalar_loss",
     "require_bare_model",
+    "uncompiled",
 ]
 
 
@@ -128,3 +130,18 @@ def require_bare_model(model: nn.Module, who: str) -> None:
             "meta_loss, or call torch_metasgd.average_gradients(meta_parameters) after "
             "backward() for inner_loop and higher"
         )
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``'d ``model`` wraps (the same parameters), else ``model``.
+
+    The inner loops differentiate the model twice, which a compiled forward
+    cannot do (aot_autograd has no double backward; higher recurses into the
+    wrapper for ever), and the task-stacked strategy reads the layers of the
+    module itself: it runs, eagerly, as the module it compiles.
+    """
+    # torch._dynamo is imported by the first torch.compile: without it there is no wrapper.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod
+    return model

@@ -98,6 +98,7 @@ from ._checks import (
     require_steps,
     require_tasks,
     scalar_loss,
+    uncompiled,
 )
 from ._exact import model_kept, twice_differentiable
 from .optimizer import MetaSGD
@@ -416,19 +417,47 @@ _STRATEGIES = {
 }
 
 
-def _strategy(model: nn.Module, strategy: str, device: torch.device):
-    """``(adapt_all, losses)`` of ``strategy``, checked, ``"auto"`` resolved."""
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+
+
+def check_strategy(model: nn.Module, strategy: Any) -> None:
+    """``ValueError`` for an unknown strategy or one that cannot run ``model``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"Invalid strategy: {strategy!r} (expected one of {STRATEGIES})")
-    if strategy == "auto":
-        strategy = _auto_strategy(model, device)
     if strategy == "grouped" and not _grouped.supports(model):
         raise ValueError(
             'strategy="grouped" needs an nn.Sequential of Conv2d, BatchNorm, pooling, '
-            "Flatten, Linear and activation layers"
+            "Flatten, Linear and activation layers, each run by its own type (no subclass "
+            "forward, hook or parametrization)"
         )
-    # Compiled, vmap is the strategy that gives the same gradients (see above).
-    return _STRATEGIES["vmap" if _is_compiling() else strategy]
+    recurrent = _recurrent(model)
+    if strategy == "vmap" and recurrent is not None:
+        raise ValueError(
+            f'strategy="vmap" cannot run {type(recurrent).__name__}: torch.func.vmap has no '
+            'batching rule for recurrent layers; use strategy="loop" (what "auto" picks for them)'
+        )
+
+
+def _recurrent(model: nn.Module) -> nn.Module | None:
+    return next((m for m in model.modules() if isinstance(m, _RECURRENT)), None)
+
+
+def _strategy(model: nn.Module, strategy: str, device: torch.device):
+    """``(adapt_all, losses)`` of ``strategy``, checked, ``"auto"`` resolved."""
+    check_strategy(model, strategy)
+    if _is_compiling():
+        # Compiled, vmap is the strategy that gives the same gradients (see above).
+        recurrent = _recurrent(model)
+        if recurrent is not None:
+            raise ValueError(
+                f"under torch.compile every strategy runs as vmap, which cannot run "
+                f"{type(recurrent).__name__} (no batching rule for recurrent layers): "
+                "call meta_loss uncompiled"
+            )
+        return _STRATEGIES["vmap"]
+    if strategy == "auto":
+        strategy = _auto_strategy(model, device)
+    return _STRATEGIES[strategy]
 
 
 @contextmanager
@@ -452,6 +481,7 @@ def adapted_tasks(
     """
     require_steps(steps)
     n_tasks = require_tasks(support, query)
+    model = uncompiled(model)
     adapt_all, losses = _strategy(model, strategy, support[0].device)
     loss_fn = scalar_loss(loss_fn)
     first_order = first_order or not torch.is_grad_enabled()
@@ -537,7 +567,11 @@ def _auto_strategy(model: nn.Module, device: torch.device) -> str:
     one wide kernel beats T small ones: grouped was 6-16x faster than the
     loop and 1.3-1.6x faster than vmap on conv4 meta-batches on an H100
     (issue 14's timings), and vmap serves the models grouped cannot run.
+    Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells)
+    have no vmap batching rule: the loop runs them, on any device.
     """
+    if _recurrent(model) is not None:
+        return "loop"  # the only strategy that runs them
     if device.type == "cpu":
         if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules()):
             return "loop"
@@ -571,6 +605,7 @@ def adapt(
         >>> pred = torch.func.functional_call(model, fast, (x,))
     """
     require_steps(steps)
+    model = uncompiled(model)
     evaluation = not torch.is_grad_enabled()
     first_order = first_order or evaluation
     with torch.enable_grad(), twice_differentiable(not first_order), model_kept(model):

@@ -33,6 +33,7 @@ from ._checks import (
     require_no_hypergradient,
     require_params_of,
     require_scalar_loss,
+    uncompiled,
 )
 from ._exact import twice_differentiable
 from .optimizer import MetaSGD, for_each_subclass
@@ -295,6 +296,7 @@ def inner_loop(
         ...     torch.nn.functional.mse_loss(fmodel(x[5:]), y[5:]).backward()
         >>> meta_opt.step()
     """
+    model = uncompiled(model)
     require_bare_model(model, "inner_loop")
     require_metasgd(opt, "inner_loop")
     require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")

@@ -131,11 +131,12 @@ def reptile_loss(
             for n, p in zip(plan.trainable, theta, strict=True)
         ]
         # p - p.detach() is exactly 0 with gradient 1: the sum keeps value's value
-        # and gives each tensor exactly its gradient.
+        # and gives each tensor exactly its gradient. For a complex p, torch's
+        # gradient of the real Re(<g, p>) = Re(sum(conj(g) p)) is g.
         surrogate = value.detach()
         for p, g in zip([*theta, *step_sizes], [*directions, *step_grads], strict=True):
             if g is not None:
-                surrogate = surrogate + ((p - p.detach()) * g).sum()
+                surrogate = surrogate + ((p - p.detach()) * g.conj()).real.sum()
         return surrogate
 
 
