@@ -24,7 +24,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from torch_metasgd import LookAhead, MetaLearner, MetaSGD, adapt, average_gradients, inner_loop
+from torch_metasgd import (
+    LookAhead,
+    MetaLearner,
+    MetaSGD,
+    ReptileLearner,
+    adapt,
+    average_gradients,
+    inner_loop,
+)
 from torch_metasgd import meta_loss as metasgd_meta_loss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -438,6 +446,15 @@ def test_meta_learner_state_dict_loads_into_the_live_step_sizes():
 
 def test_meta_learner_validates_before_wrapping():
     model, opt = _learner("mlp")
+    for learner in (MetaLearner, ReptileLearner):
+        with pytest.raises(ValueError, match="Invalid strategy: 'threads'"):
+            learner(model, opt, F.mse_loss, strategy="threads")
+        bilinear = nn.Bilinear(1, 1, 1)
+        with pytest.raises(ValueError, match='strategy="grouped" needs an nn.Sequential'):
+            learner(bilinear, MetaSGD(bilinear.parameters()), F.mse_loss, strategy="grouped")
+        recurrent = nn.GRU(1, 1)
+        with pytest.raises(ValueError, match='strategy="vmap" cannot run GRU'):
+            learner(recurrent, MetaSGD(recurrent.parameters()), F.mse_loss, strategy="vmap")
     with pytest.raises(ValueError, match="Invalid number of inner steps: 0"):
         MetaLearner(model, opt, F.mse_loss, steps=0)
     with pytest.raises(ValueError, match="is not a parameter of"):

@@ -44,8 +44,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._checks import require_bare_model, require_metasgd, require_params_of, require_steps
-from .batched import LossFn, meta_loss
+from ._checks import (
+    require_bare_model,
+    require_metasgd,
+    require_params_of,
+    require_steps,
+    uncompiled,
+)
+from .batched import LossFn, check_strategy, meta_loss
 from .optimizer import MetaSGD
 
 __all__ = ["MetaLearner", "average_gradients"]
@@ -100,6 +106,7 @@ class MetaLearner(nn.Module):
         require_metasgd(opt, "MetaLearner")
         require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
         require_steps(steps)
+        check_strategy(uncompiled(model), strategy)
         super().__init__()
         self.model = model
         self.step_sizes = nn.ParameterList(opt.meta_parameters())
