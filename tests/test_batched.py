@@ -346,7 +346,7 @@ def test_mismatched_task_dimensions_raise(support_shapes, query_shapes):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(steps=0), "inner steps"), (dict(strategy="threads"), "Invalid strategy")],
+    [(dict(steps=-1), "inner steps: -1"), (dict(strategy="threads"), "Invalid strategy")],
 )
 def test_invalid_arguments_raise(kwargs, match):
     model, opt = _make(dict(lr=0.05), False, False)
@@ -476,7 +476,7 @@ def test_zero_tasks_are_rejected(strategy):
 
 
 @pytest.mark.parametrize("steps", [2.5, True, "2"])
-def test_steps_must_be_a_positive_integer(steps):
+def test_steps_must_be_a_non_negative_integer(steps):
     model, opt = _make(dict(lr=0.05), False, False)
     xs, ys = _tasks()
     with pytest.raises(ValueError, match="Invalid number of inner steps"):
@@ -747,3 +747,27 @@ def test_a_parameter_without_gradient_stays_where_sgd_leaves_it(sgd_options, wit
     for name, p in model.named_parameters():
         direction = p.detach() - torch.stack([e[name] for e in expected]).detach().mean(0)
         torch.testing.assert_close(p.grad, direction, rtol=1e-10, atol=1e-14)
+
+
+def test_a_flag_that_is_not_a_bool_is_rejected_by_every_entry_point():
+    from torch_metasgd import LookAhead, MetaLearner, reptile_loss
+
+    model, opt = _make(dict(lr=0.05), False, False)
+    xs, ys = _tasks()
+    loss_fn = nn.functional.mse_loss
+    calls = [
+        lambda: meta_loss(model, opt, loss_fn, (xs, ys), (xs, ys), first_order="no"),
+        lambda: adapt(model, opt, loss_fn, xs[0], ys[0], first_order="no"),
+        lambda: adapt_tasks(model, opt, loss_fn, (xs, ys), first_order="no"),
+        lambda: MetaLearner(model, opt, loss_fn, first_order="no"),
+        lambda: LookAhead(model, opt, lambda m, b: m(b).sum(), xs[0], first_order="no"),
+        lambda: inner_loop(model, opt, first_order="no").__enter__(),
+        lambda: inner_loop(model, opt, track_higher_grads="no").__enter__(),
+    ]
+    for call in calls:
+        with pytest.raises(
+            ValueError, match=r"Invalid (first_order|track_higher_grads) value: 'no'"
+        ):
+            call()
+    assert all(p.grad is None for p in _wrt(model, opt))
+    reptile_loss(model, opt, loss_fn, (xs, ys))  # takes no first_order: always first order

@@ -468,3 +468,80 @@ def test_a_compiled_model_runs_as_the_module_it_wraps(strategy):
     expected = per_task_meta_loss(model, opt, mse, *one_task)
     _assert_close_in_norm(torch.autograd.grad(loss, wrt), torch.autograd.grad(expected, wrt))
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------
+# Evaluation before adaptation (steps=0); several inputs and targets per task
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "vmap", "loop", "auto"])
+def test_zero_steps_score_the_initial_weights(strategy):
+    from torch_metasgd import adapt, adapt_tasks, reptile_loss
+
+    model, opt, support, query = _problem("GELU")
+    _check_against_reference(model, opt, support, query, strategy, steps=0)
+    fast = adapt_tasks(model, opt, mse, support, steps=0, strategy=strategy)
+    for name, p in model.named_parameters():
+        assert torch.equal(fast[name], p.detach().expand(3, *p.shape))
+        assert torch.equal(adapt(model, opt, mse, support[0][0], support[1][0], steps=0)[name], p)
+    loss = reptile_loss(model, opt, mse, support, query, steps=0, strategy=strategy)
+    loss.backward()
+    torch.testing.assert_close(loss, per_task_meta_loss(model, opt, mse, support, query, steps=0))
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+class _TwoInputs(nn.Module):
+    """A model of two inputs, given as one argument: a (features, mask) tuple or a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+
+    def forward(self, inputs):
+        x, mask = (inputs["x"], inputs["mask"]) if isinstance(inputs, dict) else inputs
+        return self.body(x) * mask
+
+
+def _two_target_loss(out, targets):
+    return mse(out[:, :1], targets[0]) + mse(out[:, 1:], targets[1]["y"])
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "auto"])
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_inputs_and_targets_may_be_tuples_and_dicts_of_tensors(as_dict, strategy):
+    from torch_metasgd import adapt_tasks, reptile_loss
+
+    torch.manual_seed(0)
+    model = _TwoInputs().to(DTYPE)
+    opt = MetaSGD(model.parameters(), lr=0.5).uniform_step_sizes_(0.05, 0.2)
+    g = torch.Generator().manual_seed(1)
+
+    def batch():
+        x = torch.randn(3, 5, 4, generator=g, dtype=DTYPE)
+        mask = (torch.rand(3, 5, 2, generator=g) > 0.3).to(DTYPE)
+        targets = (torch.randn(3, 5, 1, generator=g, dtype=DTYPE),)
+        targets += ({"y": torch.randn(3, 5, 1, generator=g, dtype=DTYPE)},)
+        return ({"x": x, "mask": mask} if as_dict else (x, mask)), targets
+
+    support, query = batch(), batch()
+    wrt = [*model.parameters(), *opt.meta_parameters()]
+    loss = meta_loss(model, opt, _two_target_loss, support, query, steps=2, strategy=strategy)
+    expected = per_task_meta_loss(model, opt, _two_target_loss, support, query, steps=2)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    _assert_close_in_norm(torch.autograd.grad(loss, wrt), torch.autograd.grad(expected, wrt))
+    fast = adapt_tasks(model, opt, _two_target_loss, support, strategy=strategy)
+    assert fast["body.0.weight"].shape == (3, 6, 4)
+    reptile_loss(model, opt, _two_target_loss, support, query, strategy=strategy).backward()
+    with pytest.raises(ValueError, match="leading task dimension"):
+        bad = (support[0], (support[1][0][:2], support[1][1]))
+        meta_loss(model, opt, _two_target_loss, bad, query, strategy=strategy)
+
+
+def test_grouped_refuses_inputs_that_are_not_one_tensor():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1)).to(DTYPE)
+    opt = MetaSGD(model.parameters(), lr=0.5)
+    xs, ys = torch.randn(3, 5, 4, dtype=DTYPE), torch.randn(3, 5, 1, dtype=DTYPE)
+    with pytest.raises(ValueError, match='strategy="grouped" takes one tensor of inputs'):
+        meta_loss(model, opt, mse, ((xs,), ys), ((xs,), ys), strategy="grouped")

@@ -281,7 +281,7 @@ def test_backward_under_any_outer_optimizer_accumulates_like_a_gradient():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(steps=0), "Invalid number of inner steps: 0"),
+        (dict(steps=-1), "Invalid number of inner steps: -1"),
         (dict(steps=2.5), "Invalid number of inner steps: 2.5"),
         (dict(strategy="threads"), "Invalid strategy: 'threads'"),
         (dict(query=(torch.zeros(2, 6, 2), torch.zeros(2, 6, 1))), "leading task dimension"),

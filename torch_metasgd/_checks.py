@@ -6,7 +6,7 @@ Each raises before anything is computed or changed, naming what is wrong.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ __all__ = [
     "require_params_of",
     "require_no_hypergradient",
     "require_steps",
+    "require_bool",
     "require_tasks",
     "require_scalar_loss",
     "scalar_loss",
@@ -63,33 +64,57 @@ def require_no_hypergradient(opt: MetaSGD) -> None:
 
 
 def require_steps(steps: Any) -> None:
-    """``ValueError`` unless ``steps`` is a positive integer."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    """``ValueError`` unless ``steps`` is a non-negative integer (0: the initial weights)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"Invalid number of inner steps: {steps}")
 
 
-def require_tasks(support: Any, query: Any = None) -> int:
-    """The number of tasks ``T``: the leading size shared by the (two or) four tensors, at least 1.
+def require_bool(value: Any, name: str) -> None:
+    """``ValueError`` unless ``value`` is a bool (a truthy string would switch an option on)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r} (expected True or False)")
 
-    Without ``query``, only the support set's two tensors are checked.
+
+def _leaves(tree: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """``(path, leaf)`` of every leaf of nested tuples, lists and dicts."""
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{path}[{key!r}]")
+    elif isinstance(tree, (tuple, list)):
+        for i, value in enumerate(tree):
+            yield from _leaves(value, f"{path}[{i}]")
+    else:
+        yield path, tree
+
+
+def require_tasks(support: Any, query: Any = None, *, allow_none: bool = False) -> int:
+    """The number of tasks ``T``: the leading size shared by every tensor of the batches.
+
+    ``support`` and ``query`` are ``(inputs, targets)`` pairs, each a tensor or
+    tuples, lists and dicts of tensors. Without ``query``, only the support set
+    is checked. ``T`` is at least 1 unless ``allow_none``.
     """
     pairs = {"support": support} if query is None else {"support": support, "query": query}
     for name, pair in pairs.items():
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"{name} must be a pair (inputs, targets)")
-    tensors = {f"{name}[{i}]": t for name, pair in pairs.items() for i, t in enumerate(pair)}
-    sizes = {
-        t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None for t in tensors.values()
-    }
+    leaves = {}
+    for name, pair in pairs.items():
+        for i, part in enumerate(pair):
+            found = dict(_leaves(part, f"{name}[{i}]"))
+            if not found:
+                raise ValueError(f"{name}[{i}] holds no tensor")
+            leaves.update(found)
     what = "support and query" if query is not None else "support inputs and targets"
+    sizes = {t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None for t in leaves.values()}
     if None in sizes or len(sizes) != 1:
         shapes = {
             k: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            for k, t in tensors.items()
+            for k, t in leaves.items()
         }
         raise ValueError(f"{what} must share a leading task dimension, got {shapes}")
     (n_tasks,) = sizes
-    if n_tasks == 0:
+    if n_tasks == 0 and not allow_none:
         raise ValueError(f"Invalid number of tasks: 0 ({what} hold no task)")
     return n_tasks
 

@@ -78,20 +78,23 @@ about 600 MiB against 170 MiB of peak extra memory).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import _exact, _grouped, _kernels
 from ._checks import (
     require_bare_model,
+    require_bool,
     require_metasgd,
     require_no_hypergradient,
     require_params_of,
@@ -122,6 +125,7 @@ class _Plan:
     options: dict[str, _kernels.SGDOptions]
     momentum: dict[str, Tensor]  # the optimizer's buffers at call time, detached
     buffers: dict[str, Tensor]
+    n_tasks: int
 
     def update(
         self,
@@ -175,7 +179,8 @@ def _plan(model: nn.Module, opt: MetaSGD, who: str, n_tasks: int) -> _Plan:
         buf = opt.state[p].get("momentum_buffer")
         if options[name].momentum != 0 and buf is not None:
             momentum[name] = buf.detach()
-    return _Plan(params, trainable, alphas, options, momentum, dict(model.named_buffers()))
+    buffers = dict(model.named_buffers())
+    return _Plan(params, trainable, alphas, options, momentum, buffers, n_tasks)
 
 
 def _task_loss(
@@ -200,10 +205,17 @@ def _adapt_autograd(
     return params
 
 
+def _task(batch, t: int):
+    """Task ``t`` of a batch: every tensor of the (nested) inputs or targets at index ``t``."""
+    return tree_map(lambda leaf: leaf[t], batch)
+
+
 def _adapt_loop(model, plan, loss_fn, support, steps, first_order) -> dict[str, Tensor]:
     per_task = [
-        _adapt_autograd(model, plan, loss_fn, x, y, steps, first_order, t)
-        for t, (x, y) in enumerate(zip(*support, strict=True))
+        _adapt_autograd(
+            model, plan, loss_fn, _task(support[0], t), _task(support[1], t), steps, first_order, t
+        )
+        for t in range(plan.n_tasks)
     ]
     return {n: torch.stack([fast[n] for fast in per_task]) for n in plan.params}
 
@@ -212,9 +224,10 @@ def _losses_loop(model, plan, loss_fn, adapted, batch) -> Tensor:
     # unbind, not indexing: its backward stacks the T gradients at once.
     unbound = {n: p.unbind() for n, p in adapted.items()}
     losses = []
-    for t, (x, y) in enumerate(zip(*batch, strict=True)):
+    for t in range(plan.n_tasks):
         buffers = {k: b.clone() for k, b in plan.buffers.items()}
         params = {n: p[t] for n, p in unbound.items()}
+        x, y = _task(batch[0], t), _task(batch[1], t)
         losses.append(_task_loss(model, loss_fn, params, buffers, x, y))
     return torch.stack(losses)
 
@@ -376,11 +389,10 @@ _DECOMPOSITIONS = {
 
 
 def _adapt_grouped(model, plan, loss_fn, support, steps, first_order) -> dict[str, Tensor]:
-    n_tasks = support[0].shape[0]
     trainable = plan.trainable
     # Every task starts from the same weights: expanded views, so the
     # meta-gradient of the T copies sums into the shared parameter.
-    params = {n: p.expand(n_tasks, *p.shape) for n, p in plan.params.items()}
+    params = {n: p.expand(plan.n_tasks, *p.shape) for n, p in plan.params.items()}
     # (T,) step sizes of scalar granularity broadcast over each task's tensor.
     alphas = {
         n: a.reshape(*a.shape, *(1,) * (params[n].dim() - a.dim())) for n, a in plan.alphas.items()
@@ -442,9 +454,15 @@ def _recurrent(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, _RECURRENT)), None)
 
 
-def _strategy(model: nn.Module, strategy: str, device: torch.device):
-    """``(adapt_all, losses)`` of ``strategy``, checked, ``"auto"`` resolved."""
+def _strategy(model: nn.Module, strategy: str, inputs: Any):
+    """``(adapt_all, losses)`` of ``strategy`` for these inputs, checked, ``"auto"`` resolved."""
     check_strategy(model, strategy)
+    one_tensor = isinstance(inputs, Tensor)
+    if strategy == "grouped" and not one_tensor:
+        raise ValueError(
+            'strategy="grouped" takes one tensor of inputs (the first layer\'s), got a '
+            f'{type(inputs).__name__}: use strategy="vmap" or "loop"'
+        )
     if _is_compiling():
         # Compiled, vmap is the strategy that gives the same gradients (see above).
         recurrent = _recurrent(model)
@@ -456,7 +474,9 @@ def _strategy(model: nn.Module, strategy: str, device: torch.device):
             )
         return _STRATEGIES["vmap"]
     if strategy == "auto":
-        strategy = _auto_strategy(model, device)
+        strategy = _auto_strategy(model, tree_leaves(inputs)[0].device)
+        if strategy == "grouped" and not one_tensor:
+            strategy = "vmap"
     return _STRATEGIES[strategy]
 
 
@@ -480,16 +500,42 @@ def adapted_tasks(
     first order (evaluation). On leaving, the model is as it was.
     """
     require_steps(steps)
-    n_tasks = require_tasks(support, query)
+    require_bool(first_order, "first_order")
+    # Under torch.distributed a rank's share of a meta-batch may be empty.
+    n_tasks = require_tasks(support, query, allow_none=_several_ranks())
     model = uncompiled(model)
-    adapt_all, losses = _strategy(model, strategy, support[0].device)
+    adapt_all, losses = _strategy(model, strategy, support[0])
     loss_fn = scalar_loss(loss_fn)
     first_order = first_order or not torch.is_grad_enabled()
     with model_kept(model), twice_differentiable(not first_order):
         with torch.enable_grad():
             plan = _plan(model, opt, who, n_tasks)
-            adapted = adapt_all(model, plan, loss_fn, tuple(support), steps, first_order)
+            adapted = (
+                adapt_all(model, plan, loss_fn, tuple(support), steps, first_order)
+                if n_tasks
+                else {}
+            )
         yield plan, adapted, lambda batch: losses(model, plan, loss_fn, adapted, batch)
+
+
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def no_task_loss(tensors: Iterable[Tensor]) -> Tensor:
+    """The loss of a rank with no task: 0, with a zero gradient for each of ``tensors``.
+
+    Every tensor a rank with tasks would give a gradient gets one, so that
+    ``DistributedDataParallel``'s all-reduce of it runs on every rank (a
+    missing one leaves the other ranks waiting). An empty slice sums to an
+    exact 0 whatever the tensor holds (``0 * p`` would be NaN at an inf).
+    """
+    loss = torch.zeros(())
+    for t in tensors:
+        if t.requires_grad:
+            empty = t.reshape(-1)[:0].sum()
+            loss = loss + (empty.real if empty.is_complex() else empty)
+    return loss
 
 
 def meta_loss(
@@ -552,7 +598,10 @@ def meta_loss(
     """
     with adapted_tasks(
         model, opt, loss_fn, support, query, steps, first_order, strategy, "meta_loss"
-    ) as (_, _, losses):
+    ) as (plan, _, losses):
+        if plan.n_tasks == 0:
+            step_sizes = opt.meta_parameters() if steps else []
+            return no_task_loss([*plan.params.values(), *step_sizes])
         # Inside torch.no_grad() the losses are computed without a graph.
         return losses(tuple(query)).mean()
 
@@ -605,6 +654,7 @@ def adapt(
         >>> pred = torch.func.functional_call(model, fast, (x,))
     """
     require_steps(steps)
+    require_bool(first_order, "first_order")
     model = uncompiled(model)
     evaluation = not torch.is_grad_enabled()
     first_order = first_order or evaluation

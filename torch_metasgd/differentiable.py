@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from . import _exact, _kernels
 from ._checks import (
     require_bare_model,
+    require_bool,
     require_metasgd,
     require_no_hypergradient,
     require_params_of,
@@ -296,6 +297,12 @@ def inner_loop(
         ...     torch.nn.functional.mse_loss(fmodel(x[5:]), y[5:]).backward()
         >>> meta_opt.step()
     """
+    for name, flag in (
+        ("first_order", first_order),
+        ("copy_initial_weights", copy_initial_weights),
+        ("track_higher_grads", track_higher_grads),
+    ):
+        require_bool(flag, name)
     model = uncompiled(model)
     require_bare_model(model, "inner_loop")
     require_metasgd(opt, "inner_loop")

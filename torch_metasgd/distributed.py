@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ._checks import (
     require_bare_model,
+    require_bool,
     require_metasgd,
     require_params_of,
     require_steps,
@@ -106,6 +107,7 @@ class MetaLearner(nn.Module):
         require_metasgd(opt, "MetaLearner")
         require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
         require_steps(steps)
+        require_bool(first_order, "first_order")
         check_strategy(uncompiled(model), strategy)
         super().__init__()
         self.model = model

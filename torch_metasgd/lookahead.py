@@ -27,7 +27,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from ._checks import require_metasgd, require_no_hypergradient, require_params_of
+from ._checks import (
+    require_bool,
+    require_metasgd,
+    require_no_hypergradient,
+    require_params_of,
+)
 from .differentiable import inner_loop
 from .distributed import average_gradients
 from .optimizer import MetaSGD
@@ -99,6 +104,7 @@ class LookAhead:
         require_metasgd(opt, "LookAhead")
         require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
         require_no_hypergradient(opt)
+        require_bool(first_order, "first_order")
         for name, value in (("every", every), ("unroll", unroll)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Invalid {name} value: {value}")

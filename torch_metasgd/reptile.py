@@ -115,15 +115,17 @@ def reptile_loss(
         model, opt, loss_fn, support, query, steps, True, strategy, "reptile_loss"
     ) as (plan, adapted, losses):
         scored = tuple(support if query is None else query)
-        if not torch.is_grad_enabled():
-            return losses(scored).mean()
         step_sizes = (
             [s for s in opt.meta_parameters() if s.requires_grad] if query is not None else []
         )
+        theta = [plan.params[n] for n in plan.trainable]
+        if plan.n_tasks == 0:  # a rank without tasks under torch.distributed
+            return batched.no_task_loss([*theta, *(step_sizes if steps else [])])
+        if not torch.is_grad_enabled():
+            return losses(scored).mean()
         with torch.set_grad_enabled(bool(step_sizes)):
             value = losses(scored).mean()
         step_grads = torch.autograd.grad(value, step_sizes, allow_unused=True) if step_sizes else []
-        theta = [plan.params[n] for n in plan.trainable]
         # The mean of the T displacements, not theta minus the mean of the T
         # adapted weights: the displacements are small, theta need not be.
         directions = [
