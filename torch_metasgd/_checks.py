@@ -101,6 +101,9 @@ def require_tasks(support: Any, query: Any = None, *, allow_none: bool = False) 
     leaves = {}
     for name, pair in pairs.items():
         for i, part in enumerate(pair):
+            if isinstance(part, Tensor):  # the common case, without the walk
+                leaves[f"{name}[{i}]"] = part
+                continue
             found = dict(_leaves(part, f"{name}[{i}]"))
             if not found:
                 raise ValueError(f"{name}[{i}] holds no tensor")

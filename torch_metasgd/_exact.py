@@ -69,14 +69,16 @@ def update(
     alpha: Tensor,
     options: _kernels.SGDOptions,
     first_order: bool,
+    dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`torch_metasgd._kernels.metasgd_update`, the new weights in ``param``'s dtype.
+    """:func:`torch_metasgd._kernels.metasgd_update`, the new weights rounded to ``dtype``.
 
-    The step sizes of a half-precision parameter are float32 (master
-    weights), which promote ``param - alpha * d`` to float32: the step is
+    ``dtype`` is the parameter's where its step size's differs, else ``None``:
+    the step sizes of a half-precision parameter are float32 (master
+    weights), which promote ``param - alpha * d`` to float32. The step is
     taken in float32 and rounded once to the parameter's dtype, as
     ``MetaSGD.step()`` rounds its in-place update, and the meta-gradient
     reaches the float32 step sizes through the rounding.
     """
     new, buf = _kernels.metasgd_update(param, grad, momentum_buffer, alpha, options, first_order)
-    return (new if new.dtype == param.dtype else new.to(param.dtype)), buf
+    return (new if dtype is None else new.to(dtype)), buf

@@ -28,7 +28,6 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 _POINTWISE = (
     nn.ReLU,
@@ -45,6 +44,7 @@ _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _CHANNELS = (nn.Conv2d, nn.BatchNorm2d, *_POOLS)
 _FEATURES = (nn.Linear, nn.BatchNorm1d)
 _WITH_WEIGHTS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+_KINDS = (*_CHANNELS, *_FEATURES, nn.Flatten, *_POINTWISE)
 
 
 def _is_sequential(module: nn.Module) -> bool:
@@ -65,29 +65,36 @@ def _layers(model: nn.Sequential) -> Iterator[nn.Module]:
 
 def _kind(layer: nn.Module) -> type[nn.Module] | None:
     """The supported class whose computation ``layer`` is (its ``forward`` not overridden)."""
-    if layer._forward_hooks or layer._forward_pre_hooks or parametrize.is_parametrized(layer):
+    if layer._forward_hooks or layer._forward_pre_hooks:
         return None
-    for kind in (*_CHANNELS, *_FEATURES, nn.Flatten, *_POINTWISE):
+    if type(layer) in _KINDS:
+        return type(layer)
+    for kind in _KINDS:
         if isinstance(layer, kind):
             return kind if type(layer).forward is kind.forward else None
     return None
 
 
+def _hooked_container(model: nn.Sequential) -> bool:
+    return bool(model._forward_hooks or model._forward_pre_hooks) or any(
+        _hooked_container(child) for child in model._modules.values() if _is_sequential(child)
+    )
+
+
 def supports(model: nn.Module) -> bool:
     """Whether ``model`` is a ``Sequential`` this module can run task-stacked."""
-    if not _is_sequential(model):
+    if not _is_sequential(model) or _hooked_container(model):
         return False
-    containers = [m for m in model.modules() if isinstance(m, nn.Sequential)]
-    if any(m._forward_hooks or m._forward_pre_hooks for m in containers):
-        return False
-    params = {id(p) for p in model.parameters()}
     spatial = None  # unknown until the first layer that needs one layout
     for layer in _layers(model):
         kind = _kind(layer)
         if kind is None:
             return False
+        # A weight that is not the layer's own parameter (a parametrization's,
+        # or one a hook sets) would not be read.
         if kind in _WITH_WEIGHTS and any(
-            t is not None and id(t) not in params for t in (layer.weight, layer.bias)
+            t is not None and layer._parameters.get(name) is not t
+            for name, t in (("weight", layer.weight), ("bias", layer.bias))
         ):
             return False
         if kind is nn.Conv2d and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
@@ -107,29 +114,33 @@ def supports(model: nn.Module) -> bool:
     return True
 
 
-def _starts_with_channels(model: nn.Sequential) -> bool:
-    for layer in _layers(model):
+def _starts_with_channels(layers: list[nn.Module]) -> bool:
+    for layer in layers:
         if isinstance(layer, (*_CHANNELS, *_FEATURES, nn.Flatten)):
             return isinstance(layer, _CHANNELS)
     return False
 
 
-def forward(model: nn.Sequential, params: dict[str, Tensor], x: Tensor) -> Tensor:
+def forward(
+    model: nn.Sequential, params: dict[str, Tensor], names: dict[int, str], x: Tensor
+) -> Tensor:
     """``model`` applied to ``x[t]`` with the parameters ``params[name][t]``, for every task ``t``.
 
     ``params`` hold every parameter of ``model`` by name, with a leading task
-    dimension ``T``; ``x`` is ``(T, N, ...)`` and the result ``(T, N, ...)``.
-    Batch norms in train mode use each task's batch statistics and write no
-    running statistics.
+    dimension ``T``; ``names`` give the name of each of the model's
+    parameters by ``id``; ``x`` is ``(T, N, ...)`` and the result
+    ``(T, N, ...)``. Batch norms in train mode use each task's batch
+    statistics and write no running statistics.
     """
-    by_id = {id(p): params[name] for name, p in model.named_parameters()}
+    by_id = {i: params[name] for i, name in names.items()}
 
     def tensor(layer: nn.Module, attr: str) -> Tensor | None:
         t = getattr(layer, attr)
         return None if t is None else by_id[id(t)]
 
+    layers = list(_layers(model))
     n_tasks, n = x.shape[:2]
-    channels = _starts_with_channels(model)
+    channels = _starts_with_channels(layers)
     if channels:
         if x.dim() != 5:
             raise ValueError(
@@ -139,7 +150,7 @@ def forward(model: nn.Sequential, params: dict[str, Tensor], x: Tensor) -> Tenso
         h = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])
     else:
         h = x
-    for layer in _layers(model):
+    for layer in layers:
         if isinstance(layer, nn.Conv2d):
             w, b = tensor(layer, "weight"), tensor(layer, "bias")
             h = F.conv2d(
@@ -170,12 +181,14 @@ def forward(model: nn.Sequential, params: dict[str, Tensor], x: Tensor) -> Tenso
 
 def _linear(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """Every task's ``(N, *, F)`` examples through its own weights: one batched product."""
-    rows = h.flatten(1, -2)
+    # (T, N, *, F) as (T, N * ..., F); the reshapes only where there are extra
+    # dimensions (two more graph nodes per layer and backward).
+    rows = h if h.dim() == 3 else h.flatten(1, -2)
     if b is None:
         out = torch.bmm(rows, w.transpose(1, 2))
     else:
         out = torch.baddbmm(b.unsqueeze(1), rows, w.transpose(1, 2))
-    return out.unflatten(1, h.shape[1:-1])
+    return out if h.dim() == 3 else out.unflatten(1, h.shape[1:-1])
 
 
 def _batch_norm(layer, weight, bias, h, channels, n_tasks) -> Tensor:

@@ -37,31 +37,66 @@ What it shares with :func:`torch_metasgd.inner_loop` (``higher``):
   loop over tasks does; in eval mode it uses the running statistics.
 * ``first_order=True`` treats each inner direction (gradient, weight decay,
   momentum) as a constant: first-order MAML for :math:`\theta`, and the exact
-  first-order gradient for :math:`s`.
+  first-order gradient for :math:`s`;
+* a parameter the support loss never reaches (no gradient) is left as it is,
+  weight decay and momentum included, as ``torch.optim.SGD`` leaves it;
+* the inner step keeps the parameter's dtype: for a bfloat16/float16
+  parameter (whose step sizes are float32) it is taken in float32 and rounded
+  once, as ``MetaSGD.step()`` rounds, and the meta-gradient reaches the
+  float32 step sizes.
+
+The inputs and targets of a batch (``support = (inputs, targets)``) are
+tensors, or tuples, lists and dicts of tensors, each with the leading task
+dimension ``T``; the model is called on a task's inputs as its one argument
+(``model(inputs[t])``), the loss as ``loss_fn(output, targets[t])``.
+``steps=0`` scores the initial weights (evaluation before adaptation).
 
 Three strategies compute the same numbers (``strategy=``):
 
 * ``"vmap"``: ``torch.func.grad`` inside ``torch.func.vmap`` over tasks; any
-  model ``functional_call`` and vmap can run. Batch, layer and instance norms
-  run as mean/variance arithmetic there, because the native ops'
-  second-order gradients through ``vmap(grad(...))`` are wrong in torch 2.13.
-* ``"loop"``: ``functional_call`` and ``torch.autograd.grad``, task by task.
-* ``"grouped"``: an ``nn.Sequential`` of Conv2d, BatchNorm, pooling, Flatten,
-  Linear and activation layers, run once as a network ``T`` times as wide
-  (grouped convolutions, batched matrix products; see :mod:`._grouped`).
+  model (and ``loss_fn``) that ``functional_call`` and vmap can run:
+  not recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells
+  have no batching rule; refused), nor code vmap refuses (``.item()``,
+  data-dependent control flow: torch raises). Batch, layer and instance
+  norms run as mean/variance arithmetic there, because the native ops'
+  second-order gradients through ``vmap(grad(...))`` are wrong in torch 2.13
+  (group and RMS norms, attention, embeddings and activations are exact
+  natively and run as they are).
+* ``"loop"``: ``functional_call`` and ``torch.autograd.grad``, task by task;
+  any model.
+* ``"grouped"``: an ``nn.Sequential`` (nested ones flattened, a module used
+  twice run twice) of Conv2d, BatchNorm, pooling, Flatten, Linear and
+  activation layers, each run by its type, so none with its own ``forward``,
+  a hook or a parametrization, run once as a network ``T`` times as wide
+  (grouped convolutions, batched matrix products; see :mod:`._grouped`). Its
+  inputs are one tensor, ``(T, N, C, H, W)`` for a convolutional network,
+  ``(T, N, *, F)`` otherwise; ``loss_fn`` runs under ``vmap``.
 
 ``"auto"`` picks by structure and by the device of the data, after
-measurements (``benchmarks/speed.py --device``): on a CPU the loop for
-convolutional networks (vmap is about 2.5x and grouped about 1.3x slower
-there), ``"grouped"`` for other supported Sequentials (MLPs: about 1.5x
-faster than vmap, 10x faster than the loop); on a GPU ``"grouped"`` for every
+measurements (``benchmarks/speed.py --device``): the loop for recurrent
+networks, on any device; on a CPU the loop for convolutional networks (vmap
+is about 2.5x and grouped about 1.3x slower there), ``"grouped"`` for other
+supported Sequentials with one tensor of inputs (MLPs: about 1.5x faster
+than vmap, 10x faster than the loop); on a GPU ``"grouped"`` for every
 supported Sequential (on an H100, conv4 meta-batches ran 6-16x faster than
-the loop, 1.3-1.6x faster than vmap); ``"vmap"`` for everything else.
+the loop, 1.3-1.6x faster than vmap); ``"vmap"`` for everything else. So
+``"auto"`` usually runs ``loss_fn`` under ``vmap``: a loss that vmap cannot
+run needs ``strategy="loop"``.
 
 With second-order gradients, ``scaled_dot_product_attention`` (in
 ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) runs as its math
-kernel during the inner loops, whatever the strategy: the flash kernel torch
-picks on a CPU cannot be differentiated twice.
+kernel during the inner loops of vmap and the loop: the flash kernel torch
+picks on a CPU cannot be differentiated twice. A ``torch.compile``'d model
+runs as the module it wraps (the same parameters): a compiled forward cannot
+be differentiated twice; compile the function that calls :func:`meta_loss`
+instead. Whatever ``torch.func.functional_call`` does inside, the model's
+parameters and buffers are the same tensors after the call as before.
+
+Under ``torch.distributed`` with several ranks, a rank may hold no task: the
+loss is then 0, with a zero gradient for every parameter and step size, so
+that ``DistributedDataParallel``'s all-reduce still runs on every rank (see
+:class:`torch_metasgd.MetaLearner` for weighting unequal shares). In one
+process, zero tasks are an error.
 
 Under ``torch.compile`` (``torch.compile(meta_loss)``, or a compiled function
 that calls it) every strategy runs as vmap, the only one that compiles with
@@ -79,7 +114,7 @@ about 600 MiB against 170 MiB of peak extra memory).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +161,9 @@ class _Plan:
     momentum: dict[str, Tensor]  # the optimizer's buffers at call time, detached
     buffers: dict[str, Tensor]
     n_tasks: int
+    names: dict[int, str]  # the name of every parameter, by id
+    # The dtype of each parameter whose step size has another (half precision).
+    rounded_to: dict[str, torch.dtype]
 
     def update(
         self,
@@ -151,7 +189,13 @@ class _Plan:
                     new_bufs[name] = bufs[name]
                 continue
             params[name], buf = _exact.update(
-                params[name], g, bufs.get(name), alphas[name], self.options[name], first_order
+                params[name],
+                g,
+                bufs.get(name),
+                alphas[name],
+                self.options[name],
+                first_order,
+                self.rounded_to.get(name),
             )
             if buf is not None:
                 new_bufs[name] = buf
@@ -180,7 +224,9 @@ def _plan(model: nn.Module, opt: MetaSGD, who: str, n_tasks: int) -> _Plan:
         if options[name].momentum != 0 and buf is not None:
             momentum[name] = buf.detach()
     buffers = dict(model.named_buffers())
-    return _Plan(params, trainable, alphas, options, momentum, buffers, n_tasks)
+    names = {id(p): name for name, p in params.items()}
+    rounded_to = {n: params[n].dtype for n in trainable if params[n].dtype != alphas[n].dtype}
+    return _Plan(params, trainable, alphas, options, momentum, buffers, n_tasks, names, rounded_to)
 
 
 def _task_loss(
@@ -207,7 +253,7 @@ def _adapt_autograd(
 
 def _task(batch, t: int):
     """Task ``t`` of a batch: every tensor of the (nested) inputs or targets at index ``t``."""
-    return tree_map(lambda leaf: leaf[t], batch)
+    return batch[t] if isinstance(batch, Tensor) else tree_map(lambda leaf: leaf[t], batch)
 
 
 def _adapt_loop(model, plan, loss_fn, support, steps, first_order) -> dict[str, Tensor]:
@@ -310,10 +356,10 @@ class _DecomposedNorms(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        decomposition = _DECOMPOSITIONS.get(func)
-        if decomposition is not None:
-            return decomposition(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+        # Every op inside vmap comes here: the common case first, at the least cost.
+        if func not in _DECOMPOSITIONS:
+            return func(*args, **(kwargs or {}))
+        return _DECOMPOSITIONS[func](*args, **(kwargs or {}))
 
 
 def _normalize(x: Tensor, dims: list[int], eps: float) -> Tensor:
@@ -402,7 +448,7 @@ def _adapt_grouped(model, plan, loss_fn, support, steps, first_order) -> dict[st
         theta = params
         if first_order:
             theta = {n: p.detach().requires_grad_(n in plan.alphas) for n, p in params.items()}
-        out = _grouped.forward(model, theta, support[0])
+        out = _grouped.forward(model, theta, plan.names, support[0])
         # Tasks are independent: the gradient of the sum is every task's own.
         loss = vmap(loss_fn)(out, support[1]).sum()
         grads = torch.autograd.grad(
@@ -417,7 +463,7 @@ def _adapt_grouped(model, plan, loss_fn, support, steps, first_order) -> dict[st
 
 
 def _losses_grouped(model, plan, loss_fn, adapted, batch) -> Tensor:
-    return vmap(loss_fn)(_grouped.forward(model, adapted, batch[0]), batch[1])
+    return vmap(loss_fn)(_grouped.forward(model, adapted, plan.names, batch[0]), batch[1])
 
 
 #: Per strategy: the inner loops of all tasks (every parameter, with a leading
@@ -442,8 +488,8 @@ def check_strategy(model: nn.Module, strategy: Any) -> None:
             "Flatten, Linear and activation layers, each run by its own type (no subclass "
             "forward, hook or parametrization)"
         )
-    recurrent = _recurrent(model)
-    if strategy == "vmap" and recurrent is not None:
+    recurrent = _recurrent(model) if strategy == "vmap" else None
+    if recurrent is not None:
         raise ValueError(
             f'strategy="vmap" cannot run {type(recurrent).__name__}: torch.func.vmap has no '
             'batching rule for recurrent layers; use strategy="loop" (what "auto" picks for them)'
@@ -454,8 +500,8 @@ def _recurrent(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, _RECURRENT)), None)
 
 
-def _strategy(model: nn.Module, strategy: str, inputs: Any):
-    """``(adapt_all, losses)`` of ``strategy`` for these inputs, checked, ``"auto"`` resolved."""
+def _strategy(model: nn.Module, strategy: str, inputs: Any) -> str:
+    """The strategy that runs, for these inputs: checked, ``"auto"`` resolved."""
     check_strategy(model, strategy)
     one_tensor = isinstance(inputs, Tensor)
     if strategy == "grouped" and not one_tensor:
@@ -472,12 +518,13 @@ def _strategy(model: nn.Module, strategy: str, inputs: Any):
                 f"{type(recurrent).__name__} (no batching rule for recurrent layers): "
                 "call meta_loss uncompiled"
             )
-        return _STRATEGIES["vmap"]
+        return "vmap"
     if strategy == "auto":
-        strategy = _auto_strategy(model, tree_leaves(inputs)[0].device)
+        device = inputs.device if one_tensor else tree_leaves(inputs)[0].device
+        strategy = _auto_strategy(model, device)
         if strategy == "grouped" and not one_tensor:
             strategy = "vmap"
-    return _STRATEGIES[strategy]
+    return strategy
 
 
 @contextmanager
@@ -504,10 +551,16 @@ def adapted_tasks(
     # Under torch.distributed a rank's share of a meta-batch may be empty.
     n_tasks = require_tasks(support, query, allow_none=_several_ranks())
     model = uncompiled(model)
-    adapt_all, losses = _strategy(model, strategy, support[0])
+    strategy = _strategy(model, strategy, support[0])
+    adapt_all, losses = _STRATEGIES[strategy]
     loss_fn = scalar_loss(loss_fn)
     first_order = first_order or not torch.is_grad_enabled()
-    with model_kept(model), twice_differentiable(not first_order):
+    # The task-stacked network calls no functional_call and holds no attention.
+    functional = strategy != "grouped"
+    with (
+        model_kept(model) if functional else nullcontext(),
+        twice_differentiable(functional and not first_order),
+    ):
         with torch.enable_grad():
             plan = _plan(model, opt, who, n_tasks)
             adapted = (
@@ -552,8 +605,9 @@ def meta_loss(
     r"""The mean query loss over a meta-batch after ``steps`` inner Meta-SGD steps per task.
 
     See the module docstring for the update. ``support = (x, y)`` and
-    ``query = (x, y)`` carry a leading task dimension ``T``; task ``t`` adapts
-    on ``support[0][t], support[1][t]`` with ``loss_fn(model(x), y)`` and is
+    ``query = (x, y)`` carry a leading task dimension ``T`` (on every tensor,
+    if ``x`` or ``y`` are tuples or dicts of tensors); task ``t`` adapts on
+    ``support[0][t], support[1][t]`` with ``loss_fn(model(x), y)`` and is
     scored on its query set. ``.backward()`` on the result fills ``.grad`` of
     the model's parameters and of ``opt.meta_parameters()``, exactly as the
     mean over tasks of :func:`torch_metasgd.inner_loop` would.
@@ -564,8 +618,9 @@ def meta_loss(
             the hyperparameters) of the inner loop. Its step sizes are read
             live, its state is never written.
         loss_fn: ``loss_fn(model_output, targets) -> scalar``.
-        support, query: ``(inputs, targets)``, each with leading size ``T``.
-        steps: inner steps per task (default: 1).
+        support, query: ``(inputs, targets)``, each a tensor or tuples, lists
+            and dicts of tensors, every tensor with leading size ``T``.
+        steps: inner steps per task; 0 scores the initial weights (default: 1).
         first_order: treat inner directions as constants (first-order MAML);
             the step sizes still get their gradient (default: False).
         strategy: ``"vmap"``, ``"loop"``, ``"grouped"`` or ``"auto"`` (see
@@ -576,9 +631,11 @@ def meta_loss(
     gradients, first order, and the returned loss has no graph.
 
     Raises:
-        ValueError: the four tensors do not share a leading task dimension of
-            at least 1, ``steps`` is not a positive integer, an unknown
-            strategy, ``"grouped"`` for a model it cannot run, an optimizer
+        ValueError: the tensors do not share a leading task dimension of at
+            least 1 (of 0 too under torch.distributed), ``steps`` is not a
+            non-negative integer, ``first_order`` not a bool, an unknown
+            strategy, ``"grouped"`` for a model or inputs it cannot run,
+            ``"vmap"`` (or compiling) for a recurrent model, an optimizer
             parameter that is not the model's, a group with
             ``hypergrad_lr > 0``, or ``loss_fn`` returns a non-scalar.
         TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`, or ``model``
@@ -619,11 +676,13 @@ def _auto_strategy(model: nn.Module, device: torch.device) -> str:
     Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells)
     have no vmap batching rule: the loop runs them, on any device.
     """
-    if _recurrent(model) is not None:
+    modules = list(model.modules())
+    if any(isinstance(m, _RECURRENT) for m in modules):
         return "loop"  # the only strategy that runs them
-    if device.type == "cpu":
-        if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules()):
-            return "loop"
+    if device.type == "cpu" and any(
+        isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in modules
+    ):
+        return "loop"
     return "grouped" if _grouped.supports(model) else "vmap"
 
 
@@ -640,7 +699,9 @@ def adapt(
     r"""Adapt to one task: the parameters after ``steps`` inner Meta-SGD steps.
 
     Returns every parameter of ``model`` by name (those the optimizer does not
-    hold unchanged), for :func:`torch.func.functional_call`. The result is
+    hold unchanged), in its dtype, for :func:`torch.func.functional_call`. The
+    model is called as ``model(inputs)`` (``inputs`` may be a tuple or dict of
+    tensors); ``steps=0`` returns the parameters themselves. The result is
     differentiable in the model's parameters and the step sizes unless
     ``first_order``; neither the model nor the optimizer is modified. Inside
     ``torch.no_grad()`` (adapting at test time) the inner steps still take
@@ -678,12 +739,14 @@ def adapt_tasks(
 ) -> dict[str, Tensor]:
     r"""Adapt to every task of a meta-batch at once: the parameters after ``steps`` inner steps.
 
-    Returns every parameter of ``model`` by name with a leading task dimension
-    ``T``: entry ``t`` is :func:`adapt` on ``support[0][t], support[1][t]``
-    (to float rounding), computed with ``strategy`` as :func:`meta_loss`
-    does. Differentiable in the model's parameters and the step sizes (through
-    the inner steps unless ``first_order``); neither the model nor the
-    optimizer is modified. Inside ``torch.no_grad()`` the result has no graph.
+    Returns every parameter of ``model`` by name, in its dtype, with a
+    leading task dimension ``T``: entry ``t`` is :func:`adapt` on
+    ``support[0][t], support[1][t]`` (to float rounding), computed with
+    ``strategy`` as :func:`meta_loss` does (``support`` as there; ``steps=0``
+    gives the parameters, expanded). Differentiable in the model's parameters
+    and the step sizes (through the inner steps unless ``first_order``);
+    neither the model nor the optimizer is modified. Inside
+    ``torch.no_grad()`` the result has no graph.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(),

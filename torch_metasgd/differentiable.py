@@ -232,9 +232,9 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
             for i, (p, g, alpha) in enumerate(zip(params, grads, alphas, strict=True)):
                 if g is None:
                     continue
-                params[i], buf = _exact.update(
-                    p, g, state[i].get("momentum_buffer"), alpha, options, self._first_order
-                )
+                buf = state[i].get("momentum_buffer")
+                dtype = p.dtype if p.dtype != alpha.dtype else None
+                params[i], buf = _exact.update(p, g, buf, alpha, options, self._first_order, dtype)
                 if buf is not None:
                     state[i]["momentum_buffer"] = buf
 

@@ -69,7 +69,11 @@ class MetaLearner(nn.Module):
     here: on each rank, pass that rank's share of the meta-batch.
 
     DDP averages the ranks' losses with equal weights: give every rank the same
-    number of tasks, or scale rank :math:`r`'s loss by :math:`R\,T_r / T`.
+    number of tasks, or scale rank :math:`r`'s loss by :math:`R\,T_r / T`. A
+    rank may hold no task (``T_r = 0``): its loss is 0, with a zero gradient
+    for every parameter, so DDP's all-reduce runs on every rank and the
+    others do not wait; scaled as above, the mean is over the tasks that
+    exist (a zero-task rank's loss is the same whatever its scale).
     Every parameter gets a gradient (those the optimizer does not hold too,
     through the query loss), so ``find_unused_parameters`` is needed only for
     modules the forward never calls; ``static_graph=True`` works as well.
@@ -79,7 +83,8 @@ class MetaLearner(nn.Module):
         opt: the :class:`~torch_metasgd.MetaSGD` over ``model``'s parameters
             holding the step sizes.
         loss_fn: ``loss_fn(model_output, targets) -> scalar``.
-        steps, first_order, strategy: as in :func:`torch_metasgd.meta_loss`.
+        steps, first_order, strategy: as in :func:`torch_metasgd.meta_loss`;
+            checked here, so a wrong one raises before DDP wraps the module.
 
     Example (``torchrun --nproc_per_node=2 train.py``)::
 

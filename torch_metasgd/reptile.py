@@ -84,20 +84,30 @@ def reptile_loss(
         opt: the :class:`~torch_metasgd.MetaSGD` of the inner loop (step
             sizes, momentum, weight decay, param groups); read, never written.
         loss_fn: ``loss_fn(model_output, targets) -> scalar``.
-        support: ``(inputs, targets)`` of the inner loops, leading size ``T``.
+        support: ``(inputs, targets)`` of the inner loops, leading size ``T``
+            (tensors, or tuples and dicts of tensors, as in
+            :func:`torch_metasgd.meta_loss`).
         query: optional ``(inputs, targets)``, leading size ``T``: the loss
             reported, and the step sizes' meta-gradient (default: None).
         steps: inner steps per task, :math:`k` (default: 5, as the paper's
-            Omniglot runs; with 1, Reptile is joint training on all tasks).
+            Omniglot runs; with 1, Reptile is joint training on all tasks;
+            with 0, the direction is 0 and the value the loss at
+            :math:`\theta`).
         strategy: ``"auto"``, ``"vmap"``, ``"loop"`` or ``"grouped"``, as in
             :func:`torch_metasgd.meta_loss` (default: "auto").
 
+    A rank without tasks under torch.distributed returns 0 with a zero
+    gradient for every parameter the optimizer holds (and the step sizes,
+    with a query set), as :func:`torch_metasgd.meta_loss` does. Complex
+    parameters get their direction as well.
+
     Raises:
-        ValueError: ``steps`` is not a positive integer, an unknown strategy
-            (or ``"grouped"`` for a model it cannot run), tensors without a
-            shared leading task dimension of at least 1, an optimizer
-            parameter that is not the model's, a group with
-            ``hypergrad_lr > 0``, or ``loss_fn`` returns a non-scalar.
+        ValueError: ``steps`` is not a non-negative integer, an unknown
+            strategy (or one that cannot run the model or inputs, as in
+            :func:`torch_metasgd.meta_loss`), tensors without a shared
+            leading task dimension of at least 1, an optimizer parameter that
+            is not the model's, a group with ``hypergrad_lr > 0``, or
+            ``loss_fn`` returns a non-scalar.
         TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`.
 
     Example:
