@@ -30,6 +30,7 @@ from torch_metasgd import (
     MetaSGD,
     ReptileLearner,
     adapt,
+    adapt_tasks,
     average_gradients,
     inner_loop,
 )
@@ -177,6 +178,10 @@ def _rank_runs(rank: int) -> dict:
             (WORLD * loss if rank == 0 else loss).backward()
         out[f"zero_tasks/{name}"] = _grads(model, opt)
         out[f"zero_tasks/{name}/loss"] = loss.detach()
+    model, opt = _learner("mlp")
+    support, _, loss_fn = _tasks("mlp", 0, seed=1)
+    fast = adapt_tasks(model, opt, loss_fn, support)
+    out["zero_tasks/adapt_tasks"] = {n: tuple(p.shape) for n, p in fast.items()}
 
     model, opt = _learner("mlp")
     support, query, loss_fn = _tasks("mlp", TASKS, seed=1)
@@ -310,6 +315,12 @@ def test_a_rank_with_no_task_adds_nothing_and_keeps_ddp_in_step(two_ranks, case)
     for ranks in two_ranks:
         torch.testing.assert_close(ranks[f"zero_tasks/{case}"], expected, rtol=1e-12, atol=1e-14)
     assert two_ranks[1][f"zero_tasks/{case}/loss"] == 0
+
+
+def test_adapt_tasks_on_a_rank_with_no_task_gives_every_parameter_for_none(two_ranks):
+    model, _ = _learner("mlp")
+    expected = {n: (0, *p.shape) for n, p in model.named_parameters()}
+    assert all(ranks["zero_tasks/adapt_tasks"] == expected for ranks in two_ranks)
 
 
 def test_zero_tasks_in_one_process_are_still_an_error():

@@ -563,11 +563,10 @@ def adapted_tasks(
     ):
         with torch.enable_grad():
             plan = _plan(model, opt, who, n_tasks)
-            adapted = (
-                adapt_all(model, plan, loss_fn, tuple(support), steps, first_order)
-                if n_tasks
-                else {}
-            )
+            if n_tasks:
+                adapted = adapt_all(model, plan, loss_fn, tuple(support), steps, first_order)
+            else:  # no inner loop to run: every parameter, for none of the tasks
+                adapted = {n: p.expand(0, *p.shape) for n, p in plan.params.items()}
         yield plan, adapted, lambda batch: losses(model, plan, loss_fn, adapted, batch)
 
 

@@ -276,6 +276,9 @@ def inner_loop(
             ``torch.no_grad()`` it is ``False`` whatever is passed, and the
             loop's block runs with gradients enabled (the inner steps need them).
 
+    A ``torch.compile``'d model runs as the module it wraps (the same
+    parameters): a compiled forward cannot be differentiated twice.
+
     With second-order gradients (neither ``first_order`` nor evaluation),
     ``scaled_dot_product_attention`` runs as its math kernel inside the block
     (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``): the flash kernel
