@@ -91,10 +91,15 @@ def supports(model: nn.Module) -> bool:
         if kind is None:
             return False
         # A weight that is not the layer's own parameter (a parametrization's,
-        # or one a hook sets) would not be read.
-        if kind in _WITH_WEIGHTS and any(
-            t is not None and layer._parameters.get(name) is not t
-            for name, t in (("weight", layer.weight), ("bias", layer.bias))
+        # or one a hook sets) would not be read. A layer of the exact class
+        # has no property that could shadow its parameters.
+        if (
+            kind in _WITH_WEIGHTS
+            and type(layer) is not kind
+            and any(
+                t is not None and layer._parameters.get(name) is not t
+                for name, t in (("weight", layer.weight), ("bias", layer.bias))
+            )
         ):
             return False
         if kind is nn.Conv2d and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
