@@ -656,6 +656,7 @@ def meta_loss(
         model, opt, loss_fn, support, query, steps, first_order, strategy, "meta_loss"
     ) as (plan, _, losses):
         if plan.n_tasks == 0:
+            # The step sizes take part only through inner steps.
             step_sizes = opt.meta_parameters() if steps else []
             return no_task_loss([*plan.params.values(), *step_sizes])
         # Inside torch.no_grad() the losses are computed without a graph.
