@@ -8,6 +8,7 @@ float64: no ``torch.func``, no task-stacked network.
 from __future__ import annotations
 
 import copy
+import multiprocessing
 
 import pytest
 import torch
@@ -344,11 +345,11 @@ def _strokes(n: int, g: torch.Generator) -> torch.Tensor:
     )
 
 
-def test_vmap_in_float32_on_the_omniglot_conv_net_is_as_close_to_float64_as_the_loop():
-    # 2 tasks of 5-way 1-shot with 15 queries per class. The vmap strategy's
-    # batch norm took its mean and variance in two passes: on this meta-batch
-    # its meta-gradient was 7.5e-4 (norm-relative) off float64, where the
-    # loop's and grouped's are 1e-5 and 3e-6.
+def _omniglot_vmap_float32_errors() -> list[float]:
+    """The vmap meta-gradient's norm-relative error against float64: weights, step sizes.
+
+    2 tasks of 5-way 1-shot with 15 queries per class, on Omniglot-like images.
+    """
     torch.manual_seed(3)
     model = _conv4()
     opt = MetaSGD(model.parameters(), lr=1.0).uniform_step_sizes_(0.005, 0.1)
@@ -368,11 +369,24 @@ def test_vmap_in_float32_on_the_omniglot_conv_net_is_as_close_to_float64_as_the_
     loss = meta_loss(model, opt, ce, (xs, ys), (xq, yq), strategy="vmap")
     grads = torch.autograd.grad(loss, [*model.parameters(), *opt.meta_parameters()])
     n = len(list(model.parameters()))
-    for part in (slice(0, n), slice(n, None)):  # the weights, then the step sizes
+    errors = []
+    for part in (slice(0, n), slice(n, None)):
         pairs = zip(grads[part], expected_grads[part], strict=True)
         error = torch.cat([(a.double() - e).flatten() for a, e in pairs])
         scale = torch.cat([e.flatten() for e in expected_grads[part]])
-        assert error.norm() <= 3e-5 * scale.norm()
+        errors.append((error.norm() / scale.norm()).item())
+    return errors
+
+
+def test_vmap_in_float32_on_the_omniglot_conv_net_is_as_close_to_float64_as_the_loop():
+    # The vmap strategy's batch norm took its mean and variance in two passes:
+    # on this meta-batch its meta-gradient was 7.5e-4 off float64, where the
+    # loop's and grouped's are 1e-5 and 3e-6. In a fresh process: the freed
+    # memory of its float64 graphs would stay in this one's heap, and a later
+    # test that measures the growth of the resident set would see none.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        errors = pool.apply(_omniglot_vmap_float32_errors)
+    assert max(errors) <= 3e-5, errors
 
 
 # --------------------------------------------------------------------------
