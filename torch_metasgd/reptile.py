@@ -148,7 +148,10 @@ def reptile_loss(
         surrogate = value.detach()
         for p, g in zip([*theta, *step_sizes], [*directions, *step_grads], strict=True):
             if g is not None:
-                surrogate = surrogate + ((p - p.detach()) * g.conj()).real.sum()
+                term = (
+                    ((p - p.detach()) * g.conj()).real if g.is_complex() else (p - p.detach()) * g
+                )
+                surrogate = surrogate + term.sum()
         return surrogate
 
 
