@@ -346,7 +346,7 @@ def test_mismatched_task_dimensions_raise(support_shapes, query_shapes):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(steps=0), "inner steps"), (dict(strategy="threads"), "Invalid strategy")],
+    [(dict(steps=-1), "inner steps: -1"), (dict(strategy="threads"), "Invalid strategy")],
 )
 def test_invalid_arguments_raise(kwargs, match):
     model, opt = _make(dict(lr=0.05), False, False)
@@ -476,7 +476,7 @@ def test_zero_tasks_are_rejected(strategy):
 
 
 @pytest.mark.parametrize("steps", [2.5, True, "2"])
-def test_steps_must_be_a_positive_integer(steps):
+def test_steps_must_be_a_non_negative_integer(steps):
     model, opt = _make(dict(lr=0.05), False, False)
     xs, ys = _tasks()
     with pytest.raises(ValueError, match="Invalid number of inner steps"):
@@ -682,3 +682,92 @@ def test_adapt_tasks_rejects_support_without_a_shared_task_dimension():
     xs, ys = _tasks()
     with pytest.raises(ValueError, match="support inputs and targets must share"):
         adapt_tasks(model, opt, nn.functional.mse_loss, (xs, ys[:2]))
+
+
+# --------------------------------------------------------------------------
+# A parameter the loss never touches: left alone, as torch.optim.SGD leaves it
+# --------------------------------------------------------------------------
+
+
+class _WithSpare(nn.Module):
+    """An MLP with a registered layer its forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp()
+        self.spare = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _sgd_adapted(model, sgd_options, buffers, x, y, steps):
+    """``steps`` of torch.optim.SGD on a copy, from the given momentum buffers."""
+    work = copy.deepcopy(model)
+    sgd = torch.optim.SGD(work.parameters(), **sgd_options)
+    for p, buf in zip(work.parameters(), buffers, strict=True):
+        if buf is not None:
+            sgd.state[p]["momentum_buffer"] = buf.clone()
+    for _ in range(steps):
+        sgd.zero_grad()
+        nn.functional.mse_loss(work(x), y).backward()
+        sgd.step()
+    return dict(work.named_parameters())
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "auto"])
+@pytest.mark.parametrize(
+    "sgd_options, with_state",
+    [(dict(lr=0.05, weight_decay=0.1), False), (dict(lr=0.05, momentum=0.9), True)],
+    ids=["weight_decay", "momentum_buffers"],
+)
+def test_a_parameter_without_gradient_stays_where_sgd_leaves_it(sgd_options, with_state, strategy):
+    from torch_metasgd import reptile_loss
+
+    torch.manual_seed(0)
+    model = _WithSpare().double()
+    opt = MetaSGD(model.parameters(), **sgd_options)  # fresh step sizes: SGD's steps
+    xs, ys = _tasks(seed=40)
+    if with_state:  # buffers for every parameter, the spare one's included
+        (model(xs[0]).sum() + model.spare(xs[0]).sum()).backward()
+        opt.step()
+        model.zero_grad()
+    buffers = [opt.state[p].get("momentum_buffer") for p in model.parameters()]
+    fast = adapt_tasks(model, opt, nn.functional.mse_loss, (xs, ys), steps=2, strategy=strategy)
+    expected = [
+        _sgd_adapted(model, sgd_options, buffers, xs[t], ys[t], 2) for t in range(xs.shape[0])
+    ]
+    for name, p in fast.items():
+        torch.testing.assert_close(
+            p, torch.stack([e[name] for e in expected]).detach(), rtol=1e-12, atol=1e-14
+        )
+    reptile_loss(
+        model, opt, nn.functional.mse_loss, (xs, ys), steps=2, strategy=strategy
+    ).backward()
+    for name, p in model.named_parameters():
+        direction = p.detach() - torch.stack([e[name] for e in expected]).detach().mean(0)
+        torch.testing.assert_close(p.grad, direction, rtol=1e-10, atol=1e-14)
+
+
+def test_a_flag_that_is_not_a_bool_is_rejected_by_every_entry_point():
+    from torch_metasgd import LookAhead, MetaLearner, reptile_loss
+
+    model, opt = _make(dict(lr=0.05), False, False)
+    xs, ys = _tasks()
+    loss_fn = nn.functional.mse_loss
+    calls = [
+        lambda: meta_loss(model, opt, loss_fn, (xs, ys), (xs, ys), first_order="no"),
+        lambda: adapt(model, opt, loss_fn, xs[0], ys[0], first_order="no"),
+        lambda: adapt_tasks(model, opt, loss_fn, (xs, ys), first_order="no"),
+        lambda: MetaLearner(model, opt, loss_fn, first_order="no"),
+        lambda: LookAhead(model, opt, lambda m, b: m(b).sum(), xs[0], first_order="no"),
+        lambda: inner_loop(model, opt, first_order="no").__enter__(),
+        lambda: inner_loop(model, opt, track_higher_grads="no").__enter__(),
+    ]
+    for call in calls:
+        with pytest.raises(
+            ValueError, match=r"Invalid (first_order|track_higher_grads) value: 'no'"
+        ):
+            call()
+    assert all(p.grad is None for p in _wrt(model, opt))
+    reptile_loss(model, opt, loss_fn, (xs, ys))  # takes no first_order: always first order

@@ -24,7 +24,16 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from torch_metasgd import LookAhead, MetaLearner, MetaSGD, adapt, average_gradients, inner_loop
+from torch_metasgd import (
+    LookAhead,
+    MetaLearner,
+    MetaSGD,
+    ReptileLearner,
+    adapt,
+    adapt_tasks,
+    average_gradients,
+    inner_loop,
+)
 from torch_metasgd import meta_loss as metasgd_meta_loss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +65,14 @@ META_LOSS_CASES = {
     ),
     "mlp-first-layer-held": ("mlp-first-layer", dict(strategy="vmap"), {}),
     "conv-loop": ("conv", dict(strategy="loop"), {}),
+}
+
+# name: (model, learner, its options), a rank with no task
+ZERO_TASK_CASES = {
+    "meta_loss-vmap": ("mlp", MetaLearner, dict(strategy="vmap")),
+    "meta_loss-loop-2-steps": ("mlp", MetaLearner, dict(strategy="loop", steps=2)),
+    "meta_loss-grouped-conv": ("conv", MetaLearner, dict(strategy="grouped")),
+    "reptile-auto": ("mlp", ReptileLearner, dict(steps=2)),
 }
 
 
@@ -146,6 +163,25 @@ def _rank_runs(rank: int) -> dict:
         )
         learner(_shard(support, rank), _shard(query, rank)).backward()
         out[f"meta_loss/{name}"] = _grads(model, opt)
+
+    # Rank 0 holds the whole meta-batch, rank 1 none: rank r's loss weighted by
+    # R * T_r / T (2 on rank 0, anything on rank 1). Two iterations: the
+    # second would fail if the first had left DDP's reducer waiting.
+    for name, (kind, learner_type, options) in ZERO_TASK_CASES.items():
+        model, opt = _learner(kind)
+        support, query, loss_fn = _tasks(kind, TASKS, seed=1)
+        learner = DistributedDataParallel(learner_type(model, opt, loss_fn, **options))
+        mine = slice(0, TASKS if rank == 0 else 0)
+        for _ in range(2):
+            learner.zero_grad()
+            loss = learner(tuple(t[mine] for t in support), tuple(t[mine] for t in query))
+            (WORLD * loss if rank == 0 else loss).backward()
+        out[f"zero_tasks/{name}"] = _grads(model, opt)
+        out[f"zero_tasks/{name}/loss"] = loss.detach()
+    model, opt = _learner("mlp")
+    support, _, loss_fn = _tasks("mlp", 0, seed=1)
+    fast = adapt_tasks(model, opt, loss_fn, support)
+    out["zero_tasks/adapt_tasks"] = {n: tuple(p.shape) for n, p in fast.items()}
 
     model, opt = _learner("mlp")
     support, query, loss_fn = _tasks("mlp", TASKS, seed=1)
@@ -267,6 +303,31 @@ def test_meta_loss_gradients_of_two_ranks_match_one_process_with_all_tasks(two_r
     expected = _grads(model, opt)
     for ranks in two_ranks:
         torch.testing.assert_close(ranks[f"meta_loss/{case}"], expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("case", list(ZERO_TASK_CASES))
+def test_a_rank_with_no_task_adds_nothing_and_keeps_ddp_in_step(two_ranks, case):
+    kind, learner_type, options = ZERO_TASK_CASES[case]
+    model, opt = _learner(kind)
+    support, query, loss_fn = _tasks(kind, TASKS, seed=1)
+    learner_type(model, opt, loss_fn, **options)(support, query).backward()
+    expected = _grads(model, opt)
+    for ranks in two_ranks:
+        torch.testing.assert_close(ranks[f"zero_tasks/{case}"], expected, rtol=1e-12, atol=1e-14)
+    assert two_ranks[1][f"zero_tasks/{case}/loss"] == 0
+
+
+def test_adapt_tasks_on_a_rank_with_no_task_gives_every_parameter_for_none(two_ranks):
+    model, _ = _learner("mlp")
+    expected = {n: (0, *p.shape) for n, p in model.named_parameters()}
+    assert all(ranks["zero_tasks/adapt_tasks"] == expected for ranks in two_ranks)
+
+
+def test_zero_tasks_in_one_process_are_still_an_error():
+    model, opt = _learner("mlp")
+    support, query, loss_fn = _tasks("mlp", 0, seed=1)
+    with pytest.raises(ValueError, match="Invalid number of tasks: 0"):
+        MetaLearner(model, opt, loss_fn)(support, query)
 
 
 def test_inner_loop_gradients_averaged_over_two_ranks_match_one_process(two_ranks):
@@ -438,8 +499,17 @@ def test_meta_learner_state_dict_loads_into_the_live_step_sizes():
 
 def test_meta_learner_validates_before_wrapping():
     model, opt = _learner("mlp")
-    with pytest.raises(ValueError, match="Invalid number of inner steps: 0"):
-        MetaLearner(model, opt, F.mse_loss, steps=0)
+    for learner in (MetaLearner, ReptileLearner):
+        with pytest.raises(ValueError, match="Invalid strategy: 'threads'"):
+            learner(model, opt, F.mse_loss, strategy="threads")
+        bilinear = nn.Bilinear(1, 1, 1)
+        with pytest.raises(ValueError, match='strategy="grouped" needs an nn.Sequential'):
+            learner(bilinear, MetaSGD(bilinear.parameters()), F.mse_loss, strategy="grouped")
+        recurrent = nn.GRU(1, 1)
+        with pytest.raises(ValueError, match='strategy="vmap" cannot run GRU'):
+            learner(recurrent, MetaSGD(recurrent.parameters()), F.mse_loss, strategy="vmap")
+    with pytest.raises(ValueError, match="Invalid number of inner steps: -1"):
+        MetaLearner(model, opt, F.mse_loss, steps=-1)
     with pytest.raises(ValueError, match="is not a parameter of"):
         MetaLearner(nn.Linear(1, 1), opt, F.mse_loss)
     with pytest.raises(TypeError, match="needs a torch_metasgd.MetaSGD"):

@@ -189,3 +189,20 @@ def test_lookahead_updates_step_sizes_when_stepped_inside_no_grad():
         loss = lookahead.step(train[0])
     assert loss is not None and torch.isfinite(loss)
     assert all(not torch.equal(s, b) for s, b in zip(opt.meta_parameters(), before, strict=True))
+
+
+def test_a_dict_held_out_batch_is_one_batch_as_its_tuple_is():
+    model, train, held_out = _lookahead_problem()
+
+    def run(as_batch, loss_fn):
+        work = copy.deepcopy(model)
+        opt = MetaSGD(work.parameters(), lr=0.05, parametrization="log")
+        lookahead = LookAhead(work, opt, loss_fn, as_batch(held_out), every=1, unroll=1)
+        return [lookahead.step(as_batch(train[0])) for _ in range(2)], opt.meta_parameters()
+
+    as_tuple = run(lambda b: b, _mse)
+    as_dict = run(lambda b: {"x": b[0], "y": b[1]}, lambda m, b: F.mse_loss(m(b["x"]), b["y"]))
+    for a, b in zip([*as_tuple[0], *as_tuple[1]], [*as_dict[0], *as_dict[1]], strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="empty batch"):
+        LookAhead(model, MetaSGD(model.parameters()), _mse, {"x": torch.zeros(0, 3)})

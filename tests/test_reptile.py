@@ -281,7 +281,7 @@ def test_backward_under_any_outer_optimizer_accumulates_like_a_gradient():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(steps=0), "Invalid number of inner steps: 0"),
+        (dict(steps=-1), "Invalid number of inner steps: -1"),
         (dict(steps=2.5), "Invalid number of inner steps: 2.5"),
         (dict(strategy="threads"), "Invalid strategy: 'threads'"),
         (dict(query=(torch.zeros(2, 6, 2), torch.zeros(2, 6, 1))), "leading task dimension"),
@@ -354,3 +354,34 @@ def test_distributed_data_parallel_averages_to_the_reptile_direction_of_all_task
     single(_tasks(4, seed=12), _tasks(4, seed=13)).backward()
     for p, g in zip(single.parameters(), averaged, strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_complex_parameters_get_the_sgd_reptile_direction():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 1)).to(torch.complex128)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 6, 2, generator=g, dtype=torch.complex128)
+    y = torch.randn(3, 6, 1, generator=g, dtype=torch.complex128)
+
+    def loss_fn(out, target):
+        return (out - target).abs().pow(2).mean()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    adapted = []
+    for t in range(3):  # torch.optim.SGD, task by task
+        work = copy.deepcopy(model)
+        sgd = torch.optim.SGD(work.parameters(), lr=0.1)
+        for _ in range(2):
+            sgd.zero_grad()
+            loss_fn(work(x[t]), y[t]).backward()
+            sgd.step()
+        adapted.append([p.detach() for p in work.parameters()])
+    opt = MetaSGD(model.parameters(), lr=0.1)
+    for strategy in STRATEGIES:
+        model.zero_grad()
+        loss = reptile_loss(model, opt, loss_fn, (x, y), steps=2, strategy=strategy)
+        assert not loss.is_complex()
+        loss.backward()
+        for i, p in enumerate(model.parameters()):
+            mean = torch.stack([a[i] for a in adapted]).mean(0)
+            torch.testing.assert_close(p.grad, before[i] - mean, rtol=1e-10, atol=1e-14)

@@ -5,7 +5,8 @@ Each raises before anything is computed or changed, naming what is wrong.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,10 +20,12 @@ __all__ = [
     "require_params_of",
     "require_no_hypergradient",
     "require_steps",
+    "require_bool",
     "require_tasks",
     "require_scalar_loss",
     "scalar_loss",
     "require_bare_model",
+    "uncompiled",
 ]
 
 
@@ -62,33 +65,60 @@ def require_no_hypergradient(opt: MetaSGD) -> None:
 
 
 def require_steps(steps: Any) -> None:
-    """``ValueError`` unless ``steps`` is a positive integer."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    """``ValueError`` unless ``steps`` is a non-negative integer (0: the initial weights)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"Invalid number of inner steps: {steps}")
 
 
-def require_tasks(support: Any, query: Any = None) -> int:
-    """The number of tasks ``T``: the leading size shared by the (two or) four tensors, at least 1.
+def require_bool(value: Any, name: str) -> None:
+    """``ValueError`` unless ``value`` is a bool (a truthy string would switch an option on)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r} (expected True or False)")
 
-    Without ``query``, only the support set's two tensors are checked.
+
+def _leaves(tree: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """``(path, leaf)`` of every leaf of nested tuples, lists and dicts."""
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{path}[{key!r}]")
+    elif isinstance(tree, (tuple, list)):
+        for i, value in enumerate(tree):
+            yield from _leaves(value, f"{path}[{i}]")
+    else:
+        yield path, tree
+
+
+def require_tasks(support: Any, query: Any = None, *, allow_none: bool = False) -> int:
+    """The number of tasks ``T``: the leading size shared by every tensor of the batches.
+
+    ``support`` and ``query`` are ``(inputs, targets)`` pairs, each a tensor or
+    tuples, lists and dicts of tensors. Without ``query``, only the support set
+    is checked. ``T`` is at least 1 unless ``allow_none``.
     """
     pairs = {"support": support} if query is None else {"support": support, "query": query}
     for name, pair in pairs.items():
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"{name} must be a pair (inputs, targets)")
-    tensors = {f"{name}[{i}]": t for name, pair in pairs.items() for i, t in enumerate(pair)}
-    sizes = {
-        t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None for t in tensors.values()
-    }
+    leaves = {}
+    for name, pair in pairs.items():
+        for i, part in enumerate(pair):
+            if isinstance(part, Tensor):  # the common case, without the walk
+                leaves[f"{name}[{i}]"] = part
+                continue
+            found = dict(_leaves(part, f"{name}[{i}]"))
+            if not found:
+                raise ValueError(f"{name}[{i}] holds no tensor")
+            leaves.update(found)
     what = "support and query" if query is not None else "support inputs and targets"
+    sizes = {t.shape[0] if isinstance(t, Tensor) and t.dim() > 0 else None for t in leaves.values()}
     if None in sizes or len(sizes) != 1:
         shapes = {
             k: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            for k, t in tensors.items()
+            for k, t in leaves.items()
         }
         raise ValueError(f"{what} must share a leading task dimension, got {shapes}")
     (n_tasks,) = sizes
-    if n_tasks == 0:
+    if n_tasks == 0 and not allow_none:
         raise ValueError(f"Invalid number of tasks: 0 ({what} hold no task)")
     return n_tasks
 
@@ -143,3 +173,18 @@ def require_bare_model(model: nn.Module, who: str) -> None:
             f"unsharded model{data_parallel}. A sharded model can learn its step sizes "
             "online: MetaSGD(model.parameters(), ..., hypergrad_lr=0.1).step()"
         )
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``'d ``model`` wraps (the same parameters), else ``model``.
+
+    The inner loops differentiate the model twice, which a compiled forward
+    cannot do (aot_autograd has no double backward; higher recurses into the
+    wrapper for ever), and the task-stacked strategy reads the layers of the
+    module itself: it runs, eagerly, as the module it compiles.
+    """
+    # torch._dynamo is imported by the first torch.compile: without it there is no wrapper.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod
+    return model

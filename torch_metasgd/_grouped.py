@@ -10,7 +10,15 @@ this beats both ``vmap`` (which decomposes and expands) and a Python loop over
 tasks on convolutional networks.
 
 Activations live in one of two layouts: ``(N, T * C, *spatial)`` ("channels",
-after convolutions) or ``(T, N, F)`` ("features", after ``Flatten``).
+from the first convolution, batch norm or pool on) or ``(T, N, *, F)``
+("features": a task's ``(N, *, F)`` examples, as its ``nn.Linear`` takes them,
+before any of those or after ``Flatten``).
+
+The layers are run by their type, not through their ``forward``: a module
+whose ``forward`` could do something else (a subclass, a hook, a
+parametrization, a weight that is not a parameter of the model) is not
+supported. A module used twice runs twice; tensors are found by identity, so
+weights tied between modules stay tied.
 """
 
 from __future__ import annotations
@@ -33,62 +41,123 @@ _POINTWISE = (
     nn.Identity,
 )
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+_CHANNELS = (nn.Conv2d, nn.BatchNorm2d, *_POOLS)
+_FEATURES = (nn.Linear, nn.BatchNorm1d)
+_WITH_WEIGHTS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+_KINDS = (*_CHANNELS, *_FEATURES, nn.Flatten, *_POINTWISE)
 
 
-def _layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    for name, child in model.named_children():
-        path = f"{prefix}{name}"
-        if isinstance(child, nn.Sequential):
-            yield from _layers(child, f"{path}.")
-        else:
-            yield path, child
+def _is_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _layers(model: nn.Sequential) -> Iterator[nn.Module]:
+    """Every layer in the order it runs, nested Sequentials flattened, repeats included.
+
+    ``named_children`` would skip the second use of a module.
+    """
+    for child in model._modules.values():
+        if _is_sequential(child):
+            yield from _layers(child)
+        elif child is not None:
+            yield child
+
+
+def _kind(layer: nn.Module) -> type[nn.Module] | None:
+    """The supported class whose computation ``layer`` is (its ``forward`` not overridden)."""
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    if type(layer) in _KINDS:
+        return type(layer)
+    for kind in _KINDS:
+        if isinstance(layer, kind):
+            return kind if type(layer).forward is kind.forward else None
+    return None
+
+
+def _hooked_container(model: nn.Sequential) -> bool:
+    return bool(model._forward_hooks or model._forward_pre_hooks) or any(
+        _hooked_container(child) for child in model._modules.values() if _is_sequential(child)
+    )
 
 
 def supports(model: nn.Module) -> bool:
     """Whether ``model`` is a ``Sequential`` this module can run task-stacked."""
-    if not isinstance(model, nn.Sequential):
+    if not _is_sequential(model) or _hooked_container(model):
         return False
     spatial = None  # unknown until the first layer that needs one layout
-    for _, layer in _layers(model):
-        if isinstance(layer, nn.Conv2d):
-            if layer.padding_mode != "zeros" or isinstance(layer.padding, str) or spatial is False:
-                return False
-            spatial = True
-        elif isinstance(layer, (nn.BatchNorm2d, *_POOLS)):
+    for layer in _layers(model):
+        kind = _kind(layer)
+        if kind is None:
+            return False
+        # A weight that is not the layer's own parameter (a parametrization's,
+        # or one a hook sets) would not be read. A layer of the exact class
+        # has no property that could shadow its parameters.
+        if (
+            kind in _WITH_WEIGHTS
+            and type(layer) is not kind
+            and any(
+                t is not None and layer._parameters.get(name) is not t
+                for name, t in (("weight", layer.weight), ("bias", layer.bias))
+            )
+        ):
+            return False
+        if kind is nn.Conv2d and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+            return False
+        if kind in _CHANNELS:
             if spatial is False:
                 return False
             spatial = True
-        elif isinstance(layer, (nn.Linear, nn.BatchNorm1d)):
+        elif kind in _FEATURES:
             if spatial:
                 return False
             spatial = False
-        elif isinstance(layer, nn.Flatten):
+        elif kind is nn.Flatten:
             if layer.start_dim != 1 or layer.end_dim != -1:
                 return False
             spatial = False
-        elif not isinstance(layer, _POINTWISE):
-            return False
     return True
 
 
+def _starts_with_channels(layers: list[nn.Module]) -> bool:
+    for layer in layers:
+        if isinstance(layer, (*_CHANNELS, *_FEATURES, nn.Flatten)):
+            return isinstance(layer, _CHANNELS)
+    return False
+
+
 def forward(
-    model: nn.Sequential, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor
+    model: nn.Sequential, params: dict[str, Tensor], names: dict[int, str], x: Tensor
 ) -> Tensor:
     """``model`` applied to ``x[t]`` with the parameters ``params[name][t]``, for every task ``t``.
 
-    ``params`` hold a leading task dimension ``T``; ``x`` is ``(T, N, ...)``
-    and the result ``(T, N, ...)``. Batch norms in train mode use each task's
-    batch statistics and write no running statistics.
+    ``params`` hold every parameter of ``model`` by name, with a leading task
+    dimension ``T``; ``names`` give the name of each of the model's
+    parameters by ``id``; ``x`` is ``(T, N, ...)`` and the result
+    ``(T, N, ...)``. Batch norms in train mode use each task's batch
+    statistics and write no running statistics.
     """
+    by_id = {i: params[name] for i, name in names.items()}
+
+    def tensor(layer: nn.Module, attr: str) -> Tensor | None:
+        t = getattr(layer, attr)
+        return None if t is None else by_id[id(t)]
+
+    layers = list(_layers(model))
     n_tasks, n = x.shape[:2]
-    if x.dim() > 3:
-        h, channels = x.transpose(0, 1).reshape(n, -1, *x.shape[3:]), True
+    channels = _starts_with_channels(layers)
+    if channels:
+        if x.dim() != 5:
+            raise ValueError(
+                "a convolutional network needs inputs of shape (tasks, examples, channels, "
+                f"height, width), got {tuple(x.shape)}"
+            )
+        h = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])
     else:
-        h, channels = x, False
-    for name, layer in _layers(model):
+        h = x
+    for layer in layers:
         if isinstance(layer, nn.Conv2d):
-            w = params[f"{name}.weight"]
-            b = params.get(f"{name}.bias")
+            w, b = tensor(layer, "weight"), tensor(layer, "bias")
             h = F.conv2d(
                 h,
                 w.reshape(-1, *w.shape[2:]),
@@ -99,17 +168,15 @@ def forward(
                 layer.groups * n_tasks,
             )
         elif isinstance(layer, nn.Linear):
-            w = params[f"{name}.weight"]
-            b = params.get(f"{name}.bias")
-            if b is None:
-                h = torch.bmm(h, w.transpose(1, 2))
-            else:
-                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            h = _linear(h, tensor(layer, "weight"), tensor(layer, "bias"))
         elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            h = _batch_norm(layer, name, params, buffers, h, channels, n_tasks)
+            weight, bias = tensor(layer, "weight"), tensor(layer, "bias")
+            h = _batch_norm(layer, weight, bias, h, channels, n_tasks)
         elif isinstance(layer, nn.Flatten):
             if channels:
                 h, channels = h.reshape(n, n_tasks, -1).transpose(0, 1), False
+            else:
+                h = h.flatten(2)
         else:
             h = layer(h)
     if channels:
@@ -117,21 +184,28 @@ def forward(
     return h
 
 
-def _batch_norm(layer, name, params, buffers, h, channels, n_tasks) -> Tensor:
-    weight = params.get(f"{name}.weight")
-    bias = params.get(f"{name}.bias")
+def _linear(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """Every task's ``(N, *, F)`` examples through its own weights: one batched product."""
+    # (T, N, *, F) as (T, N * ..., F); the reshapes only where there are extra
+    # dimensions (two more graph nodes per layer and backward).
+    rows = h if h.dim() == 3 else h.flatten(1, -2)
+    if b is None:
+        out = torch.bmm(rows, w.transpose(1, 2))
+    else:
+        out = torch.baddbmm(b.unsqueeze(1), rows, w.transpose(1, 2))
+    return out if h.dim() == 3 else out.unflatten(1, h.shape[1:-1])
+
+
+def _batch_norm(layer, weight, bias, h, channels, n_tasks) -> Tensor:
     use_batch_stats = layer.training or layer.running_mean is None
     running_mean = running_var = None
     if not use_batch_stats:
-        running_mean = buffers[f"{name}.running_mean"].repeat(n_tasks)
-        running_var = buffers[f"{name}.running_var"].repeat(n_tasks)
-    features = not channels
-    if features:
-        # (T, N, F) -> (N, T * F): a batch norm over T * F channels.
-        t, n = h.shape[:2]
-        h = h.transpose(0, 1).reshape(n, -1)
+        running_mean = layer.running_mean.repeat(n_tasks)
+        running_var = layer.running_var.repeat(n_tasks)
+    # Features (T, N, C, *rest) -> (N, T * C, *rest): a batch norm over T * C channels.
+    stacked = h if channels else h.transpose(0, 1).flatten(1, 2)
     out = F.batch_norm(
-        h,
+        stacked,
         running_mean,
         running_var,
         None if weight is None else weight.reshape(-1),
@@ -140,6 +214,4 @@ def _batch_norm(layer, name, params, buffers, h, channels, n_tasks) -> Tensor:
         0.0,
         layer.eps,
     )
-    if features:
-        out = out.reshape(n, t, -1).transpose(0, 1)
-    return out
+    return out if channels else out.unflatten(1, (n_tasks, -1)).transpose(0, 1)

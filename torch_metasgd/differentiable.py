@@ -26,14 +26,17 @@ import torch
 from higher.optim import DifferentiableOptimizer
 from torch import Tensor, nn
 
-from . import _kernels
+from . import _exact, _kernels
 from ._checks import (
     require_bare_model,
+    require_bool,
     require_metasgd,
     require_no_hypergradient,
     require_params_of,
     require_scalar_loss,
+    uncompiled,
 )
+from ._exact import twice_differentiable
 from .optimizer import MetaSGD, for_each_subclass
 
 __all__ = ["DifferentiableMetaSGD", "inner_loop"]
@@ -229,9 +232,9 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
             for i, (p, g, alpha) in enumerate(zip(params, grads, alphas, strict=True)):
                 if g is None:
                     continue
-                params[i], buf = _kernels.metasgd_update(
-                    p, g, state[i].get("momentum_buffer"), alpha, options, self._first_order
-                )
+                buf = state[i].get("momentum_buffer")
+                dtype = p.dtype if p.dtype != alpha.dtype else None
+                params[i], buf = _exact.update(p, g, buf, alpha, options, self._first_order, dtype)
                 if buf is not None:
                     state[i]["momentum_buffer"] = buf
 
@@ -273,6 +276,14 @@ def inner_loop(
             ``torch.no_grad()`` it is ``False`` whatever is passed, and the
             loop's block runs with gradients enabled (the inner steps need them).
 
+    A ``torch.compile``'d model runs as the module it wraps (the same
+    parameters): a compiled forward cannot be differentiated twice.
+
+    With second-order gradients (neither ``first_order`` nor evaluation),
+    ``scaled_dot_product_attention`` runs as its math kernel inside the block
+    (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``): the flash kernel
+    torch picks on a CPU cannot be differentiated twice.
+
     Raises:
         TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`, or ``model``
             is wrapped in ``DistributedDataParallel``/``DataParallel`` (see
@@ -289,13 +300,20 @@ def inner_loop(
         ...     torch.nn.functional.mse_loss(fmodel(x[5:]), y[5:]).backward()
         >>> meta_opt.step()
     """
+    for name, flag in (
+        ("first_order", first_order),
+        ("copy_initial_weights", copy_initial_weights),
+        ("track_higher_grads", track_higher_grads),
+    ):
+        require_bool(flag, name)
+    model = uncompiled(model)
     require_bare_model(model, "inner_loop")
     require_metasgd(opt, "inner_loop")
     require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
     # Inside torch.no_grad() (evaluation) the inner steps still need their
     # gradients, and nothing outside the loop needs a graph.
     track_higher_grads = track_higher_grads and torch.is_grad_enabled()
-    with torch.enable_grad():
+    with torch.enable_grad(), twice_differentiable(track_higher_grads and not first_order):
         fmodel = higher.monkeypatch(
             model, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
         )

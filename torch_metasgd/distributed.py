@@ -44,8 +44,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._checks import require_bare_model, require_metasgd, require_params_of, require_steps
-from .batched import LossFn, meta_loss
+from ._checks import (
+    require_bare_model,
+    require_bool,
+    require_metasgd,
+    require_params_of,
+    require_steps,
+    uncompiled,
+)
+from .batched import LossFn, check_strategy, meta_loss
 from .optimizer import MetaSGD
 
 __all__ = ["MetaLearner", "average_gradients"]
@@ -62,7 +69,11 @@ class MetaLearner(nn.Module):
     here: on each rank, pass that rank's share of the meta-batch.
 
     DDP averages the ranks' losses with equal weights: give every rank the same
-    number of tasks, or scale rank :math:`r`'s loss by :math:`R\,T_r / T`.
+    number of tasks, or scale rank :math:`r`'s loss by :math:`R\,T_r / T`. A
+    rank may hold no task (``T_r = 0``): its loss is 0, with a zero gradient
+    for every parameter, so DDP's all-reduce runs on every rank and the
+    others do not wait; scaled as above, the mean is over the tasks that
+    exist (a zero-task rank's loss is the same whatever its scale).
     Every parameter gets a gradient (those the optimizer does not hold too,
     through the query loss), so ``find_unused_parameters`` is needed only for
     modules the forward never calls; ``static_graph=True`` works as well.
@@ -72,7 +83,8 @@ class MetaLearner(nn.Module):
         opt: the :class:`~torch_metasgd.MetaSGD` over ``model``'s parameters
             holding the step sizes.
         loss_fn: ``loss_fn(model_output, targets) -> scalar``.
-        steps, first_order, strategy: as in :func:`torch_metasgd.meta_loss`.
+        steps, first_order, strategy: as in :func:`torch_metasgd.meta_loss`;
+            checked here, so a wrong one raises before DDP wraps the module.
 
     Example (``torchrun --nproc_per_node=2 train.py``)::
 
@@ -100,6 +112,8 @@ class MetaLearner(nn.Module):
         require_metasgd(opt, "MetaLearner")
         require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
         require_steps(steps)
+        require_bool(first_order, "first_order")
+        check_strategy(uncompiled(model), strategy)
         super().__init__()
         self.model = model
         self.step_sizes = nn.ParameterList(opt.meta_parameters())

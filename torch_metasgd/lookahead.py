@@ -20,13 +20,19 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
-from ._checks import require_metasgd, require_no_hypergradient, require_params_of
+from ._checks import (
+    require_bool,
+    require_metasgd,
+    require_no_hypergradient,
+    require_params_of,
+)
 from .differentiable import inner_loop
 from .distributed import average_gradients
 from .optimizer import MetaSGD
@@ -55,9 +61,9 @@ class LookAhead:
             the step sizes).
         loss_fn: ``loss_fn(model, batch) -> Tensor``, the loss of a batch;
             called with a patched copy of ``model``.
-        held_out: the held-out data: one batch (a tensor, or a tuple or list
-            of tensors), or an iterable of batches (e.g. a ``DataLoader``),
-            cycled.
+        held_out: the held-out data: one batch (a tensor, a tuple or list
+            of tensors, or a dict), or an iterable of batches (e.g. a
+            ``DataLoader``), cycled.
         every: update the step sizes every ``every`` calls of :meth:`step`
             (default: 10).
         unroll: the number of differentiable steps :math:`k` (default: 5).
@@ -98,6 +104,7 @@ class LookAhead:
         require_metasgd(opt, "LookAhead")
         require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
         require_no_hypergradient(opt)
+        require_bool(first_order, "first_order")
         for name, value in (("every", every), ("unroll", unroll)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Invalid {name} value: {value}")
@@ -184,7 +191,8 @@ class LookAhead:
 
 
 def _is_batch(held_out: Any) -> bool:
-    return isinstance(held_out, Tensor) or (
+    """One batch: a tensor, a tuple or list of tensors, or a mapping (iterating it gives keys)."""
+    return isinstance(held_out, (Tensor, Mapping)) or (
         isinstance(held_out, (tuple, list)) and all(isinstance(t, Tensor) for t in held_out)
     )
 
@@ -192,7 +200,7 @@ def _is_batch(held_out: Any) -> bool:
 def _check_held_out(held_out: Any) -> None:
     """``ValueError`` for held-out data that :meth:`LookAhead.update` could not draw from."""
     if _is_batch(held_out):
-        tensors = [held_out] if isinstance(held_out, Tensor) else list(held_out)
+        tensors = [t for t in tree_leaves(held_out) if isinstance(t, Tensor)]
         if not tensors or any(t.dim() == 0 or t.shape[0] == 0 for t in tensors):
             shapes = [tuple(t.shape) for t in tensors]
             raise ValueError(f"Invalid held_out: an empty batch (tensor shapes {shapes})")

@@ -84,20 +84,30 @@ def reptile_loss(
         opt: the :class:`~torch_metasgd.MetaSGD` of the inner loop (step
             sizes, momentum, weight decay, param groups); read, never written.
         loss_fn: ``loss_fn(model_output, targets) -> scalar``.
-        support: ``(inputs, targets)`` of the inner loops, leading size ``T``.
+        support: ``(inputs, targets)`` of the inner loops, leading size ``T``
+            (tensors, or tuples and dicts of tensors, as in
+            :func:`torch_metasgd.meta_loss`).
         query: optional ``(inputs, targets)``, leading size ``T``: the loss
             reported, and the step sizes' meta-gradient (default: None).
         steps: inner steps per task, :math:`k` (default: 5, as the paper's
-            Omniglot runs; with 1, Reptile is joint training on all tasks).
+            Omniglot runs; with 1, Reptile is joint training on all tasks;
+            with 0, the direction is 0 and the value the loss at
+            :math:`\theta`).
         strategy: ``"auto"``, ``"vmap"``, ``"loop"`` or ``"grouped"``, as in
             :func:`torch_metasgd.meta_loss` (default: "auto").
 
+    A rank without tasks under torch.distributed returns 0 with a zero
+    gradient for every parameter the optimizer holds (and the step sizes,
+    with a query set), as :func:`torch_metasgd.meta_loss` does. Complex
+    parameters get their direction as well.
+
     Raises:
-        ValueError: ``steps`` is not a positive integer, an unknown strategy
-            (or ``"grouped"`` for a model it cannot run), tensors without a
-            shared leading task dimension of at least 1, an optimizer
-            parameter that is not the model's, a group with
-            ``hypergrad_lr > 0``, or ``loss_fn`` returns a non-scalar.
+        ValueError: ``steps`` is not a non-negative integer, an unknown
+            strategy (or one that cannot run the model or inputs, as in
+            :func:`torch_metasgd.meta_loss`), tensors without a shared
+            leading task dimension of at least 1, an optimizer parameter that
+            is not the model's, a group with ``hypergrad_lr > 0``, or
+            ``loss_fn`` returns a non-scalar.
         TypeError: ``opt`` is not a :class:`~torch_metasgd.MetaSGD`.
 
     Example:
@@ -111,30 +121,38 @@ def reptile_loss(
         >>> loss.backward()
         >>> outer.step()  # theta <- theta + 0.1 * mean_t(theta_t - theta)
     """
-    plan, adapted, losses = batched.adapt_batch(
+    with batched.adapted_tasks(
         model, opt, loss_fn, support, query, steps, True, strategy, "reptile_loss"
-    )
-    scored = tuple(support if query is None else query)
-    if not torch.is_grad_enabled():
-        return losses(scored).mean()
-    step_sizes = [s for s in opt.meta_parameters() if s.requires_grad] if query is not None else []
-    with torch.set_grad_enabled(bool(step_sizes)):
-        value = losses(scored).mean()
-    step_grads = torch.autograd.grad(value, step_sizes, allow_unused=True) if step_sizes else []
-    theta = [plan.params[n] for n in plan.trainable]
-    # The mean of the T displacements, not theta minus the mean of the T
-    # adapted weights: the displacements are small, theta need not be.
-    directions = [
-        (p.detach() - adapted[n].detach()).mean(0)
-        for n, p in zip(plan.trainable, theta, strict=True)
-    ]
-    # p - p.detach() is exactly 0 with gradient 1: the sum keeps value's value
-    # and gives each tensor exactly its gradient.
-    surrogate = value.detach()
-    for p, g in zip([*theta, *step_sizes], [*directions, *step_grads], strict=True):
-        if g is not None:
-            surrogate = surrogate + ((p - p.detach()) * g).sum()
-    return surrogate
+    ) as (plan, adapted, losses):
+        scored = tuple(support if query is None else query)
+        step_sizes = (
+            [s for s in opt.meta_parameters() if s.requires_grad] if query is not None else []
+        )
+        theta = [plan.params[n] for n in plan.trainable]
+        if plan.n_tasks == 0:  # a rank without tasks under torch.distributed
+            return batched.no_task_loss([*theta, *(step_sizes if steps else [])])
+        if not torch.is_grad_enabled():
+            return losses(scored).mean()
+        with torch.set_grad_enabled(bool(step_sizes)):
+            value = losses(scored).mean()
+        step_grads = torch.autograd.grad(value, step_sizes, allow_unused=True) if step_sizes else []
+        # The mean of the T displacements, not theta minus the mean of the T
+        # adapted weights: the displacements are small, theta need not be.
+        directions = [
+            (p.detach() - adapted[n].detach()).mean(0)
+            for n, p in zip(plan.trainable, theta, strict=True)
+        ]
+        # p - p.detach() is exactly 0 with gradient 1: the sum keeps value's value
+        # and gives each tensor exactly its gradient. For a complex p, torch's
+        # gradient of the real Re(<g, p>) = Re(sum(conj(g) p)) is g.
+        surrogate = value.detach()
+        for p, g in zip([*theta, *step_sizes], [*directions, *step_grads], strict=True):
+            if g is not None:
+                term = (
+                    ((p - p.detach()) * g.conj()).real if g.is_complex() else (p - p.detach()) * g
+                )
+                surrogate = surrogate + term.sum()
+        return surrogate
 
 
 class ReptileLearner(MetaLearner):
