@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from torch_metasgd import (
     MetaLearner,
     MetaSGD,
-    _workspace,
+    _engine,
     adapt,
     adapt_tasks,
     hypergradient,
@@ -137,7 +137,7 @@ SLOW_CONFIGS = {
     },
 }
 #: Run in float32 too: the unsharded reference then takes the fast workspace
-#: (torch_metasgd/_workspace.py), the sharded run the rule tensor by tensor.
+#: (torch_metasgd/_engine.py), the sharded run the rule tensor by tensor.
 FLOAT32 = ["online-element-log-momentum", "online-tensor-log-momentum", "online-group-softplus"]
 #: Checkpointed, as in tests/test_checkpoint.py: plain and online state of every kind.
 CHECKPOINTS = {
@@ -529,7 +529,7 @@ def test_the_cap_above_a_tensors_geometric_mean_binds_in_the_capped_run(monkeypa
     # So that the sharded run matching this one (above) shows its means are
     # over the whole tensors: the cap changes the step sizes it learns.
     capped = _unsharded(CONFIGS["online-element-capped"])
-    for module in (hypergradient, _workspace):
+    for module in (hypergradient, _engine):
         monkeypatch.setattr(module, "ELEMENT_SPREAD", math.inf)
     uncapped = _unsharded(CONFIGS["online-element-capped"])
     assert not torch.allclose(capped["step_sizes"][0], uncapped["step_sizes"][0])
