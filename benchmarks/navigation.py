@@ -372,12 +372,14 @@ def policy_gradient_step(
 
 @dataclass
 class Learner:
-    """A method's policy, inner-loop :class:`MetaSGD` and outer Adam (``None``: untrained)."""
+    """A method's policy, inner-loop :class:`MetaSGD`, outer Adam (``None``: untrained) and the
+    schedule of Adam's learning rate."""
 
     method: str
     policy: GaussianMLP
     opt: MetaSGD
     outer: torch.optim.Optimizer | None
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
 
     def outer_tensors(self) -> list[Tensor]:
         return [p for group in self.outer.param_groups for p in group["params"]]
@@ -402,8 +404,13 @@ def build_learner(method: str, args: argparse.Namespace, device: torch.device) -
         for s in opt.meta_parameters():
             s.requires_grad_(False)
         learned = list(policy.parameters())
-    outer = None if method == "random" else torch.optim.Adam(learned, lr=args.meta_lr)
-    return Learner(method, policy, opt, outer)
+    if method == "random":
+        return Learner(method, policy, opt, None)
+    outer = torch.optim.Adam(learned, lr=args.meta_lr)
+    schedule = None
+    if args.meta_lr_schedule == "cosine":
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(outer, max(args.iterations, 1))
+    return Learner(method, policy, opt, outer, schedule)
 
 
 def meta_objective(
@@ -506,6 +513,8 @@ def train(learner: Learner, args: argparse.Namespace, device: torch.device) -> d
         mine = goals.tensor_split(world_size())[rank()]
         offset = sum(part.shape[0] for part in goals.tensor_split(world_size())[: rank()])
         before, after = iteration(learner, mine, args, noise, (offset, goals.shape[0]))
+        if learner.schedule is not None:
+            learner.schedule.step()
         running += torch.stack([before, after]).to(torch.float64) * mine.shape[0] / goals.shape[0]
         count += 1
         if count == args.log_every or it == args.iterations - 1:
@@ -530,12 +539,23 @@ def eval_goals(n_goals: int, seed: int) -> Tensor:
 
 
 @torch.no_grad()
+def mean_paths(policy: nn.Module, params: Params, goals: Tensor, horizon: int) -> Tensor:
+    """The path of each task's policy taking its mean action (no noise), ``(T, H + 1, 2)``."""
+    env = Navigation2D(goals, 1)
+    path = [env.reset()]
+    for _ in range(horizon):
+        mean, _ = act(policy, params, path[-1]).chunk(2, -1)
+        path.append(env.step(mean)[0])
+    return torch.stack(path, 2)[:, 0]
+
+
+@torch.no_grad()
 def evaluate(
     learner: Learner, goals: Tensor, args: argparse.Namespace, *, keep: int = 0
 ) -> tuple[Tensor, list[Tensor]]:
     """Per goal, the mean return of ``--fast-batch`` episodes before adaptation and after each of
-    ``--eval-steps`` REINFORCE steps, ``(steps + 1, G)``; and the paths of the first ``keep``
-    goals' first episodes at every stage, ``(keep, H + 1, 2)`` each.
+    ``--eval-steps`` REINFORCE steps, ``(steps + 1, G)``; and the mean-action paths
+    (:func:`mean_paths`) of the first ``keep`` goals at every stage, ``(keep, H + 1, 2)`` each.
 
     Step ``k > 1`` takes ``--later-step-scale`` times the step sizes (MAML
     halves them). The noise is seeded by ``--seed`` alone: every method sees
@@ -551,7 +571,8 @@ def evaluate(
             policy, params, goals, args.fast_batch, noise, horizon=args.horizon, reward=args.reward
         )
         returns.append(traj.returns().mean(1))
-        paths.append(traj.positions[:keep, 0])
+        firsts = {n: p[:keep] for n, p in params.items()}
+        paths.append(mean_paths(policy, firsts, goals[:keep], args.horizon))
         if k < args.eval_steps:
             scale = 1.0 if k == 0 else args.later_step_scale
             with torch.enable_grad():
@@ -564,17 +585,42 @@ def evaluate(
 # --------------------------------------------------------------------------- report
 
 
-def tables(results: dict, args: argparse.Namespace) -> str:
+def step_names(args: argparse.Namespace) -> list[str]:
+    return ["before" if k == 0 else f"{k} step" + "s" * (k > 1) for k in range(args.eval_steps + 1)]
+
+
+def paired_differences(results: dict, args: argparse.Namespace) -> dict:
+    """Per method but MAML: its return minus MAML's on the same goal (and the same noise), mean
+    and 95% CI over goals, at every step: tighter than the two intervals side by side."""
+    if "maml" not in results["returns"]:
+        return {}
+    maml = torch.tensor(results["returns"]["maml"]["per_goal"], dtype=torch.float64)
+    differences = {}
+    for method in args.methods:
+        if method != "maml":
+            mine = torch.tensor(results["returns"][method]["per_goal"], dtype=torch.float64)
+            differences[method] = {
+                str(k): dict(zip(("mean", "ci95"), mean_ci95(d), strict=True))
+                for k, d in enumerate(mine - maml)
+            }
+    return differences
+
+
+def tables(results: dict, args: argparse.Namespace) -> tuple[str, str]:
+    """The returns (and training time) of every method; their differences from MAML's."""
     steps = range(args.eval_steps + 1)
-    header = ["Method", *("before" if k == 0 else f"{k} step" + "s" * (k > 1) for k in steps)]
-    header.append("training (s)")
     rows = []
     for method in args.methods:
         r = results["returns"][method]
         cells = [f"{r[str(k)]['mean']:.2f} ± {r[str(k)]['ci95']:.2f}" for k in steps]
         seconds = results["train"].get(method, {}).get("train_seconds")
         rows.append([LABELS[method], *cells, "-" if seconds is None else f"{seconds:.0f}"])
-    return format_table(header, rows)
+    returns = format_table(["Method", *step_names(args), "training (s)"], rows)
+    rows = [
+        [LABELS[method], *(f"{d[str(k)]['mean']:+.2f} ± {d[str(k)]['ci95']:.2f}" for k in steps)]
+        for method, d in results["vs_maml"].items()
+    ]
+    return returns, format_table(["Method - MAML", *step_names(args)], rows) if rows else ""
 
 
 def plot(results: dict, paths: dict, goals: Tensor, args: argparse.Namespace, path: Path) -> None:
@@ -584,39 +630,36 @@ def plot(results: dict, paths: dict, goals: Tensor, args: argparse.Namespace, pa
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"font.size": 9})
-    fig = plt.figure(figsize=(13, 8), layout="constrained")
-    spec = fig.add_gridspec(2, 3)
-    ax = fig.add_subplot(spec[0, :2])
+    fig = plt.figure(figsize=(13, 8.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.1])
+    curves, by_steps = top.subplots(1, 2, width_ratios=[2, 1])
     for method in args.methods:
         curve = results["train"].get(method, {}).get("curve")
         if not curve:
             continue
         it, before, after = zip(*curve, strict=True)
         if method in META_LEARNERS:
-            ax.plot(
-                it, after, color=COLORS[method], lw=1.4, label=f"{LABELS[method]}, after 1 step"
-            )
-            ax.plot(
-                it, before, color=COLORS[method], lw=1, ls=":", label=f"{LABELS[method]}, before"
-            )
+            label = f"{LABELS[method]}, after 1 step"
+            curves.plot(it, after, color=COLORS[method], lw=1.4, label=label)
+            label = f"{LABELS[method]}, before"
+            curves.plot(it, before, color=COLORS[method], lw=1, ls=":", label=label)
         else:
-            ax.plot(it, after, color=COLORS[method], lw=1.4, label=LABELS[method])
-    ax.set(
+            curves.plot(it, after, color=COLORS[method], lw=1.4, label=LABELS[method])
+    curves.set(
         xlabel="meta-iteration",
-        ylabel="average return (training goals)",
-        title=f"training ({args.meta_batch} goals x {args.fast_batch} episodes per iteration, "
-        f"outer: {args.outer})",
+        ylabel="average return on the training goals",
+        title=f"training: {args.meta_batch} goals x {args.fast_batch} episodes per iteration, "
+        f"outer step {args.outer}",
     )
-    if ax.lines:
-        ax.legend(ncols=2)
-    ax = fig.add_subplot(spec[0, 2])
+    if curves.lines:
+        curves.legend(ncols=3, loc="lower right")
     steps = list(range(args.eval_steps + 1))
     for i, method in enumerate(args.methods):
         r = results["returns"][method]
         mean = [r[str(k)]["mean"] for k in steps]
         ci = [r[str(k)]["ci95"] for k in steps]
-        x = [k + (i - (len(args.methods) - 1) / 2) * 0.05 for k in steps]
-        ax.errorbar(
+        x = [k + (i - (len(args.methods) - 1) / 2) * 0.06 for k in steps]
+        by_steps.errorbar(
             x,
             mean,
             yerr=ci,
@@ -626,35 +669,35 @@ def plot(results: dict, paths: dict, goals: Tensor, args: argparse.Namespace, pa
             capsize=3,
             label=LABELS[method],
         )
-    ax.set_xticks(steps)
-    ax.set(
+    by_steps.set_xticks(steps)
+    by_steps.set(
         xlabel="policy-gradient steps at test time",
         ylabel="average return (± 95% CI)",
         title=f"{args.eval_goals} held-out goals",
     )
-    ax.legend()
+    by_steps.legend()
     shown = [m for m in ("metasgd", "maml", "pretrained") if m in paths]
     low, high = GOAL_RANGE
-    for j in range(min(3, goals.shape[0])):
-        ax = fig.add_subplot(spec[1, j])
+    n_goals = min(3, goals.shape[0])
+    bottom.suptitle(
+        "held-out goals: each policy's mean-action path after one policy-gradient step on the "
+        "goal (solid) and before it (dotted)"
+    )
+    for j, ax in enumerate(bottom.subplots(1, n_goals, squeeze=False)[0]):
         for method in shown:
             before, after = paths[method][0][j], paths[method][1][j]
-            ax.plot(before[:, 0], before[:, 1], color=COLORS[method], lw=0.8, ls=":", alpha=0.8)
-            ax.plot(
-                after[:, 0], after[:, 1], color=COLORS[method], lw=1.4, label=f"{LABELS[method]}"
-            )
+            ax.plot(before[:, 0], before[:, 1], color=COLORS[method], lw=1, ls=":")
+            ax.plot(after[:, 0], after[:, 1], color=COLORS[method], lw=1.6, label=LABELS[method])
         ax.plot(*goals[j].tolist(), marker="*", color="crimson", ms=14, ls="none", label="goal")
-        ax.plot(0, 0, marker="o", color="k", ms=4, ls="none")
+        ax.plot(0, 0, marker="o", color="k", ms=4, ls="none", label="start")
+        square = plt.Rectangle((low, low), high - low, high - low, fill=False, ls="--", lw=0.6)
+        ax.add_patch(square)
+        margin = 0.1
         ax.set(
-            xlim=(low - 0.25, high + 0.25),
-            ylim=(low - 0.25, high + 0.25),
+            xlim=(low - margin, high + margin),
+            ylim=(low - margin, high + margin),
             aspect="equal",
-            title=f"held-out goal {j + 1}: one episode after 1 step (dotted: before)",
-        )
-        ax.add_patch(
-            plt.Rectangle(
-                (low, low), high - low, high - low, fill=False, ls="--", lw=0.6, color="0.6"
-            )
+            title=f"goal {j + 1}",
         )
         if j == 0:
             ax.legend(loc="lower left", fontsize=8)
@@ -693,7 +736,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=MAML_ALPHA,
         help="the inner step of MAML, and of the pretrained and random baselines",
     )
-    add("--meta-lr", type=float, default=1e-3, help="Adam's learning rate (outer step)")
+    add("--meta-lr", type=float, default=3e-3, help="Adam's learning rate (outer step)")
+    add(
+        "--meta-lr-schedule",
+        choices=("constant", "cosine"),
+        default="cosine",
+        help="cosine: anneal the meta learning rate to 0 over --iterations",
+    )
     add(
         "--outer",
         choices=("pg", "ppo"),
@@ -742,11 +791,13 @@ def main(argv: list[str] | None = None) -> dict:
         "returns": {},
         "train": {},
         "step_sizes": {},
+        "seconds": {},  # per method: training and testing
     }
     goals = eval_goals(args.eval_goals, args.seed).to(device, torch.float32)
     paths = {}
     start = time.perf_counter()
     for method in args.methods:
+        began = time.perf_counter()
         learner = build_learner(method, args, device)
         if learner.outer is not None:
             log = train(learner, args, device)
@@ -765,6 +816,7 @@ def main(argv: list[str] | None = None) -> dict:
                 n: {"median": float(a.median()), "min": float(a.min()), "max": float(a.max())}
                 for n, a in learner.step_sizes().items()
             }
+        results["seconds"][method] = time.perf_counter() - began
         summary = "  ".join(
             f"{k}: {results['returns'][method][str(k)]['mean']:.2f}"
             for k in range(args.eval_steps + 1)
@@ -773,7 +825,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["wall_seconds"] = time.perf_counter() - start
     if rank() != 0:
         return results
-    results["table"] = tables(results, args)
+    results["vs_maml"] = paired_differences(results, args)
+    results["table"], results["difference_table"] = tables(results, args)
     print(
         f"\n2D navigation, average return ± 95% CI over {args.eval_goals} held-out goals "
         f"({args.fast_batch} episodes each), {args.iterations} meta-iterations x "
@@ -781,6 +834,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{results['wall_seconds']:.0f} s in all\n"
     )
     print(results["table"])
+    if results["difference_table"]:
+        print("\nDifference from MAML's return, paired per held-out goal (± 95% CI)\n")
+        print(results["difference_table"])
     write_json(args.out / "navigation.json", results)
     if not args.no_plot:
         plot(results, paths, goals.cpu(), args, args.out / "navigation.png")

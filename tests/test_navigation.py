@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -422,3 +423,31 @@ def test_quick_mode_meta_learners_beat_the_baselines_after_one_step(tmp_path):
     results = navigation.main(["--quick", "--no-plot", "--out", str(tmp_path)])
     after = {m: r["1"]["mean"] for m, r in results["returns"].items()}
     assert min(after["maml"], after["metasgd"]) > after["random"]
+
+
+@pytest.mark.slow
+def test_under_torchrun_trains_as_one_process_and_reports_identical_ranks(tmp_path):
+    # 3 tasks on 2 ranks: shares of 2 and 1, each drawing the whole meta-batch's noise.
+    args = [*TINY, "--methods", "metasgd", "pretrained", "--no-plot"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--local-addr", "127.0.0.1", "--nproc-per-node", "2"]
+    path = str(BENCHMARKS.parent) + ":" + os.environ.get("PYTHONPATH", "")
+    run = subprocess.run(
+        [*command, str(BENCHMARKS / "navigation.py"), *args, "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("wrote") == 1  # rank 0 alone writes
+    two = json.loads((tmp_path / "two" / "navigation.json").read_text())
+    alone = navigation.main([*args, "--out", str(tmp_path / "one")])
+    assert (two["world_size"], two["ranks_identical"]) == (2, True)
+    for method in ("metasgd", "pretrained"):
+        curve_two, curve_one = two["train"][method]["curve"], alone["train"][method]["curve"]
+        assert [c[0] for c in curve_two] == [c[0] for c in curve_one] == [2, 3]
+        flat_two = [v for c in curve_two for v in c[1:]]
+        assert flat_two == pytest.approx([v for c in curve_one for v in c[1:]], rel=1e-4)
+        returns_two, returns_one = two["returns"][method], alone["returns"][method]
+        assert returns_two["3"]["mean"] == pytest.approx(returns_one["3"]["mean"], rel=1e-4)
