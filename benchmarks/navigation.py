@@ -20,7 +20,7 @@ policy on ``--fast-batch`` fresh trajectories sampled with theta', over
 meta-batches of ``--meta-batch`` (20) tasks.
 
 * ``maml``: learned initialization, fixed scalar ``alpha = --maml-alpha`` (0.1,
-  MAML's Appendix A.2);
+  MAML's appendix; the reference code's point script takes 0.5);
 * ``metasgd``: learned initialization and elementwise step sizes ``alpha``
   (drawn from U[0.005, 0.1], as the paper draws them), learned together;
 * ``pretrained``: one policy trained with policy gradient on all tasks (the
@@ -34,7 +34,8 @@ trajectories, through the inner policy-gradient step (second order: the
 Hessian of L_in) to theta and alpha. As in the MAML-RL convention, the
 advantages are constants and the dependence of the inner trajectories'
 sampling distribution on theta is left out (the term that E-MAML and DiCE
-add). The step is Adam's (``--meta-lr``). ``--outer ppo`` instead takes
+add). The step is Adam's (``--meta-lr``, 3e-3, annealed to 0 by a cosine over
+``--iterations``). ``--outer ppo`` instead takes
 ``--ppo-epochs`` Adam steps on PPO's clipped surrogate of the same
 trajectories, re-adapting on the same inner trajectories each epoch; its first
 epoch is the plain step. Both papers use TRPO for the outer step.
@@ -50,8 +51,9 @@ Where this deviates from MAML's reference code (cbfinn/maml_rl,
 ``maml_examples/point_env_randgoal.py``, ``maml_trpo_point.py``): the outer
 step (Adam on the exact meta-gradient, or PPO clipping, not TRPO); the
 baseline is fitted on the trajectories it is subtracted from (as
-tristandeleu/pytorch-maml-rl does), not on the previous batch; the last
-iterate is tested, not the best one during training. Kept from the
+tristandeleu/pytorch-maml-rl does); meta-batches of 20 tasks (MAML's text;
+the point script takes 40); the last iterate is tested, not the best one
+during training. Kept from the
 reference code against the papers' text: the reward is the negative distance
 (the text says squared distance; ``--reward squared`` gives that), "within
 0.01" is per axis, and the policy's action is scaled by 0.1 before clipping
@@ -59,9 +61,10 @@ reference code against the papers' text: the reward is the negative distance
 
 Under torchrun every meta-batch's tasks are split over the processes (the
 gradients of the weights and step sizes averaged with
-:func:`torch_metasgd.average_gradients`); each rank samples its own
-trajectories. Rank 0 tests, prints and writes; the JSON records
-``world_size`` and ``ranks_identical``.
+:func:`torch_metasgd.average_gradients`); every rank draws the noise of the
+whole meta-batch and keeps its share, so the training is that of one
+process, up to float rounding. Rank 0 tests, prints and writes; the JSON
+records ``world_size`` and ``ranks_identical``.
 
     python benchmarks/navigation.py --quick
     python benchmarks/navigation.py              # 500 meta-iterations per method
