@@ -110,9 +110,9 @@ MAX_SPEED = 0.1  # per axis
 ACTION_SCALE = 0.1  # rllab's normalize(): an action of 1 is the top speed
 GOAL_RANGE = (-0.5, 0.5)
 SUCCESS = 0.01  # per axis
-GAMMA = 0.99
+GAMMA = 0.99  # rllab's default discount
 HIDDEN = (100, 100)
-MAML_ALPHA = 0.1  # MAML's Appendix A.2: alpha = 0.1 in every RL experiment
+MAML_ALPHA = 0.1  # MAML's appendix: alpha = 0.1 in its RL experiments
 BASELINE_RIDGE = 1e-5  # rllab's LinearFeatureBaseline
 
 METHODS = ("maml", "metasgd", "pretrained", "random")
