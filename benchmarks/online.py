@@ -28,8 +28,8 @@ Methods, on the same step budget, seeds and batches:
 * ``additive-hd-element``: the same additive rule with one step size per
   element (the alternative to MetaSGD's normalised multiplicative rule);
 * ``metasgd-hd-element`` / ``metasgd-hd-tensor``: ``MetaSGD(hypergrad_lr=...)``;
-* ``lookahead``: ``MetaSGD(granularity="tensor", parametrization="log")`` with
-  ``torch_metasgd.LookAhead`` on the held-out split.
+* ``tuner``: ``MetaSGD(granularity="tensor", parametrization="log")`` with
+  ``torch_metasgd.StepSizeTuner`` on the held-out split.
 
 Reports the final train loss (the data loss on the full training set,
 without the penalty), test loss and accuracy per initial lr; plots, per
@@ -72,7 +72,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from torch_metasgd import LookAhead, MetaSGD
+from torch_metasgd import MetaSGD, StepSizeTuner
 
 LRS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 METHODS = (
@@ -82,7 +82,7 @@ METHODS = (
     "additive-hd-element",
     "metasgd-hd-element",
     "metasgd-hd-tensor",
-    "lookahead",
+    "tuner",
 )
 PROBLEMS = ("digits", "lstsq", "digits-noreg", "lstsq-steep", "digits-wide", "digits-deep")
 HIDDEN = {"digits-wide": (1024, 1024), "digits-deep": (64,) * 49}
@@ -236,7 +236,7 @@ def _geomean(t: torch.Tensor) -> float:
 
 def run(problem: Problem, method: str, lr: float, seed: int, steps: int, args) -> dict:
     model = problem.model(seed)
-    lookahead = None
+    tuner = None
     if method == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr)
     elif method == "adam":
@@ -257,7 +257,7 @@ def run(problem: Problem, method: str, lr: float, seed: int, steps: int, args) -
     else:
         opt = MetaSGD(model.parameters(), lr=lr, granularity="tensor", parametrization="log")
         held_out = problem.held_out
-        lookahead = LookAhead(
+        tuner = StepSizeTuner(
             model,
             opt,
             problem.loss,
@@ -286,8 +286,8 @@ def run(problem: Problem, method: str, lr: float, seed: int, steps: int, args) -
         opt.zero_grad()
         problem.loss(model, batch).backward()
         opt.step()
-        if lookahead is not None:
-            lookahead.step(batch)
+        if tuner is not None:
+            tuner.step(batch)
     final = problem.evaluate(model)
     if diverged:
         final = {"train_loss": math.inf, "test_loss": math.inf, "test_acc": None}
@@ -516,7 +516,7 @@ NAMES = {
     "additive-hd-element": "additive HD, per element",
     "metasgd-hd-element": "MetaSGD HD, element",
     "metasgd-hd-tensor": "MetaSGD HD, tensor",
-    "lookahead": "LookAhead (tensor, log)",
+    "tuner": "StepSizeTuner (tensor, log)",
 }
 STYLES = {
     "sgd": ("black", "o"),
@@ -525,10 +525,10 @@ STYLES = {
     "additive-hd-element": ("tab:brown", "v"),
     "metasgd-hd-element": ("tab:blue", "D"),
     "metasgd-hd-tensor": ("tab:cyan", "^"),
-    "lookahead": ("tab:purple", "P"),
+    "tuner": ("tab:purple", "P"),
 }
 # The step-size learner whose curves the figure shows, the first of these that ran.
-FEATURED = ("metasgd-hd-element", "metasgd-hd-tensor", "lookahead", "sgd-hd", "additive-hd-element")
+FEATURED = ("metasgd-hd-element", "metasgd-hd-tensor", "tuner", "sgd-hd", "additive-hd-element")
 
 
 def _finite_points(points) -> tuple[list[float], list[float]]:

@@ -750,7 +750,7 @@ def test_a_parameter_without_gradient_stays_where_sgd_leaves_it(sgd_options, wit
 
 
 def test_a_flag_that_is_not_a_bool_is_rejected_by_every_entry_point():
-    from torch_metasgd import LookAhead, MetaLearner, reptile_loss
+    from torch_metasgd import MetaLearner, StepSizeTuner, reptile_loss
 
     model, opt = _make(dict(lr=0.05), False, False)
     xs, ys = _tasks()
@@ -760,7 +760,7 @@ def test_a_flag_that_is_not_a_bool_is_rejected_by_every_entry_point():
         lambda: adapt(model, opt, loss_fn, xs[0], ys[0], first_order="no"),
         lambda: adapt_tasks(model, opt, loss_fn, (xs, ys), first_order="no"),
         lambda: MetaLearner(model, opt, loss_fn, first_order="no"),
-        lambda: LookAhead(model, opt, lambda m, b: m(b).sum(), xs[0], first_order="no"),
+        lambda: StepSizeTuner(model, opt, lambda m, b: m(b).sum(), xs[0], first_order="no"),
         lambda: inner_loop(model, opt, first_order="no").__enter__(),
         lambda: inner_loop(model, opt, track_higher_grads="no").__enter__(),
     ]
@@ -771,3 +771,44 @@ def test_a_flag_that_is_not_a_bool_is_rejected_by_every_entry_point():
             call()
     assert all(p.grad is None for p in _wrt(model, opt))
     reptile_loss(model, opt, loss_fn, (xs, ys))  # takes no first_order: always first order
+
+
+class _Flat(nn.Module):
+    """Not a Sequential, no convolution: vmap runs it under "auto"."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(36, 4)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize(
+    "make, inputs, expected, why",
+    [
+        (_bn1d_mlp, "tensor", "grouped", "task-stacked network runs"),
+        (_bn_net, "tensor", "loop", "convolutional network on a CPU"),
+        (_Flat, "tensor", "vmap", "is not an nn.Sequential"),
+        (_bn1d_mlp, "tuple", "vmap", "inputs are not one tensor"),
+    ],
+)
+def test_strategy_for_says_which_strategy_a_call_runs_and_why(make, inputs, expected, why):
+    from unittest import mock
+
+    from torch_metasgd import _grouped, _loop, _vmap, strategy_for
+
+    model = make().double()
+    x = torch.randn(3, 4, 1, 6, 6, dtype=torch.double)
+    choice = strategy_for(model, x if inputs == "tensor" else (x,))
+    assert choice.name == expected and why in choice.reason
+    assert strategy_for(model, x, "loop") == ("loop", "asked for")
+    with pytest.raises(ValueError, match="Invalid strategy: 'fast'"):
+        strategy_for(model, x, "fast")
+    if inputs != "tensor":
+        return
+    opt = MetaSGD(model.parameters(), lr=0.1)
+    module = {"grouped": _grouped, "loop": _loop, "vmap": _vmap}[expected]
+    with mock.patch.object(module, "adapt_all", wraps=module.adapt_all) as ran:
+        meta_loss(model, opt, lambda out, y: out.square().mean(), (x, x), (x, x))
+    assert ran.called

@@ -1,6 +1,6 @@
 """Data-parallel meta-training (``torch_metasgd.distributed``) in 2 gloo processes.
 
-The reference is one process with the whole meta-batch (or, for ``LookAhead``,
+The reference is one process with the whole meta-batch (or, for ``StepSizeTuner``,
 an unroll written out by hand). The 2-rank runs all happen in one spawn of 2
 processes (the ``two_ranks`` fixture, a ``file://`` rendezvous in a temporary
 folder), which returns what each rank computed; the tests compare. The
@@ -25,10 +25,10 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from torch_metasgd import (
-    LookAhead,
     MetaLearner,
     MetaSGD,
     ReptileLearner,
+    StepSizeTuner,
     adapt,
     adapt_tasks,
     average_gradients,
@@ -228,7 +228,7 @@ def _rank_runs(rank: int) -> dict:
     model, train, held_out = _lookahead_problem(rank)
     opt = MetaSGD(model.parameters(), lr=0.05, granularity="tensor", parametrization="log")
     ddp = DistributedDataParallel(model)
-    lookahead = LookAhead(
+    lookahead = StepSizeTuner(
         ddp,
         opt,
         lambda m, b: F.mse_loss(m(b[0]), b[1]),

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from torch_metasgd import (
-    LookAhead,
     MetaSGD,
+    StepSizeTuner,
     adapt,
     adapt_tasks,
     inner_loop,
@@ -139,7 +139,7 @@ def test_reptile_loss_and_inner_loop_reach_the_float32_step_sizes(dtype):
 def test_lookahead_updates_the_float32_step_sizes_of_a_half_precision_model(dtype):
     model, opt, (xs, ys), (xq, yq) = _problem(dtype)
     before = [s.detach().clone() for s in opt.meta_parameters()]
-    lookahead = LookAhead(
+    lookahead = StepSizeTuner(
         model, opt, lambda m, b: mse(m(b[0]), b[1]), (xq[0], yq[0]), every=2, unroll=2
     )
     for t in range(2):

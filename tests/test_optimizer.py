@@ -1108,7 +1108,7 @@ def test_step_sizes_follow_a_model_cast_after_construction(granularity, cast, dt
 
 def _after_a_move(use, move):
     """Build the model and MetaSGD in float32 on the CPU, ``move`` the model, then ``use`` them."""
-    from torch_metasgd import LookAhead, adapt, inner_loop, meta_loss
+    from torch_metasgd import StepSizeTuner, adapt, inner_loop, meta_loss
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
@@ -1129,7 +1129,7 @@ def _after_a_move(use, move):
             diffopt.step(mse(fmodel(x[0]), y[0]))
             mse(fmodel(x[1]), y[1]).backward()
     else:
-        lookahead = LookAhead(
+        lookahead = StepSizeTuner(
             model, opt, lambda m, b: mse(m(b[0]), b[1]), (x[1], y[1]), every=1, unroll=1
         )
         lookahead.step((x[0], y[0]))
@@ -1146,14 +1146,14 @@ MOVES = {
 
 
 @pytest.mark.parametrize("move", MOVES.values(), ids=MOVES.keys())
-@pytest.mark.parametrize("use", ["meta_loss", "adapt", "inner_loop", "LookAhead"])
+@pytest.mark.parametrize("use", ["meta_loss", "adapt", "inner_loop", "StepSizeTuner"])
 def test_every_path_works_after_the_model_is_moved(use, move):
     opt, live = _after_a_move(use, move)
     device = torch.device(move.get("device", "cpu"))
     assert all(s is t for s, t in zip(opt.meta_parameters(), live, strict=True))
     for s in live:
         assert s.dtype == move["dtype"] and s.device.type == device.type
-        if use != "LookAhead":  # LookAhead consumes the gradient it computes
+        if use != "StepSizeTuner":  # StepSizeTuner consumes the gradient it computes
             assert s.grad is not None and s.grad.dtype == move["dtype"]
     for p in opt.param_groups[0]["params"]:
         buf = opt.state[p]["momentum_buffer"]

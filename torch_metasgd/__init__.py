@@ -1,11 +1,11 @@
 """Meta-SGD for PyTorch: learnable per-parameter step sizes (arXiv:1707.09835)."""
 
-from .batched import adapt, adapt_tasks, meta_loss
+from .batched import Strategy, adapt, adapt_tasks, meta_loss, strategy_for
 from .differentiable import DifferentiableMetaSGD, inner_loop
 from .distributed import MetaLearner, average_gradients
-from .lookahead import LookAhead
 from .optimizer import MetaSGD
 from .reptile import ReptileLearner, reptile_loss
+from .tuner import LookAhead, StepSizeTuner
 
 __all__ = [
     "MetaSGD",
@@ -14,8 +14,11 @@ __all__ = [
     "meta_loss",
     "adapt",
     "adapt_tasks",
+    "strategy_for",
+    "Strategy",
     "reptile_loss",
     "ReptileLearner",
+    "StepSizeTuner",
     "LookAhead",
     "MetaLearner",
     "average_gradients",

@@ -18,28 +18,16 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _kernels
 
 __all__ = ["twice_differentiable", "model_kept", "update"]
 
-try:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def _math_attention():
-        return sdpa_kernel(SDPBackend.MATH)
-
-except ImportError:  # torch < 2.3
-
-    def _math_attention():
-        return torch.backends.cuda.sdp_kernel(
-            enable_flash=False, enable_math=True, enable_mem_efficient=False
-        )
-
 
 def twice_differentiable(second_order: bool = True) -> AbstractContextManager:
     """A context inside which attention runs as its math kernel, if ``second_order``."""
-    return _math_attention() if second_order else nullcontext()
+    return sdpa_kernel(SDPBackend.MATH) if second_order else nullcontext()
 
 
 @contextmanager

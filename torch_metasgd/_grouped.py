@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.func import vmap
 from torch.nn import functional as F
 
 _POINTWISE = (
@@ -83,13 +84,20 @@ def _hooked_container(model: nn.Sequential) -> bool:
 
 def supports(model: nn.Module) -> bool:
     """Whether ``model`` is a ``Sequential`` this module can run task-stacked."""
-    if not _is_sequential(model) or _hooked_container(model):
-        return False
+    return cannot_run(model) is None
+
+
+def cannot_run(model: nn.Module) -> str | None:
+    """Why the task-stacked network cannot run ``model``, or None."""
+    if not _is_sequential(model):
+        return f"a {type(model).__name__} is not an nn.Sequential"
+    if _hooked_container(model):
+        return "a Sequential of it has a forward hook"
     spatial = None  # unknown until the first layer that needs one layout
     for layer in _layers(model):
         kind = _kind(layer)
         if kind is None:
-            return False
+            return f"{type(layer).__name__} is not one of them, or has its own forward or a hook"
         # A weight that is not the layer's own parameter (a parametrization's,
         # or one a hook sets) would not be read. A layer of the exact class
         # has no property that could shadow its parameters.
@@ -101,22 +109,22 @@ def supports(model: nn.Module) -> bool:
                 for name, t in (("weight", layer.weight), ("bias", layer.bias))
             )
         ):
-            return False
+            return f"a {type(layer).__name__}'s weights are not its own parameters"
         if kind is nn.Conv2d and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
-            return False
+            return "a Conv2d pads other than with zeros given in numbers"
         if kind in _CHANNELS:
             if spatial is False:
-                return False
+                return f"a {kind.__name__} after a Flatten or Linear layer"
             spatial = True
         elif kind in _FEATURES:
             if spatial:
-                return False
+                return f"a {kind.__name__} on images (before a Flatten)"
             spatial = False
         elif kind is nn.Flatten:
             if layer.start_dim != 1 or layer.end_dim != -1:
-                return False
+                return "a Flatten other than Flatten(1, -1)"
             spatial = False
-    return True
+    return None
 
 
 def _starts_with_channels(layers: list[nn.Module]) -> bool:
@@ -215,3 +223,35 @@ def _batch_norm(layer, weight, bias, h, channels, n_tasks) -> Tensor:
         layer.eps,
     )
     return out if channels else out.unflatten(1, (n_tasks, -1)).transpose(0, 1)
+
+
+def adapt_all(model, plan, loss_fn, support, steps, first_order) -> dict[str, Tensor]:
+    trainable = plan.trainable
+    # Every task starts from the same weights: expanded views, so the
+    # meta-gradient of the T copies sums into the shared parameter.
+    params = {n: p.expand(plan.n_tasks, *p.shape) for n, p in plan.params.items()}
+    # (T,) step sizes of scalar granularity broadcast over each task's tensor.
+    alphas = {
+        n: a.reshape(*a.shape, *(1,) * (params[n].dim() - a.dim())) for n, a in plan.alphas.items()
+    }
+    bufs = plan.momentum
+    for _ in range(steps):
+        theta = params
+        if first_order:
+            theta = {n: p.detach().requires_grad_(n in plan.alphas) for n, p in params.items()}
+        out = forward(model, theta, plan.names, support[0])
+        # Tasks are independent: the gradient of the sum is every task's own.
+        loss = vmap(loss_fn)(out, support[1]).sum()
+        grads = torch.autograd.grad(
+            loss,
+            [theta[n] for n in trainable],
+            create_graph=not first_order,
+            allow_unused=True,
+        )
+        grads = dict(zip(trainable, grads, strict=True))
+        params, bufs = plan.update(params, grads, bufs, alphas, first_order)
+    return params
+
+
+def losses(model, plan, loss_fn, adapted, batch) -> Tensor:
+    return vmap(loss_fn)(forward(model, adapted, plan.names, batch[0]), batch[1])

@@ -26,7 +26,7 @@ One way per path:
 
 An online :class:`~torch_metasgd.MetaSGD` (``hypergrad_lr > 0``) needs neither:
 in a ``DistributedDataParallel`` model, ``step()`` reads the averaged ``.grad``,
-so every rank moves its step sizes alike. :class:`~torch_metasgd.LookAhead`
+so every rank moves its step sizes alike. :class:`~torch_metasgd.StepSizeTuner`
 given the ``DistributedDataParallel`` model averages its held-out
 meta-gradient over the model's ranks.
 

@@ -155,12 +155,9 @@ class MetaSGD(Optimizer):
         if not isinstance(self.__dict__.get("_step_sizes"), StepSizes):
             self._step_sizes = StepSizes()  # an older MetaSGD's pickle: its state holds them
         self._step_sizes.forget_views()
-        # Options newer than a checkpoint or a pickle take their defaults.
-        later = inspect.signature(MetaSGD.__init__).parameters.values()
-        for group in self.param_groups:
-            for option in later:
-                if option.kind is option.KEYWORD_ONLY:
-                    group.setdefault(option.name, option.default)
+        for group in self.param_groups:  # options newer than a checkpoint: their defaults
+            for option in _KEYWORD_OPTIONS:
+                group.setdefault(option.name, option.default)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (what ``torch.optim.Optimizer`` takes), with fresh step sizes.
@@ -180,8 +177,7 @@ class MetaSGD(Optimizer):
         self._step_sizes.by_param.update(zip(group["params"], step_sizes, strict=True))
 
     def step_sizes_by_group(self) -> list[list[Tensor]]:
-        """The live step-size parameter of every parameter, group by group, in parameter
-        order (a ``"group"`` one is listed once per parameter)."""
+        """Every parameter's live step size, by group, in order (a ``"group"`` one repeated)."""
         return [list(self._step_sizes.view(g, self.state).step_sizes) for g in self.param_groups]
 
     def meta_parameters(self) -> list[Tensor]:
@@ -192,9 +188,8 @@ class MetaSGD(Optimizer):
 
     def step_size(self, p: Tensor) -> Tensor:
         """The step-size parameter ``s`` of ``p`` (a leaf tensor, the live one)."""
-        for group in self.param_groups:
-            view = self._step_sizes.view(group, self.state)
-            for q, s in zip(group["params"], view.step_sizes, strict=True):
+        for group, step_sizes in zip(self.param_groups, self.step_sizes_by_group(), strict=True):
+            for q, s in zip(group["params"], step_sizes, strict=True):
                 if q is p:
                     return s
         raise ValueError(f"Tensor is not a parameter of this optimizer: {describe(p)}")
@@ -288,6 +283,11 @@ class MetaSGD(Optimizer):
 
 
 _SUBCLASS_HOOKS: list[Callable[[type[MetaSGD]], None]] = []
+_KEYWORD_OPTIONS = [
+    option
+    for option in inspect.signature(MetaSGD.__init__).parameters.values()
+    if option.kind is option.KEYWORD_ONLY
+]
 
 
 def for_each_subclass(hook: Callable[[type[MetaSGD]], None]) -> None:

@@ -1,4 +1,4 @@
-"""``LookAhead``: step sizes learned against held-out data in a training loop.
+"""``StepSizeTuner``: step sizes learned against held-out data in a training loop.
 
 Checked against an unroll written out by hand and differentiated by autograd.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from torch_metasgd import LookAhead, MetaSGD
+from torch_metasgd import MetaSGD, StepSizeTuner
 
 DTYPE = torch.float64
 
@@ -50,7 +50,7 @@ def test_lookahead_moves_step_sizes_along_the_held_out_meta_gradient():
     opt = MetaSGD(model.parameters(), lr=lr, parametrization="log")
     s_before = [s.detach().clone() for s in opt.meta_parameters()]
     meta_opt = torch.optim.SGD(opt.meta_parameters(), lr=meta_lr)
-    lookahead = LookAhead(
+    lookahead = StepSizeTuner(
         model, opt, _mse, held_out, every=len(train), unroll=len(train), meta_optimizer=meta_opt
     )
     weights = [p.detach().clone() for p in model.parameters()]
@@ -79,7 +79,7 @@ def test_lookahead_adds_two_lines_to_a_training_loop_and_lowers_held_out_loss():
         model, train, held_out = _lookahead_problem()
         opt = MetaSGD(model.parameters(), lr=0.01, parametrization="log")
         if with_lookahead:
-            lookahead = LookAhead(model, opt, _mse, held_out, every=2, unroll=2, meta_lr=0.1)
+            lookahead = StepSizeTuner(model, opt, _mse, held_out, every=2, unroll=2, meta_lr=0.1)
         for _ in range(3):
             for batch in train:
                 opt.zero_grad()
@@ -100,7 +100,7 @@ def test_lookahead_cycles_an_iterable_of_held_out_batches():
     opt = MetaSGD(model.parameters(), lr=0.05, parametrization="log")
     held_out_batches = [(held_out[0][:8], held_out[1][:8]), (held_out[0][8:], held_out[1][8:])]
     frozen = torch.optim.SGD(opt.meta_parameters(), lr=0.0)
-    lookahead = LookAhead(
+    lookahead = StepSizeTuner(
         model, opt, _mse, held_out_batches, every=1, unroll=1, meta_optimizer=frozen
     )
     losses = [lookahead.step(train[0]) for _ in range(4)]
@@ -113,17 +113,17 @@ def test_lookahead_rejects_invalid_arguments():
     model, _, held_out = _lookahead_problem()
     opt = MetaSGD(model.parameters())
     with pytest.raises(ValueError, match="Invalid every value: 0"):
-        LookAhead(model, opt, _mse, held_out, every=0)
+        StepSizeTuner(model, opt, _mse, held_out, every=0)
     with pytest.raises(ValueError, match="Invalid unroll value: 0"):
-        LookAhead(model, opt, _mse, held_out, unroll=0)
+        StepSizeTuner(model, opt, _mse, held_out, unroll=0)
     with pytest.raises(ValueError, match="Invalid meta_lr value: -1"):
-        LookAhead(model, opt, _mse, held_out, meta_lr=-1)
+        StepSizeTuner(model, opt, _mse, held_out, meta_lr=-1)
     with pytest.raises(TypeError, match="MetaSGD"):
-        LookAhead(model, torch.optim.SGD(model.parameters(), lr=0.1), _mse, held_out)
+        StepSizeTuner(model, torch.optim.SGD(model.parameters(), lr=0.1), _mse, held_out)
 
 
 # --------------------------------------------------------------------------
-# Everything is checked when LookAhead is built
+# Everything is checked when StepSizeTuner is built
 # --------------------------------------------------------------------------
 
 
@@ -161,7 +161,7 @@ def test_lookahead_rejects_bad_arguments_before_training(change, message):
     before = _state(opt)
     kwargs = {"held_out": held_out, **change}
     with pytest.raises(ValueError, match=message):
-        LookAhead(model, opt, _mse, kwargs.pop("held_out"), **kwargs)
+        StepSizeTuner(model, opt, _mse, kwargs.pop("held_out"), **kwargs)
     after = _state(opt)
     assert all(torch.equal(a, b) for a, b in zip(after[0], before[0], strict=True))
 
@@ -170,21 +170,21 @@ def test_lookahead_rejects_online_step_sizes_a_foreign_model_and_a_partial_meta_
     model, _, held_out = _lookahead_problem()
     online = MetaSGD(model.parameters(), lr=0.05, hypergrad_lr=0.1)
     with pytest.raises(ValueError, match="hypergrad_lr=0.1"):
-        LookAhead(model, online, _mse, held_out)
+        StepSizeTuner(model, online, _mse, held_out)
     other = torch.nn.Linear(3, 1).to(DTYPE)
     opt = MetaSGD(model.parameters(), lr=0.05, parametrization="log")
     with pytest.raises(ValueError, match="not a parameter of the Linear model"):
-        LookAhead(other, opt, _mse, held_out)
+        StepSizeTuner(other, opt, _mse, held_out)
     partial = torch.optim.SGD(opt.meta_parameters()[:1], lr=0.1)
     with pytest.raises(ValueError, match="does not hold 1 of the 2 step sizes"):
-        LookAhead(model, opt, _mse, held_out, meta_optimizer=partial)
+        StepSizeTuner(model, opt, _mse, held_out, meta_optimizer=partial)
 
 
 def test_lookahead_updates_step_sizes_when_stepped_inside_no_grad():
     model, train, held_out = _lookahead_problem()
     opt = MetaSGD(model.parameters(), lr=0.05, parametrization="log")
     before = [s.detach().clone() for s in opt.meta_parameters()]
-    lookahead = LookAhead(model, opt, _mse, held_out, every=1, unroll=1, meta_lr=0.1)
+    lookahead = StepSizeTuner(model, opt, _mse, held_out, every=1, unroll=1, meta_lr=0.1)
     with torch.no_grad():
         loss = lookahead.step(train[0])
     assert loss is not None and torch.isfinite(loss)
@@ -197,7 +197,7 @@ def test_a_dict_held_out_batch_is_one_batch_as_its_tuple_is():
     def run(as_batch, loss_fn):
         work = copy.deepcopy(model)
         opt = MetaSGD(work.parameters(), lr=0.05, parametrization="log")
-        lookahead = LookAhead(work, opt, loss_fn, as_batch(held_out), every=1, unroll=1)
+        lookahead = StepSizeTuner(work, opt, loss_fn, as_batch(held_out), every=1, unroll=1)
         return [lookahead.step(as_batch(train[0])) for _ in range(2)], opt.meta_parameters()
 
     as_tuple = run(lambda b: b, _mse)
@@ -205,4 +205,51 @@ def test_a_dict_held_out_batch_is_one_batch_as_its_tuple_is():
     for a, b in zip([*as_tuple[0], *as_tuple[1]], [*as_dict[0], *as_dict[1]], strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="empty batch"):
-        LookAhead(model, MetaSGD(model.parameters()), _mse, {"x": torch.zeros(0, 3)})
+        StepSizeTuner(model, MetaSGD(model.parameters()), _mse, {"x": torch.zeros(0, 3)})
+
+
+def test_the_old_name_lookahead_still_works_with_a_future_warning():
+    from torch_metasgd import LookAhead
+
+    model = torch.nn.Linear(3, 1)
+    opt = MetaSGD(model.parameters(), lr=0.1, parametrization="log")
+    held_out = (torch.randn(8, 3), torch.randn(8, 1))
+    with pytest.warns(FutureWarning, match="renamed StepSizeTuner"):
+        tuner = LookAhead(model, opt, lambda m, b: F.mse_loss(m(b[0]), b[1]), held_out)
+    assert isinstance(tuner, StepSizeTuner)
+
+
+def test_the_step_sizes_of_a_param_group_added_later_are_tuned_as_if_there_from_the_start():
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)
+    model = torch.nn.Sequential(first, torch.nn.Tanh(), second)
+    loss_fn = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    held_out = (torch.randn(16, 3), torch.randn(16, 1))
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+
+    late = MetaSGD(first.parameters(), lr=0.1, parametrization="log")
+    late_tuner = StepSizeTuner(model, late, loss_fn, held_out, every=1, unroll=1, meta_lr=0.1)
+    late.add_param_group({"params": list(second.parameters())})
+    early = MetaSGD(
+        [{"params": list(first.parameters())}, {"params": list(second.parameters())}],
+        lr=0.1,
+        parametrization="log",
+    )
+    early_tuner = StepSizeTuner(model, early, loss_fn, held_out, every=1, unroll=1, meta_lr=0.1)
+    late_tuner.step(batch)
+    early_tuner.step(batch)
+    for s, t in zip(late.meta_parameters(), early.meta_parameters(), strict=True):
+        assert not torch.equal(t, torch.zeros_like(t))
+        torch.testing.assert_close(s, t, rtol=0, atol=0)
+
+
+def test_a_given_meta_optimizer_missing_a_later_groups_step_sizes_raises():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    opt = MetaSGD(model[0].parameters(), lr=0.1)
+    outer = torch.optim.SGD(opt.meta_parameters(), lr=0.1)
+    loss_fn = lambda m, b: F.mse_loss(m(b[0]), b[1])  # noqa: E731
+    held_out = (torch.randn(16, 3), torch.randn(16, 1))
+    tuner = StepSizeTuner(model, opt, loss_fn, held_out, every=1, meta_optimizer=outer)
+    opt.add_param_group({"params": list(model[1].parameters())})
+    with pytest.raises(ValueError, match="does not hold 2 of the 4 step sizes"):
+        tuner.step((torch.randn(8, 3), torch.randn(8, 1)))

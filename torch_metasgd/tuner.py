@@ -1,8 +1,8 @@
-"""Single-task step-size learning against held-out data: ``LookAhead``.
+"""Single-task step-size learning against held-out data: ``StepSizeTuner``.
 
 :class:`~torch_metasgd.MetaSGD` learns its step sizes online from the
 training loss alone with ``hypergrad_lr`` (one step of look-ahead, at no extra
-cost). :class:`LookAhead` learns them against held-out data over a longer
+cost). :class:`StepSizeTuner` learns them against held-out data over a longer
 horizon: every ``every`` training steps it unrolls ``unroll`` differentiable
 MetaSGD steps from the current weights on the latest training batches,
 
@@ -14,11 +14,17 @@ MetaSGD steps from the current weights on the latest training batches,
 and moves the step-size parameters :math:`s` with an outer optimizer along
 :math:`\\nabla_s L_{held\\text{-}out}(\\theta'_k)`. The model's weights are
 left as they are: the ordinary loop keeps training them.
+
+It was called ``LookAhead``, which is the name of another method (the
+Lookahead optimizer of Zhang et al. 2019, ``timm.optim.Lookahead``, which
+averages "fast" and "slow" weights and learns no step size): that name stays
+one release as a deprecated alias.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -37,10 +43,10 @@ from .differentiable import inner_loop
 from .distributed import average_gradients
 from .optimizer import MetaSGD
 
-__all__ = ["LookAhead"]
+__all__ = ["StepSizeTuner", "LookAhead"]
 
 
-class LookAhead:
+class StepSizeTuner:
     r"""Learn a :class:`~torch_metasgd.MetaSGD`'s step sizes on held-out data in a training loop.
 
     Every ``every`` calls of :meth:`step`, unroll ``unroll`` differentiable
@@ -79,13 +85,13 @@ class LookAhead:
         >>> opt = MetaSGD(model.parameters(), lr=0.1, parametrization="log")
         >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
         >>> held_out = (torch.randn(32, 3), torch.randn(32, 1))
-        >>> lookahead = LookAhead(model, opt, loss_fn, held_out, every=2, unroll=2)
+        >>> tuner = StepSizeTuner(model, opt, loss_fn, held_out, every=2, unroll=2)
         >>> for _ in range(4):
         ...     batch = (torch.randn(8, 3), torch.randn(8, 1))
         ...     opt.zero_grad()
         ...     loss_fn(model, batch).backward()
         ...     opt.step()
-        ...     _ = lookahead.step(batch)
+        ...     _ = tuner.step(batch)
     """
 
     def __init__(
@@ -101,7 +107,7 @@ class LookAhead:
         meta_optimizer: torch.optim.Optimizer | None = None,
         first_order: bool = False,
     ) -> None:
-        require_metasgd(opt, "LookAhead")
+        require_metasgd(opt, type(self).__name__)
         require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
         require_no_hypergradient(opt)
         require_bool(first_order, "first_order")
@@ -112,14 +118,6 @@ class LookAhead:
             isinstance(meta_lr, (int, float)) and math.isfinite(meta_lr) and meta_lr > 0
         ):
             raise ValueError(f"Invalid meta_lr value: {meta_lr}")
-        if meta_optimizer is not None:
-            held = {id(t) for group in meta_optimizer.param_groups for t in group["params"]}
-            missing = [s for s in opt.meta_parameters() if id(s) not in held]
-            if missing:
-                raise ValueError(
-                    f"Invalid meta_optimizer: it does not hold {len(missing)} of the "
-                    f"{len(opt.meta_parameters())} step sizes (opt.meta_parameters())"
-                )
         _check_held_out(held_out)
         self._process_group = (
             model.process_group if isinstance(model, nn.parallel.DistributedDataParallel) else None
@@ -130,11 +128,13 @@ class LookAhead:
         self.every = every
         self.unroll = unroll
         self.first_order = first_order
+        self._own_meta_optimizer = meta_optimizer is None
         self.meta_optimizer = (
             meta_optimizer
             if meta_optimizer is not None
             else torch.optim.Adam(opt.meta_parameters(), lr=meta_lr)
         )
+        self._hold(opt.meta_parameters())
         self._held_out = held_out
         self._held_out_iter: Iterator[Any] | None = None
         self._batches: deque[Any] = deque(maxlen=unroll)
@@ -155,8 +155,11 @@ class LookAhead:
     def update(self) -> Tensor:
         """Update the step sizes now from the recorded batches; returns the held-out loss."""
         if not self._batches:
-            raise RuntimeError("LookAhead.update needs at least one batch recorded by step()")
+            raise RuntimeError(
+                f"{type(self).__name__}.update needs at least one batch recorded by step()"
+            )
         meta_params = self.opt.meta_parameters()
+        self._hold(meta_params)
         with (
             torch.enable_grad(),
             inner_loop(
@@ -175,6 +178,20 @@ class LookAhead:
         self.meta_optimizer.step()
         return held_out_loss.detach()
 
+    def _hold(self, meta_params: list[Tensor]) -> None:
+        """Make sure the outer optimizer holds every step size: the default Adam takes those
+        of param groups added to ``opt`` since; a given one must hold them."""
+        held = {id(t) for group in self.meta_optimizer.param_groups for t in group["params"]}
+        missing = [s for s in meta_params if id(s) not in held]
+        if not missing:
+            return
+        if not self._own_meta_optimizer:
+            raise ValueError(
+                f"Invalid meta_optimizer: it does not hold {len(missing)} of the "
+                f"{len(meta_params)} step sizes (opt.meta_parameters())"
+            )
+        self.meta_optimizer.add_param_group({"params": missing})
+
     def _next_held_out(self) -> Any:
         held_out = self._held_out
         if _is_batch(held_out):
@@ -187,7 +204,7 @@ class LookAhead:
         try:
             return next(self._held_out_iter)
         except StopIteration:
-            raise ValueError("LookAhead's held_out iterable yields no batch") from None
+            raise ValueError("The held_out iterable yields no batch") from None
 
 
 def _is_batch(held_out: Any) -> bool:
@@ -198,7 +215,7 @@ def _is_batch(held_out: Any) -> bool:
 
 
 def _check_held_out(held_out: Any) -> None:
-    """``ValueError`` for held-out data that :meth:`LookAhead.update` could not draw from."""
+    """``ValueError`` for held-out data that :meth:`StepSizeTuner.update` could not draw from."""
     if _is_batch(held_out):
         tensors = [t for t in tree_leaves(held_out) if isinstance(t, Tensor)]
         if not tensors or any(t.dim() == 0 or t.shape[0] == 0 for t in tensors):
@@ -212,3 +229,17 @@ def _check_held_out(held_out: Any) -> None:
         )
     if hasattr(held_out, "__len__") and len(held_out) == 0:
         raise ValueError("Invalid held_out: it holds no batch")
+
+
+class LookAhead(StepSizeTuner):
+    """Deprecated name of :class:`StepSizeTuner`, kept for one release (not the Lookahead
+    optimizer of Zhang et al. 2019: see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        warnings.warn(
+            "torch_metasgd.LookAhead is renamed StepSizeTuner (the Lookahead optimizer of "
+            "Zhang et al. 2019 is another method); the old name goes in the next release",
+            FutureWarning,
+            stacklevel=2,
+        )
+        super().__init__(*args, **kwargs)
