@@ -304,3 +304,24 @@ def test_accelerates_save_state_and_load_state_resume_as_the_uninterrupted_run(t
     accelerator.load_state(str(tmp_path))
     train_with(accelerator, resumed, resumed_opt, 3, seed=2)
     assert_same_run(m, opt.optimizer, resumed, resumed_opt.optimizer)
+
+
+def test_meta_learning_paths_read_the_optimizer_without_making_its_state():
+    """DCP warms an optimizer up (and so records what state it has) only if its state is
+    empty: reading step sizes and buffers for an inner loop must not make (empty) entries."""
+    from torch.nn import functional as F
+
+    from torch_metasgd import StepSizeTuner, adapt, adapt_tasks, inner_loop, meta_loss
+
+    m = model()
+    opt = MetaSGD(m.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 5, 1)
+    meta_loss(m, opt, F.mse_loss, (x, y), (x, y)).backward()
+    adapt_tasks(m, opt, F.mse_loss, (x, y))
+    adapt(m, opt, F.mse_loss, x[0], y[0])
+    with inner_loop(m, opt) as (fmodel, diffopt):
+        diffopt.step(F.mse_loss(fmodel(x[0]), y[0]))
+    tuner = StepSizeTuner(m, opt, lambda f, b: F.mse_loss(f(b[0]), b[1]), (x[0], y[0]), every=1)
+    tuner.step((x[1], y[1]))
+    opt.state_dict()
+    assert len(opt.state) == 0

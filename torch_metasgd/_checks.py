@@ -143,7 +143,7 @@ def scalar_loss(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return checked
 
 
-def require_bare_model(model: nn.Module, who: str) -> None:
+def require_bare_model(model: nn.Module, who: str, params: dict[str, Tensor] | None = None) -> None:
     """``TypeError`` if ``model`` is wrapped in (Distributed)DataParallel or sharded (FSDP2,
     DTensor parameters), naming the supported ways.
 
@@ -152,6 +152,7 @@ def require_bare_model(model: nn.Module, who: str) -> None:
     wrapper's class, ``torch.func.functional_call`` on storage-less tensors
     after one step, and FSDP2's forward all-gathers its own shards in place of
     the adapted weights (its collectives are not differentiable twice).
+    ``params``: the model's ``named_parameters()``, if the caller has them.
     """
     data_parallel = ". To meta-train data-parallel, wrap the learner instead: "
     data_parallel += (
@@ -164,7 +165,8 @@ def require_bare_model(model: nn.Module, who: str) -> None:
             f"{who} got a model wrapped in {type(model).__name__}, which cannot run a "
             f"differentiable inner loop; pass the bare model (its .module){data_parallel}"
         )
-    sharded = next((name for name, p in model.named_parameters() if is_dtensor(p)), None)
+    params = dict(model.named_parameters()) if params is None else params
+    sharded = next((name for name, p in params.items() if is_dtensor(p)), None)
     if sharded is not None:
         raise TypeError(
             f"{who} got a sharded model (parameter {sharded!r} is a DTensor, as "

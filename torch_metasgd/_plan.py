@@ -84,9 +84,10 @@ class Plan:
 
 
 def plan(model: nn.Module, opt: MetaSGD, who: str, n_tasks: int) -> Plan:
-    require_bare_model(model, who)
+    params = dict(model.named_parameters())
+    require_bare_model(model, who, params)
     require_metasgd(opt, who)
-    require_params_of(opt, model.parameters(), f"the {type(model).__name__} model")
+    require_params_of(opt, params.values(), f"the {type(model).__name__} model")
     require_no_hypergradient(opt)
     held: dict[int, tuple[_kernels.SGDOptions, Tensor]] = {}
     for group, step_sizes in zip(opt.param_groups, opt.step_sizes_by_group(), strict=True):
@@ -95,13 +96,13 @@ def plan(model: nn.Module, opt: MetaSGD, who: str, n_tasks: int) -> Plan:
         for p, alpha in zip(group["params"], alphas, strict=True):
             held[id(p)] = (options, alpha)
     trainable, alphas, options, momentum = [], {}, {}, {}
-    params = dict(model.named_parameters())
     for name, p in params.items():
         if id(p) not in held or not p.requires_grad:
             continue
         trainable.append(name)
         options[name], alphas[name] = held[id(p)]
-        buf = opt.state[p].get("momentum_buffer")
+        # .get: reading the optimizer must not make its (lazy) state.
+        buf = opt.state.get(p, {}).get("momentum_buffer")
         if options[name].momentum != 0 and buf is not None:
             momentum[name] = buf.detach()
     buffers = dict(model.named_buffers())

@@ -14,6 +14,8 @@ gradients.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
@@ -27,14 +29,14 @@ __all__ = ["adapt_all", "losses", "cannot_run", "recurrent", "DecomposedNorms"]
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 
 
-def recurrent(model: nn.Module) -> nn.Module | None:
-    """A recurrent layer of ``model`` (vmap has no batching rule for them), or None."""
-    return next((m for m in model.modules() if isinstance(m, _RECURRENT)), None)
+def recurrent(modules: Iterable[nn.Module]) -> nn.Module | None:
+    """A recurrent layer among ``modules`` (vmap has no batching rule for them), or None."""
+    return next((m for m in modules if isinstance(m, _RECURRENT)), None)
 
 
 def cannot_run(model: nn.Module) -> str | None:
     """Why vmap cannot run ``model``, or None."""
-    layer = recurrent(model)
+    layer = recurrent(model.modules())
     if layer is None:
         return None
     return f"{type(layer).__name__}: torch.func.vmap has no batching rule for recurrent layers"

@@ -208,11 +208,12 @@ def _auto(model: nn.Module, device: torch.device, one_tensor: bool) -> Strategy:
     loop and 1.3-1.6x faster than vmap on conv4 meta-batches on an H100, and
     vmap serves the models grouped cannot run.
     """
-    layer = _vmap.recurrent(model)
+    modules = list(model.modules())
+    layer = _vmap.recurrent(modules)
     if layer is not None:
         return Strategy("loop", f"the loop alone runs recurrent layers ({type(layer).__name__})")
     if device.type == "cpu" and any(
-        isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules()
+        isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in modules
     ):
         return Strategy("loop", "a convolutional network on a CPU: the loop measured fastest")
     why_not = _grouped.cannot_run(model)

@@ -128,7 +128,7 @@ class DifferentiableMetaSGD(DifferentiableOptimizer):
             indices = []
             for p_idx, p in enumerate(group["params"]):
                 indices.append(index_of[id(p)])
-                buf = other.state[p].get("momentum_buffer")
+                buf = other.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
                     state[p_idx]["momentum_buffer"] = buf if device is None else buf.to(device)
             self.param_groups.append({**group, "params": [None] * len(group["params"])})
