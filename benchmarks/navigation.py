@@ -84,6 +84,8 @@ import torch
 import torch.distributed as dist
 from _common import (
     ALPHA_INIT,
+    add_output_arguments,
+    claim_output,
     device_of,
     environment,
     format_table,
@@ -773,7 +775,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="about a minute: 60 iterations of 10 goals, 50 held-out goals",
     )
-    add("--out", type=Path, default=Path("results/navigation"), help="JSON and PNG folder")
+    add_output_arguments(parser, "navigation", torchrun=True)
     add("--no-plot", action="store_true", help="write no PNG")
     args = parser.parse_args(argv)
     if args.quick:
@@ -783,6 +785,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    claim_output(args, "navigation", ["navigation.json", "navigation.png"])
     torch.set_num_threads(args.threads)
     device = launch(device_of(args.device))
     seed_everything(args.seed)

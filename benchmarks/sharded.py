@@ -51,6 +51,8 @@ import torch
 import torch.distributed as dist
 from _common import (
     REPO,
+    add_output_arguments,
+    claim_output,
     device_of,
     environment,
     format_table,
@@ -283,12 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="about 1.5 min here: width 256, 4 layers, 10 steps, 1 repeat",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("results/sharded"),
-        help="folder for sharded.json and sharded.png",
-    )
+    add_output_arguments(parser, "sharded")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--layout", choices=LAYOUTS, help=argparse.SUPPRESS)
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), help=argparse.SUPPRESS)
@@ -305,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         worker(args)
         return {}
+    claim_output(args, "sharded", ["sharded.json", "sharded.png"])
     runs: dict[str, dict[str, list[dict]]] = {
         layout: {name: [] for name in OPTIMIZERS} for layout in args.layouts
     }

@@ -22,14 +22,17 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import _common  # noqa: E402
 import ddp  # noqa: E402
+import navigation  # noqa: E402
 import omniglot  # noqa: E402
 import online  # noqa: E402
 import reptile_speed  # noqa: E402
+import sharded  # noqa: E402
 import sinusoid  # noqa: E402
 import speed  # noqa: E402
 
 SCRIPTS = {"sinusoid": sinusoid, "omniglot": omniglot, "online": online}
 SCRIPTS |= {"speed": speed, "reptile_speed": reptile_speed, "ddp": ddp}
+SCRIPTS |= {"navigation": navigation, "sharded": sharded}
 
 # --------------------------------------------------------------------------- statistics
 
@@ -112,7 +115,7 @@ def test_a_script_refuses_an_earlier_runs_folder_before_any_work(script, tmp_pat
 
 def test_every_script_with_a_thread_option_defaults_to_one_thread():
     scripts = {name: m for name, m in SCRIPTS.items() if "threads" in vars(m.parse_args([]))}
-    assert set(scripts) == {"sinusoid", "omniglot", "speed", "reptile_speed"}
+    assert set(scripts) == {"sinusoid", "omniglot", "speed", "reptile_speed", "navigation"}
     assert {name: m.parse_args([]).threads for name, m in scripts.items()} == dict.fromkeys(
         scripts, 1
     )
