@@ -1,5 +1,5 @@
-"""The docs cannot rot: README.md's Python blocks run as pasted, and every benchmark
-command of README.md and docs/*.md parses with the script's own parser."""
+"""The docs cannot rot: the Python blocks of README.md and docs/guide.md run as pasted,
+and every benchmark command of README.md and docs/*.md parses with the script's own parser."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+GUIDE = REPO / "docs" / "guide.md"
 DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]
 
 
@@ -50,7 +51,7 @@ def benchmark_commands() -> dict[str, str]:
     return commands
 
 
-PYTHON_BLOCKS = blocks("python", README)
+PYTHON_BLOCKS = {**blocks("python", README), **blocks("python", GUIDE)}
 COMMANDS = benchmark_commands()
 
 
@@ -72,7 +73,7 @@ def test_python_block_runs_as_pasted(block, tmp_path):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip(), "a README block should show its result"
+    assert out.stdout.strip(), "a block of the docs should show its result"
 
 
 @pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
