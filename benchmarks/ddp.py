@@ -24,7 +24,7 @@ after a barrier); the table gives the median seconds per meta-iteration over
 all rounds of all repeats, as meta-iterations per second, and each way's
 speed-up over its one-process baseline.
 
-    python benchmarks/ddp.py --quick     # 130-200 s: a thread per process, 2 busy shared cores
+    python benchmarks/ddp.py --quick     # 60 s: a thread per process, 2 idle cores
     python benchmarks/ddp.py --out results/ddp
 """
 
@@ -286,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 repeat of 3 rounds: 130-200 s on 2 cores shared with other jobs",
+        help="1 repeat of 3 rounds: 60 s on 2 idle cores",
     )
     add_output_arguments(parser, "ddp")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

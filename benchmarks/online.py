@@ -40,7 +40,7 @@ measures the cost of a
 training iteration and of ``step()`` for each optimizer, as ratios to
 ``torch.optim.SGD``'s foreach and fused steps measured in the same run.
 
-    python benchmarks/online.py --quick                # 60-140 s: one thread, 2 busy shared cores
+    python benchmarks/online.py --quick                # 28 s: one thread, 2 idle cores
     python benchmarks/online.py --problems digits      # 3000 steps x 3 seeds
     python benchmarks/online.py --problems digits --lrs 1 --seeds 16   # one lr, more seeds
     python benchmarks/online.py --timing-only --problems digits-deep --momentum 0.9 --device cuda
@@ -690,7 +690,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="400 steps, 1 seed: 60-140 s with one thread on 2 cores shared with other jobs",
+        help="400 steps, 1 seed: 28 s with one thread on 2 idle cores",
     )
     parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")

@@ -31,7 +31,7 @@ steps of all repeats of the slower rank's time, and the larger rank's peak
 memory. Every run's final loss and weight norm is recorded: each optimizer
 must end where it ends in the other layout (``agreement`` in the JSON).
 
-    python benchmarks/sharded.py --quick     # about 1.5 min
+    python benchmarks/sharded.py --quick     # 36 s on 2 idle cores
     python benchmarks/sharded.py --out results/sharded
 """
 
@@ -283,7 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="about 1.5 min here: width 256, 4 layers, 10 steps, 1 repeat",
+        help="width 256, 4 layers, 10 steps, 1 repeat: 36 s on 2 idle cores",
     )
     add_output_arguments(parser, "sharded")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
