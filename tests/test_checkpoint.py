@@ -306,6 +306,54 @@ def test_accelerates_save_state_and_load_state_resume_as_the_uninterrupted_run(t
     assert_same_run(m, opt.optimizer, resumed, resumed_opt.optimizer)
 
 
+def test_a_lightning_run_resumed_from_its_checkpoint_is_the_uninterrupted_run(tmp_path):
+    """Lightning's ``Trainer.fit(ckpt_path=...)`` restores the optimizer through
+    ``state_dict()``/``load_state_dict``: momentum, online state and step sizes resume."""
+    lightning = pytest.importorskip("lightning")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 4, generator=g)
+    batches = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, x[:, :1].sin()), batch_size=16
+    )
+
+    class Regression(lightning.LightningModule):
+        def __init__(self, seed):
+            super().__init__()
+            self.net = model(seed)
+
+        def training_step(self, batch, _):
+            inputs, targets = batch
+            return (self.net(inputs) - targets).square().mean()
+
+        def configure_optimizers(self):
+            return MetaSGD(self.parameters(), lr=0.05, momentum=0.9, hypergrad_lr=0.1)
+
+    def fit(module, epochs, **kwargs):
+        trainer = lightning.Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, batches, **kwargs)
+        return trainer
+
+    uninterrupted = Regression(0)
+    fit(uninterrupted, 4)
+    interrupted = Regression(0)
+    fit(interrupted, 2).save_checkpoint(tmp_path / "two_epochs.ckpt")
+    resumed = Regression(5)
+    trainer = fit(resumed, 4, ckpt_path=tmp_path / "two_epochs.ckpt")
+    assert_same_run(
+        uninterrupted.net,
+        uninterrupted.trainer.optimizers[0],
+        resumed.net,
+        trainer.optimizers[0],
+    )
+
+
 def test_meta_learning_paths_read_the_optimizer_without_making_its_state():
     """DCP warms an optimizer up (and so records what state it has) only if its state is
     empty: reading step sizes and buffers for an inner loop must not make (empty) entries."""
