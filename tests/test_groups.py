@@ -113,6 +113,35 @@ def test_state_holds_the_live_step_size_that_a_user_put_there():
     assert opt.step_size(a) is mine and opt.meta_parameters() == [mine]
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("replace", ["step size", "whole entry"])
+def test_a_step_size_put_into_the_state_after_steps_is_the_one_the_next_step_uses(
+    momentum, replace
+):
+    """The pattern of a differentiable inner loop: one optimizer, its step sizes handed
+    over again before each use, after it has stepped (and looked its step sizes up)."""
+    a, b = leaves((3,), (2,))
+    opt = MetaSGD([a, b], lr=0.1, momentum=momentum)
+    _, sb = distinct_step_sizes(opt)
+    set_grads([a, b], 1)
+    opt.step()
+    mine = torch.full((3,), 2.0, dtype=torch.float64, requires_grad=True)
+    if replace == "step size":
+        opt.state[a]["step_size"] = mine
+    else:
+        opt.state[a] = {**opt.state[a], "step_size": mine}
+    if momentum == 0:
+        step_and_check(opt, [a, b], [mine.detach(), sb], seed=2)
+    else:
+        set_grads([a, b], 2)
+        before = a.detach().clone()
+        buf = opt.state[a]["momentum_buffer"].clone()
+        opt.step()
+        expected = before - 0.1 * 2.0 * (0.9 * buf + a.grad)
+        torch.testing.assert_close(a.detach(), expected, rtol=1e-15, atol=1e-15)
+    assert opt.step_size(a) is mine and opt.meta_parameters()[0] is mine
+
+
 @pytest.mark.parametrize("copier", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))])
 def test_a_copied_optimizer_steps_its_own_parameters_with_its_own_step_sizes(copier):
     a, b = leaves((3,), (2,))

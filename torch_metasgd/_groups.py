@@ -12,13 +12,16 @@ group's step sizes are looked up once and kept in a :class:`GroupView`. The
 view is a cache and nothing more: everything in it is derived from the
 group, the state and the store, and derived again whenever it might differ.
 That is checked at every use, by identity only: the group dict, its list of
-parameters one by one, the state container, and the first parameter's
-device and dtype (a model is moved or cast as a whole).
+parameters one by one, the state container, each parameter's step size in
+its state entry (a user may put another there, or another entry, at any
+time), and the first parameter's device and dtype (a model is moved or cast
+as a whole).
 """
 
 from __future__ import annotations
 
 import operator
+from itertools import repeat
 from typing import Any, NamedTuple
 
 from torch import Tensor
@@ -27,17 +30,37 @@ from ._step_sizes import STATE_KEY, follow_group, new_step_sizes
 
 __all__ = ["StepSizes", "GroupView", "Batch"]
 
+#: What a parameter without state reads as (never written to).
+NO_ENTRY: dict[str, Any] = {}
+
+
+def entries_of(params: list[Tensor], state: dict) -> list[dict[str, Any]]:
+    """Each parameter's state entry, or :data:`NO_ENTRY`; makes none (``state.get``)."""
+    return list(map(state.get, params, repeat(NO_ENTRY)))
+
 
 class GroupView:
     """A param group's parameters and their step sizes, as last derived."""
 
-    __slots__ = ("group", "params", "step_sizes", "state", "device", "dtype", "has_state", "engine")
+    __slots__ = (
+        "group",
+        "params",
+        "step_sizes",
+        "state",
+        "entries",
+        "device",
+        "dtype",
+        "has_state",
+        "engine",
+    )
 
     def __init__(self, group: dict[str, Any], step_sizes: list[Tensor], state: dict) -> None:
         self.group = group
         self.params: list[Tensor] = list(group["params"])
         self.step_sizes = step_sizes
         self.state = state
+        #: Each parameter's state entry as of the last lookup (:data:`NO_ENTRY` if none).
+        self.entries: list[dict[str, Any]] = entries_of(self.params, state)
         first = self.params[0] if self.params else None
         self.device = None if first is None else first.device
         self.dtype = None if first is None else first.dtype
@@ -46,15 +69,20 @@ class GroupView:
         #: The online step's engine (:mod:`torch_metasgd._engine`), made at its first use.
         self.engine: Any = None
 
-    def fits(self, group: dict[str, Any], state: dict) -> bool:
-        """Whether this view is still what it would be if derived again now."""
+    def fits(self, group: dict[str, Any], state: dict, entries: list[dict[str, Any]]) -> bool:
+        """Whether this view is still what it would be if derived again now; ``entries``:
+        the group's parameters' state entries now."""
         params = group["params"]
+        # A parameter without an entry, or an entry without a step size, reads as
+        # its own step size: the one made with its group, which only a derivation sets.
+        held = map(dict.get, entries, repeat(STATE_KEY), self.step_sizes)
         return (
             group is self.group
             and state is self.state
             and len(params) == len(self.params)
             and all(map(operator.is_, params, self.params))
             and (not params or (params[0].dtype is self.dtype and params[0].device == self.device))
+            and all(map(operator.is_, held, self.step_sizes))
         )
 
 
@@ -84,9 +112,12 @@ class StepSizes:
 
     def view(self, group: dict[str, Any], state: dict) -> GroupView:
         """The group's view, derived again if it might have changed."""
+        entries = entries_of(group["params"], state)
         view = self._views.get(id(group))
-        if view is None or not view.fits(group, state):
+        if view is None or not view.fits(group, state, entries):
             view = self._views[id(group)] = self._derive(group, state)
+        else:
+            view.entries = entries
         return view
 
     def _derive(self, group: dict[str, Any], state: dict) -> GroupView:

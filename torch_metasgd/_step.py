@@ -32,29 +32,29 @@ __all__ = ["gather", "take", "update"]
 State = dict[Tensor, dict[str, Any]]
 
 
-def gather(view: GroupView, state: State) -> Batch | None:
+def gather(view: GroupView) -> Batch | None:
     """The group's parameters with a gradient, and what their step needs; checked."""
     group = view.group
     grads = [p.grad for p in view.params]
     complete = all(g is not None for g in grads)
     if complete:
-        params, step_sizes = view.params, view.step_sizes
+        params, step_sizes, entries = view.params, view.step_sizes, view.entries
     else:
         kept = [
-            (p, g, s)
-            for p, g, s in zip(view.params, grads, view.step_sizes, strict=True)
+            (p, g, s, e)
+            for p, g, s, e in zip(view.params, grads, view.step_sizes, view.entries, strict=True)
             if g is not None
         ]
         if not kept:
             return None
-        params, grads, step_sizes = map(list, zip(*kept, strict=True))
+        params, grads, step_sizes, entries = map(list, zip(*kept, strict=True))
     has_sparse_grad = any(g.is_sparse for g in grads)
     validate_gradients(group, params, grads, has_sparse_grad)
     momentum_buffers = []
     if group["momentum"] != 0:
-        # .get: a step that a GradScaler skips must leave no (empty) state behind.
-        entries = map(state.get, params)
-        momentum_buffers = [entry.get("momentum_buffer") if entry else None for entry in entries]
+        # The entries the view was checked with: a step that a GradScaler skips must
+        # leave no (empty) state behind, so none is made here.
+        momentum_buffers = [entry.get("momentum_buffer") for entry in entries]
     return Batch(
         group, view, params, grads, step_sizes, momentum_buffers, has_sparse_grad, complete
     )

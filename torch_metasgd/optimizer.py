@@ -246,7 +246,7 @@ class MetaSGD(Optimizer):
                 loss = closure()
         # Every group is gathered and checked before any moves.
         views = [self._step_sizes.view(group, self.state) for group in self.param_groups]
-        batches = [_step.gather(view, self.state) for view in views]
+        batches = [_step.gather(view) for view in views]
         amp = _fused.AmpFlags(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         for batch in batches:
             if batch is not None:
